@@ -1,0 +1,1 @@
+"""ddl_apps: distributed deep-learning trainers on one Horovod core."""

@@ -1,0 +1,66 @@
+"""Building and running `horovodrun` command lines (the launcher side; no Horovod import here)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+CONTROLLERS = ("gloo", "mpi")
+
+
+def horovodrun_executable() -> str:
+    """The horovodrun beside the running interpreter (the project's venv), else the one on PATH."""
+    beside = Path(sys.executable).with_name("horovodrun")
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("horovodrun")
+    if found is None:
+        raise FileNotFoundError("horovodrun not found: run 'make setup' to build and install Horovod")
+    return found
+
+
+def horovodrun_command(
+    command: list[str],
+    np: int,
+    controller: str | None = None,
+    hosts: str | None = None,
+    hostfile: str | None = None,
+) -> list[str]:
+    """`horovodrun -np N [--gloo|--mpi] [-H ...|--hostfile ...] COMMAND`."""
+    if controller is not None and controller not in CONTROLLERS:
+        raise ValueError(f"controller must be one of {CONTROLLERS}, not {controller!r}")
+    argv = [horovodrun_executable(), "-np", str(np)]
+    if controller:
+        argv.append(f"--{controller}")
+    if hosts:
+        argv += ["-H", hosts]
+    if hostfile:
+        argv += ["--hostfile", hostfile]
+    if controller == "mpi" and os.geteuid() == 0:
+        argv += ["--mpi-args=--allow-run-as-root"]
+    return argv + command
+
+
+def run_horovod(
+    command: list[str],
+    np: int,
+    controller: str | None = None,
+    hosts: str | None = None,
+    hostfile: str | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float | None = None,
+    capture: bool = False,
+) -> subprocess.CompletedProcess:
+    """Launch COMMAND on N Horovod workers and wait for it."""
+    argv = horovodrun_command(command, np, controller, hosts, hostfile)
+    return subprocess.run(
+        argv,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+        text=True,
+        capture_output=capture,
+        check=False,
+    )

@@ -1,0 +1,136 @@
+"""What a run records: metrics as JSON lines, TensorBoard events, a PNG of the curves, progress and a summary.
+
+Only rank 0 holds a `RunLog` that writes; other ranks get a `SilentLog` with the same methods.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+METRICS_FILE = "metrics.jsonl"
+CURVES_FILE = "curves.png"
+
+
+class SilentLog:
+    """The log of a non-root rank: it records nothing."""
+
+    def start(self, total_steps: int, done_steps: int = 0) -> None: ...
+    def step(self, step: int, values: dict[str, float]) -> None: ...
+    def advance(self, steps: int = 1) -> None: ...
+    def record(self, split: str, step: int, values: dict[str, float]) -> None: ...
+    def message(self, text: str) -> None: ...
+    def close(self, summary: dict[str, dict[str, float]] | None = None) -> None: ...
+
+
+class RunLog(SilentLog):
+    def __init__(self, run_dir: Path, show_progress: bool = True):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.run_dir = run_dir
+        self.console = Console(stderr=True)
+        self._jsonl = (run_dir / METRICS_FILE).open("a", buffering=1)
+        self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+        self._show_progress = show_progress and self.console.is_terminal
+        self._progress: Progress | None = None
+        self._task = None
+        self._last_print = 0.0
+
+    def start(self, total_steps: int, done_steps: int = 0) -> None:
+        if not self._show_progress:
+            return
+        self._progress = Progress(
+            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+            TimeRemainingColumn(), console=self.console, transient=True,
+        )
+        self._progress.start()
+        self._task = self._progress.add_task("train", total=total_steps, completed=done_steps, info="")
+
+    def advance(self, steps: int = 1) -> None:
+        if self._progress is not None:
+            self._progress.advance(self._task, steps)
+
+    def step(self, step: int, values: dict[str, float]) -> None:
+        """Training values every `log_every` steps: file, TensorBoard, and the progress line."""
+        self.record("train", step, values)
+        info = "  ".join(f"{k} {_fmt(v)}" for k, v in values.items())
+        if self._progress is not None:
+            self._progress.update(self._task, info=info)
+        elif time.monotonic() - self._last_print > 5:  # no terminal: a plain line now and then
+            self._last_print = time.monotonic()
+            self.console.print(f"step {step}  {info}", highlight=False)
+
+    def record(self, split: str, step: int, values: dict[str, float]) -> None:
+        self._jsonl.write(json.dumps({"split": split, "step": step, "time": round(time.time(), 3), **values}) + "\n")
+        for key, value in values.items():
+            self._tb.add_scalar(f"{split}/{key}", value, step)
+
+    def message(self, text: str) -> None:
+        if self._progress is not None:
+            self._progress.console.print(text, highlight=False)
+        else:
+            self.console.print(text, highlight=False)
+
+    def close(self, summary: dict[str, dict[str, float]] | None = None) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+        self._jsonl.close()
+        self._tb.close()
+        plot_curves(self.run_dir)
+        if summary:
+            self.console.print(summary_table(summary))
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def summary_table(summary: dict[str, dict[str, float]]) -> Table:
+    """Rows: what was measured (e.g. 'model (test)', 'baseline (test)'); columns: the metrics."""
+    columns = list(dict.fromkeys(k for row in summary.values() for k in row))
+    table = Table(title="run summary")
+    table.add_column("")
+    for column in columns:
+        table.add_column(column, justify="right")
+    for name, row in summary.items():
+        table.add_row(name, *(_fmt(row[c]) if c in row else "" for c in columns))
+    return table
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def plot_curves(run_dir: Path) -> None:
+    """One panel per metric, one line per split, against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, dict[str, list[tuple[int, float]]]] = defaultdict(lambda: defaultdict(list))
+    for row in read_metrics(run_dir):
+        for key, value in row.items():
+            if key not in ("split", "step", "time") and isinstance(value, int | float):
+                series[key][row["split"]].append((row["step"], value))
+    if not series:
+        return
+    fig, axes = plt.subplots(1, len(series), figsize=(4 * len(series), 3.2), squeeze=False)
+    for ax, (metric, splits) in zip(axes[0], sorted(series.items()), strict=True):
+        for split, points in splits.items():
+            steps, values = zip(*points, strict=True)
+            ax.plot(steps, values, marker="o" if len(points) < 30 else None, label=split)
+        ax.set_title(metric)
+        ax.set_xlabel("step")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(run_dir / CURVES_FILE, dpi=90)
+    plt.close(fig)

@@ -1,0 +1,52 @@
+"""The run directory: one folder per run holding its resolved config, metrics, checkpoints and model."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import yaml
+
+from ddl_apps.errors import RecipeError
+from ddl_apps.recipe import Recipe
+
+CONFIG_FILE = "config.yaml"
+CHECKPOINTS = "checkpoints"
+MODEL_DIR = "model"
+SUMMARY_FILE = "summary.json"
+
+
+def choose_run_dir(recipe: Recipe, resume: bool) -> Path:
+    """run.dir if given; on --resume the newest runs/<recipe>-*; else a new runs/<recipe>-<time>."""
+    if recipe.run.dir:
+        return Path(recipe.run.dir)
+    if resume:
+        earlier = sorted(Path("runs").glob(f"{recipe.name}-*"), key=lambda p: p.stat().st_mtime)
+        if not earlier:
+            raise RecipeError(f"--resume found no earlier run of {recipe.name!r} under runs/; name one with run.dir=")
+        return earlier[-1]
+    return Path("runs") / f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool) -> None:
+    """Create the run directory (private to the user) and write the resolved config; rank 0 only."""
+    if not resume and (run_dir / CHECKPOINTS).exists():
+        raise RecipeError(
+            f"run directory {run_dir} already holds a run; continue it with --resume or choose another run.dir"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(run_dir, 0o700)
+    resolved = recipe.model_dump(mode="json")
+    resolved["run"]["dir"] = str(run_dir)
+    (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(resolved, sort_keys=False))
+
+
+def load_run_recipe(run_dir: Path) -> Recipe:
+    """The recipe a run was trained with (validated again, so the trainer's sections are typed)."""
+    from ddl_apps.recipe import load_recipe
+
+    config = Path(run_dir) / CONFIG_FILE
+    if not config.is_file():
+        raise RecipeError(f"{run_dir} is not a run directory (no {CONFIG_FILE}); pass the folder 'ddl train' made")
+    return load_recipe(config)

@@ -1,0 +1,174 @@
+"""Recipes: a YAML file plus dotted overrides -> a validated, typed config, or one clear `RecipeError`.
+
+A recipe has the sections every trainer shares (`optim`, `dist`, `run`) and two that belong to the trainer
+(`data`, `model`), validated by the pydantic models the trainer declares.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ddl_apps.errors import RecipeError
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class OptimConfig(Section):
+    name: Literal["sgd", "adam", "adamw"] = "adamw"
+    lr: float = Field(1e-3, gt=0, description="learning rate for one worker; see dist.scale_lr")
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd only")
+    batch_size: int = Field(64, gt=0, description="examples per worker per micro-batch")
+    accumulation: int = Field(1, ge=1, description="micro-batches per optimizer step (backward_passes_per_step)")
+    epochs: int = Field(1, ge=1)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    clip_grad_norm: float | None = Field(None, gt=0)
+
+
+class DistConfig(Section):
+    compression: Literal["none", "fp16"] = "none"
+    controller: Literal["gloo", "mpi"] = "gloo"
+    scale_lr: bool = Field(True, description="multiply lr by workers x accumulation")
+
+
+class RunConfig(Section):
+    dir: str | None = Field(None, description="run directory; default runs/<recipe>-<time>")
+    seed: int = 0
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    log_every: int = Field(10, ge=1)
+    eval_every_epoch: bool = True
+    checkpoint_every: int | None = Field(None, ge=1, description="steps between checkpoints; default each epoch")
+    keep_checkpoints: int = Field(3, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="stop (with a checkpoint) after this many steps")
+    progress: bool = True
+
+
+class Recipe(Section):
+    trainer: str
+    description: str = ""
+    data: Any = Field(default_factory=dict, description="the trainer's DataConfig once loaded")
+    model: Any = Field(default_factory=dict, description="the trainer's ModelConfig once loaded")
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    dist: DistConfig = Field(default_factory=DistConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+    name: str = Field("", description="the recipe's name (its file stem), set by the loader")
+
+    @model_validator(mode="after")
+    def _known_trainer(self) -> Recipe:
+        from ddl_apps.trainers import TRAINERS
+
+        if self.trainer not in TRAINERS:
+            raise ValueError(f"unknown trainer {self.trainer!r}{_suggest(self.trainer, TRAINERS)}")
+        return self
+
+
+def _suggest(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else f"; known: {', '.join(sorted(choices))}"
+
+
+def _describe(error: ValidationError, prefix: str, model: type[BaseModel]) -> str:
+    """One line per problem, with the dotted key and, for unknown keys, the closest known one."""
+    lines = []
+    for e in error.errors():
+        where = ".".join(str(p) for p in (prefix, *e["loc"]) if p != "")
+        if e["type"] == "extra_forbidden":
+            parent = model
+            for part in e["loc"][:-1]:
+                field = parent.model_fields.get(str(part))
+                parent = field.annotation if field and isinstance(field.annotation, type) else parent
+            known = parent.model_fields if hasattr(parent, "model_fields") else {}
+            lines.append(f"  - {where}: unknown key{_suggest(str(e['loc'][-1]), known)}")
+        else:
+            lines.append(f"  - {where}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`optim.lr=3e-4 dist.compression=fp16` -> nested dict; values are parsed as YAML scalars."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise RecipeError(f"override {item!r} is not of the form section.key=value (e.g. optim.lr=3e-4)")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            value = raw
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"override {item!r} conflicts with another override of {part!r}")
+        node[leaf] = value
+    return tree
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def resolve_path(recipe: str | Path) -> Path:
+    """A recipe is a path to a YAML file, or the name of one in recipes/."""
+    path = Path(recipe)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise RecipeError(f"recipe file {path} does not exist; 'ddl recipes' lists the shipped ones")
+        return path
+    shipped = {p.stem: p for p in RECIPES_DIR.glob("*.yaml")}
+    if str(recipe) not in shipped:
+        raise RecipeError(f"no recipe named {recipe!r}{_suggest(str(recipe), shipped)}")
+    return shipped[str(recipe)]
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise RecipeError(f"recipe {path} is not valid YAML: {e}") from None
+    except OSError as e:
+        raise RecipeError(f"cannot read recipe {path}: {e.strerror}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"recipe {path} must be a YAML mapping with a 'trainer:' key, not {type(raw).__name__}")
+    return raw
+
+
+def load_recipe(recipe: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Load, override and validate a recipe, including the trainer's own data and model sections."""
+    path = resolve_path(recipe)
+    raw = _merge(read_yaml(path), parse_overrides(list(overrides)))
+    raw.setdefault("name", path.stem)
+    try:
+        config = Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise RecipeError(f"recipe {path} is invalid:\n{_describe(e, '', Recipe)}") from None
+    from ddl_apps.trainers import trainer_schemas
+
+    for section, schema in zip(("data", "model"), trainer_schemas(config.trainer), strict=True):
+        try:
+            setattr(config, section, schema.model_validate(getattr(config, section)))
+        except ValidationError as e:
+            raise RecipeError(f"recipe {path} is invalid:\n{_describe(e, section, schema)}") from None
+    return config
+
+
+def list_recipes() -> dict[str, str]:
+    """Shipped recipe names and their one-line descriptions."""
+    return {p.stem: str(read_yaml(p).get("description", "")) for p in sorted(RECIPES_DIR.glob("*.yaml"))}

