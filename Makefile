@@ -3,6 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
+export TF_CPP_MIN_LOG_LEVEL := 2
 
 .PHONY: setup demo test test-fast lint
 

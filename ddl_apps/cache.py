@@ -5,7 +5,8 @@ from pathlib import Path
 
 
 def cache_dir(*parts: str) -> Path:
-    root = Path(os.environ.get("DDL_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ddl_apps")
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ddl_apps"
+    root = Path(os.environ.get("DDL_CACHE") or default)
     path = root.joinpath(*parts)
     path.mkdir(parents=True, exist_ok=True)
     return path

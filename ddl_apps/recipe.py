@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ddl_apps.errors import RecipeError
 
@@ -63,13 +63,14 @@ class Recipe(Section):
     run: RunConfig = Field(default_factory=RunConfig)
     name: str = Field("", description="the recipe's name (its file stem), set by the loader")
 
-    @model_validator(mode="after")
-    def _known_trainer(self) -> Recipe:
+    @field_validator("trainer")
+    @classmethod
+    def _known_trainer(cls, trainer: str) -> str:
         from ddl_apps.trainers import TRAINERS
 
-        if self.trainer not in TRAINERS:
-            raise ValueError(f"unknown trainer {self.trainer!r}{_suggest(self.trainer, TRAINERS)}")
-        return self
+        if trainer not in TRAINERS:
+            raise ValueError(f"unknown trainer{_suggest(trainer, TRAINERS)}")
+        return trainer
 
 
 def _suggest(word: str, choices) -> str:
@@ -151,21 +152,29 @@ def read_yaml(path: Path) -> dict[str, Any]:
 
 
 def load_recipe(recipe: str | Path, overrides: list[str] = ()) -> Recipe:
-    """Load, override and validate a recipe, including the trainer's own data and model sections."""
+    """Load, override and validate a recipe, including the trainer's own data and model sections.
+
+    Every problem found is reported in the one RecipeError."""
+    from ddl_apps.trainers import TRAINERS, trainer_schemas
+
     path = resolve_path(recipe)
     raw = _merge(read_yaml(path), parse_overrides(list(overrides)))
     raw.setdefault("name", path.stem)
+    problems, config, sections = [], None, {}
     try:
         config = Recipe.model_validate(raw)
     except ValidationError as e:
-        raise RecipeError(f"recipe {path} is invalid:\n{_describe(e, '', Recipe)}") from None
-    from ddl_apps.trainers import trainer_schemas
-
-    for section, schema in zip(("data", "model"), trainer_schemas(config.trainer), strict=True):
-        try:
-            setattr(config, section, schema.model_validate(getattr(config, section)))
-        except ValidationError as e:
-            raise RecipeError(f"recipe {path} is invalid:\n{_describe(e, section, schema)}") from None
+        problems.append(_describe(e, "", Recipe))
+    if raw.get("trainer") in TRAINERS:
+        for section, schema in zip(("data", "model"), trainer_schemas(raw["trainer"]), strict=True):
+            try:
+                sections[section] = schema.model_validate(raw.get(section) or {})
+            except ValidationError as e:
+                problems.append(_describe(e, section, schema))
+    if problems:
+        raise RecipeError(f"recipe {path} is invalid:\n" + "\n".join(problems))
+    for section, value in sections.items():
+        setattr(config, section, value)
     return config
 
 

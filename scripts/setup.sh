@@ -16,7 +16,7 @@ HOROVOD_VERSION=0.28.1
 PATCHES=$ROOT/third_party/horovod/patches
 
 # Digest of the patches in a folder (none is fine), so caches notice when a patch changes.
-patches_digest() { find "$1" -name '*.patch' | sort | xargs -r cat | sha256sum | cut -c1-16; }
+patches_digest() { find "$1" -name '*.patch' 2>/dev/null | sort | xargs -r cat | sha256sum | cut -c1-16; }
 
 log() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 die() { printf '\033[1;31m[setup] error:\033[0m %s\n' "$*" >&2; exit 1; }

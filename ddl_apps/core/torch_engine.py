@@ -150,7 +150,7 @@ class TorchEngine:
     def train_step(self, micro_batches: list[np.ndarray]) -> float:
         """One optimizer step over this rank's micro-batches; returns the rank's mean loss."""
         self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad()
         total = 0.0
         for indices in micro_batches:
             with self._autocast():
@@ -217,27 +217,9 @@ class TorchEngine:
         return self.finish(complete=not stop)
 
     # ---- evaluation -----------------------------------------------------------------------------------
-    @torch.no_grad()
-    def predict_all(self, source: BatchSource) -> dict[str, np.ndarray]:
-        """Per-example predictions for a whole split, each example on exactly one rank, gathered in order."""
-        self.model.eval()
-        mine = sharding.eval_shard(len(source), self.topo.rank, self.topo.size)
-        size = self.recipe.optim.batch_size * 4
-        chunks = [mine[i : i + size] for i in range(0, len(mine), size)] or [mine]
-        parts: dict[str, list[np.ndarray]] = {}
-        for chunk in chunks:
-            with self._autocast():
-                out = self.task.predict(self.model, self._to_device(source.take(chunk)))
-            for key, value in out.items():
-                parts.setdefault(key, []).append(value.float().cpu().numpy() if value.is_floating_point()
-                                                 else value.cpu().numpy())
-        local = {k: np.concatenate(v) for k, v in parts.items()}
-        position = dist.allgather_array(mine)
-        ordered = np.argsort(position, kind="stable")
-        return {k: dist.allgather_array(v)[ordered] for k, v in local.items()}
-
     def evaluate(self, source: BatchSource) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-        outputs = self.predict_all(source)
+        outputs = predict_split(self.model, self.task, source, self.topo, self.recipe.optim.batch_size * 4,
+                                self.device, self._autocast)
         return self.task.metrics(outputs), outputs
 
     # ---- checkpoints ----------------------------------------------------------------------------------
@@ -297,15 +279,51 @@ class TorchEngine:
         summary: dict[str, dict[str, float]] = {}
         if complete:
             split = "test" if self.task.test is not None else "valid"
-            metrics, _ = self.evaluate(self.task.test if self.task.test is not None else self.task.valid)
+            metrics, outputs = self.evaluate(self.task.test if self.task.test is not None else self.task.valid)
             summary[f"model ({split})"] = metrics
             self.log.record(split, self.progress.step, metrics)
             if self.topo.is_root:
+                np.savez(self.run_dir / f"{split}_outputs.npz", **outputs)
                 self.task.export(self.model, self.run_dir / rundir.MODEL_DIR)
                 summary.update(self.task.report())
                 (self.run_dir / rundir.SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
         self.log.close(summary)
         return summary
+
+
+@torch.no_grad()
+def predict_split(model, task: TorchTask, source: BatchSource, topo: dist.Topology, batch_size: int,
+                  device: torch.device, autocast) -> dict[str, np.ndarray]:
+    """Per-example predictions for a whole split, each example on exactly one rank, gathered in order."""
+    model.eval()
+    mine = sharding.eval_shard(len(source), topo.rank, topo.size)
+    chunks = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)] or [mine]
+    parts: dict[str, list[np.ndarray]] = {}
+    for chunk in chunks:
+        batch = {k: v.to(device) for k, v in source.take(chunk).items()}
+        with autocast():
+            out = task.predict(model, batch)
+        for key, value in out.items():
+            parts.setdefault(key, []).append((value.float() if value.is_floating_point() else value).cpu().numpy())
+    local = {k: np.concatenate(v) for k, v in parts.items()}
+    ordered = np.argsort(dist.allgather_array(mine), kind="stable")
+    return {k: dist.allgather_array(v)[ordered] for k, v in local.items()}
+
+
+def evaluate_run(recipe: Recipe, run_dir: Path) -> dict[str, float]:
+    """Metrics of a run's exported model on its test split (validation split if it has none)."""
+    from contextlib import nullcontext
+
+    from ddl_apps.trainers import load_trainer
+
+    topology = dist.init_torch()
+    task = load_trainer(recipe.trainer).build_task(recipe, topology)
+    model = task.build_model()
+    load_weights(model, run_dir / rundir.MODEL_DIR / rundir.MODEL_WEIGHTS)
+    source = task.test if task.test is not None else task.valid
+    outputs = predict_split(model, task, source, topology, recipe.optim.batch_size * 4, torch.device("cpu"),
+                            nullcontext)
+    return task.metrics(outputs)
 
 
 def train(recipe: Recipe, resume: bool = False) -> Path:

@@ -1,0 +1,124 @@
+"""`ddl`: list, show, train, evaluate and use recipes.
+
+`ddl train RECIPE -np N` validates the recipe in this process (a bad one exits with code 2 before any worker
+starts), then launches `horovodrun` with N workers that each run `ddl train` again. Under horovodrun (or with
+N=1) it trains in this process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+import yaml
+from rich.console import Console
+
+from ddl_apps.errors import UserError
+
+console = Console(stderr=True, soft_wrap=True)
+
+
+def inside_horovodrun() -> bool:
+    return "HOROVOD_RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ
+
+
+def is_quiet_rank() -> bool:
+    rank = os.environ.get("HOROVOD_RANK") or os.environ.get("OMPI_COMM_WORLD_RANK") or "0"
+    return rank != "0"
+
+
+class UserErrorsExit2(click.Group):
+    """Errors in the user's input: one message, no traceback, exit code 2 (printed by rank 0 only)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as e:
+            if not is_quiet_rank():
+                console.print(f"[bold red]error:[/] {e}", highlight=False)
+            sys.exit(2)
+
+
+@click.group(cls=UserErrorsExit2)
+def main() -> None:
+    """Distributed deep-learning recipes on one Horovod core."""
+
+
+@main.command()
+def recipes() -> None:
+    """List the shipped recipes."""
+    from ddl_apps.recipe import list_recipes
+
+    for name, description in list_recipes().items():
+        click.echo(f"{name:24s} {description}")
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("recipe")
+@click.argument("overrides", nargs=-1)
+def show(recipe: str, overrides: tuple[str, ...]) -> None:
+    """Print the resolved config of RECIPE with OVERRIDES (section.key=value)."""
+    from ddl_apps.recipe import load_recipe
+
+    config = load_recipe(recipe, list(overrides))
+    click.echo(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), nl=False)
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("recipe")
+@click.argument("overrides", nargs=-1)
+@click.option("-np", "num_proc", type=click.IntRange(min=1), default=1, show_default=True, help="workers")
+@click.option("-H", "--hosts", help="host1:slots,host2:slots (passed to horovodrun)")
+@click.option("--hostfile", type=click.Path(exists=True, dir_okay=False), help="horovodrun hostfile")
+@click.option("--mpi", "controller", flag_value="mpi", help="use the MPI controller")
+@click.option("--gloo", "controller", flag_value="gloo", help="use the Gloo controller (default)")
+@click.option("--resume", is_flag=True, help="continue the run in run.dir (or the newest) from its checkpoint")
+def train(recipe, overrides, num_proc, hosts, hostfile, controller, resume) -> None:
+    """Train RECIPE, on one process or on -np N Horovod workers."""
+    from ddl_apps.recipe import load_recipe
+
+    config = load_recipe(recipe, list(overrides))
+    if not inside_horovodrun() and (num_proc > 1 or hosts or hostfile):
+        from ddl_apps.core.launch import run_horovod
+
+        command = [sys.executable, "-m", "ddl_apps.cli", "train", recipe, *overrides, *(["--resume"] if resume else [])]
+        result = run_horovod(command, num_proc, controller or config.dist.controller, hosts, hostfile)
+        sys.exit(result.returncode)
+    from ddl_apps.trainers import load_trainer
+
+    engine = load_trainer(config.trainer).ENGINE
+    run_dir = engine.train(config, resume=resume)
+    if not is_quiet_rank():
+        console.print(f"run directory: {run_dir}")
+
+
+@main.command("eval")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+def evaluate(run_dir: Path) -> None:
+    """Evaluate the exported model of RUN_DIR on its test split and print the metrics as JSON."""
+    from ddl_apps.core.rundir import load_run_recipe
+    from ddl_apps.trainers import load_trainer
+
+    config = load_run_recipe(run_dir)
+    metrics = load_trainer(config.trainer).ENGINE.evaluate_run(config, run_dir)
+    click.echo(json.dumps(metrics, indent=1))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="where to write results (when a file)")
+def predict(run_dir: Path, inputs: tuple[str, ...], output: Path | None) -> None:
+    """Score INPUTS with the model a run exported (what INPUTS are depends on the trainer)."""
+    from ddl_apps.core.rundir import load_run_recipe
+    from ddl_apps.trainers import load_trainer
+
+    config = load_run_recipe(run_dir)
+    load_trainer(config.trainer).predict_cli(run_dir, list(inputs), output)
+
+
+if __name__ == "__main__":
+    main()
