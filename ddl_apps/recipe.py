@@ -7,6 +7,7 @@ A recipe has the sections every trainer shares (`optim`, `dist`, `run`) and two 
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -66,9 +67,9 @@ class Recipe(Section):
     @field_validator("trainer")
     @classmethod
     def _known_trainer(cls, trainer: str) -> str:
-        from ddl_apps.trainers import TRAINERS
+        from ddl_apps.trainers import TRAINERS, trainer_package
 
-        if trainer not in TRAINERS:
+        if trainer_package(trainer) is None:
             raise ValueError(f"unknown trainer{_suggest(trainer, TRAINERS)}")
         return trainer
 
@@ -95,6 +96,19 @@ def _describe(error: ValidationError, prefix: str, model: type[BaseModel]) -> st
     return "\n".join(lines)
 
 
+_EXPONENT_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+
+
+def _scalar(raw: str) -> Any:
+    """A YAML value, except that 3e-4 is a number (YAML 1.1 reads it as text)."""
+    if _EXPONENT_NUMBER.fullmatch(raw):
+        return float(raw)
+    try:
+        return yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        return raw
+
+
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     """`optim.lr=3e-4 dist.compression=fp16` -> nested dict; values are parsed as YAML scalars."""
     tree: dict[str, Any] = {}
@@ -102,10 +116,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key or any(not part for part in key.split(".")):
             raise RecipeError(f"override {item!r} is not of the form section.key=value (e.g. optim.lr=3e-4)")
-        try:
-            value = yaml.safe_load(raw) if raw else ""
-        except yaml.YAMLError:
-            value = raw
+        value = _scalar(raw)
         node = tree
         *parents, leaf = key.split(".")
         for part in parents:
@@ -155,7 +166,7 @@ def load_recipe(recipe: str | Path, overrides: list[str] = ()) -> Recipe:
     """Load, override and validate a recipe, including the trainer's own data and model sections.
 
     Every problem found is reported in the one RecipeError."""
-    from ddl_apps.trainers import TRAINERS, trainer_schemas
+    from ddl_apps.trainers import trainer_package, trainer_schemas
 
     path = resolve_path(recipe)
     raw = _merge(read_yaml(path), parse_overrides(list(overrides)))
@@ -165,7 +176,7 @@ def load_recipe(recipe: str | Path, overrides: list[str] = ()) -> Recipe:
         config = Recipe.model_validate(raw)
     except ValidationError as e:
         problems.append(_describe(e, "", Recipe))
-    if raw.get("trainer") in TRAINERS:
+    if isinstance(raw.get("trainer"), str) and trainer_package(raw["trainer"]):
         for section, schema in zip(("data", "model"), trainer_schemas(raw["trainer"]), strict=True):
             try:
                 sections[section] = schema.model_validate(raw.get(section) or {})

@@ -7,6 +7,7 @@ schedule, clipping, precision, evaluation across ranks, checkpoints and resume, 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -275,20 +276,31 @@ class TorchEngine:
         }
 
     # ---- the end of a run -----------------------------------------------------------------------------
+    def weights_digest_by_rank(self) -> list[str]:
+        """SHA-256 of every rank's weights: all equal unless data parallelism broke."""
+        digest = hashlib.sha256(flat_parameters(self.model).numpy().tobytes()).digest()
+        gathered = dist.allgather_array(np.frombuffer(digest, dtype=np.uint8).copy())
+        return [bytes(row).hex() for row in gathered.reshape(self.topo.size, -1)]
+
     def finish(self, complete: bool) -> dict[str, dict[str, float]]:
-        summary: dict[str, dict[str, float]] = {}
+        results: dict[str, dict[str, float]] = {}
+        digests = self.weights_digest_by_rank()
+        if len(set(digests)) > 1:
+            self.log.message(f"[bold red]warning:[/] weights differ across ranks: {digests}")
         if complete:
             split = "test" if self.task.test is not None else "valid"
             metrics, outputs = self.evaluate(self.task.test if self.task.test is not None else self.task.valid)
-            summary[f"model ({split})"] = metrics
+            results[f"model ({split})"] = metrics
             self.log.record(split, self.progress.step, metrics)
             if self.topo.is_root:
                 np.savez(self.run_dir / f"{split}_outputs.npz", **outputs)
                 self.task.export(self.model, self.run_dir / rundir.MODEL_DIR)
-                summary.update(self.task.report())
+                results.update(self.task.report())
+                summary = {"results": results, "steps": self.progress.step, "workers": self.topo.size,
+                           "weights_sha256_by_rank": digests}
                 (self.run_dir / rundir.SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
-        self.log.close(summary)
-        return summary
+        self.log.close(results)
+        return results
 
 
 @torch.no_grad()

@@ -1,0 +1,37 @@
+"""Launching `ddl train` on the probe trainer (or any recipe) from tests, and reading what runs leave."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file
+
+REPO = Path(__file__).resolve().parent.parent
+PROBE = "tests/probe/digits.yaml"
+
+
+def ddl(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run the `ddl` CLI from the repository root (so `tests.probe` imports in every worker)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    return subprocess.run([sys.executable, "-m", "ddl_apps.cli", *args], cwd=REPO, env=env, text=True,
+                          capture_output=True, timeout=timeout)
+
+
+def train(run_dir: Path, *overrides: str, np: int = 1, recipe: str = PROBE, flags: tuple[str, ...] = ()) -> Path:
+    result = ddl("train", recipe, f"run.dir={run_dir}", *overrides, "-np", str(np), *flags)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return run_dir
+
+
+def final_weights(run_dir: Path) -> np.ndarray:
+    weights = load_file(str(run_dir / "model" / "model.safetensors"))
+    return np.concatenate([weights[k].ravel() for k in sorted(weights)]).astype(np.float64)
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())

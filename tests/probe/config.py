@@ -1,0 +1,13 @@
+"""A small probe trainer for the engine tests: scikit-learn's handwritten digits, a deterministic MLP."""
+
+from pydantic import Field
+
+from ddl_apps.recipe import Section
+
+
+class DataConfig(Section):
+    train_examples: int = Field(1536, gt=0)
+
+
+class ModelConfig(Section):
+    hidden: int = 32
