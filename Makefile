@@ -10,8 +10,10 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 setup:
 	bash scripts/setup.sh
 
+# The main job: the fraud recipe on 2 Horovod workers over all 590,540 IEEE-CIS transactions, beside a
+# gradient-boosting baseline; leaves runs/fraud_mlp-<time>/ with metrics, curves, checkpoints and the model.
 demo: setup
-	$(VENV)/bin/horovodrun -np 2 --gloo $(PY) tests/workers/torch_distributed_optimizer.py
+	$(VENV)/bin/ddl train fraud_mlp -np 2
 
 test: setup
 	$(VENV)/bin/ruff check .

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -39,9 +40,12 @@ def horovodrun_command(
         argv += ["-H", hosts]
     if hostfile:
         argv += ["--hostfile", hostfile]
-    if controller == "mpi" and os.geteuid() == 0:
-        argv += ["--mpi-args=--allow-run-as-root"]
-    return argv + command
+    return argv + command  # for MPI, horovodrun itself passes --allow-run-as-root
+
+
+# horovodrun tags every line with its rank ("[0]<stderr>:" with Gloo, "[1,0]<stderr>:" with MPI). Only rank 0
+# prints in normal operation, so its tag is noise; other ranks' lines (errors) keep theirs.
+RANK0_TAG = re.compile(r"^\[(?:\d+,)?0\]<std(?:out|err)>:")
 
 
 def run_horovod(
@@ -54,13 +58,13 @@ def run_horovod(
     timeout: float | None = None,
     capture: bool = False,
 ) -> subprocess.CompletedProcess:
-    """Launch COMMAND on N Horovod workers and wait for it."""
+    """Launch COMMAND on N Horovod workers and wait for it: output captured, or shown on stderr."""
     argv = horovodrun_command(command, np, controller, hosts, hostfile)
-    return subprocess.run(
-        argv,
-        env={**os.environ, **(env or {})},
-        timeout=timeout,
-        text=True,
-        capture_output=capture,
-        check=False,
-    )
+    full_env = {**os.environ, **(env or {})}
+    if capture:
+        return subprocess.run(argv, env=full_env, timeout=timeout, text=True, capture_output=True, check=False)
+    with subprocess.Popen(argv, env=full_env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+        for line in proc.stdout:
+            sys.stderr.write(RANK0_TAG.sub("", line))
+        returncode = proc.wait(timeout=timeout)
+    return subprocess.CompletedProcess(argv, returncode)

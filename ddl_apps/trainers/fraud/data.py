@@ -142,7 +142,8 @@ def signed_log(x: np.ndarray) -> np.ndarray:
 @dataclass
 class Preprocessor:
     """Numeric: signed log, median imputation with missing-value indicators, standard scaling.
-    Categorical: value -> index by frequency in training data (0 = unknown, rare or missing).
+    Categorical: value -> index by frequency in training data (0 = unknown, rare or missing), plus the value's
+    training count as a numeric feature (log-scaled; 0 for unknown values).
     Fitted with scikit-learn on the training part only; stored as plain JSON and applied with numpy, so
     training and scoring transform data the same way and no pickle is ever loaded."""
 
@@ -152,6 +153,8 @@ class Preprocessor:
     means: list[float]
     scales: list[float]
     vocabularies: dict[str, list[str]]
+    counts: dict[str, list[int]]
+    train_rows: int
 
     @classmethod
     def fit(cls, frame: pd.DataFrame, numeric: list[str], categorical: list[str], cfg: DataConfig) -> Preprocessor:
@@ -162,17 +165,18 @@ class Preprocessor:
         imputer = SimpleImputer(strategy="median", add_indicator=True, keep_empty_features=True).fit(raw)
         indicator = imputer.indicator_.features_ if imputer.indicator_ is not None else []
         scaler = StandardScaler().fit(imputer.transform(raw)[:, : len(numeric)])
-        vocabularies = {}
+        vocabularies, counts = {}, {}
         for column in categorical:
-            counts = category_strings(frame[column]).value_counts()
-            kept = counts[counts >= cfg.min_category_count].index[: cfg.max_categories]
-            vocabularies[column] = [str(v) for v in kept]
+            frequent = category_strings(frame[column]).value_counts()
+            frequent = frequent[frequent >= cfg.min_category_count].iloc[: cfg.max_categories]
+            vocabularies[column] = [str(v) for v in frequent.index]
+            counts[column] = [int(c) for c in frequent.to_numpy()]
         return cls(numeric, imputer.statistics_.tolist(), [numeric[i] for i in indicator],
-                   scaler.mean_.tolist(), scaler.scale_.tolist(), vocabularies)
+                   scaler.mean_.tolist(), scaler.scale_.tolist(), vocabularies, counts, len(frame))
 
     @property
     def num_features(self) -> int:
-        return len(self.numeric) + len(self.indicator_columns)
+        return len(self.numeric) + len(self.indicator_columns) + len(self.vocabularies)
 
     @property
     def cardinalities(self) -> list[int]:
@@ -186,12 +190,14 @@ class Preprocessor:
         filled = np.where(missing, np.asarray(self.medians), raw)
         scaled = (filled - np.asarray(self.means)) / np.asarray(self.scales)
         indicators = frame[self.indicator_columns].isna().to_numpy(np.float64)
-        numeric = np.nan_to_num(np.hstack([scaled, indicators]), posinf=0.0, neginf=0.0).astype(np.float32)
         categories = np.zeros((len(frame), len(self.vocabularies)), dtype=np.int64)
         for j, (column, vocabulary) in enumerate(self.vocabularies.items()):
             index = pd.Series(np.arange(1, len(vocabulary) + 1), index=pd.Index(vocabulary, dtype=object))
             categories[:, j] = category_strings(frame[column]).map(index).fillna(0).to_numpy(np.int64)
-        return numeric, categories
+        log_counts = [np.log1p(np.concatenate([[0], self.counts[c]]))[categories[:, j]] / np.log1p(self.train_rows)
+                      for j, c in enumerate(self.vocabularies)]
+        features = np.column_stack([scaled, indicators, *log_counts])
+        return np.nan_to_num(features, posinf=0.0, neginf=0.0).astype(np.float32), categories
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(self.__dict__))

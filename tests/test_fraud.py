@@ -1,0 +1,113 @@
+"""Issue 5: the fraud trainer end to end, its scoring, its preprocessing, and its errors on bad input."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ddl_apps.core.rundir import load_run_recipe
+from ddl_apps.recipe import load_recipe
+from ddl_apps.trainers.fraud import data
+from tests.engine_runs import ddl, summary, train
+
+SLICE = ("data.rows=20000", "optim.epochs=1", "optim.batch_size=256", "optim.warmup_steps=5", "run.log_every=10")
+
+
+@pytest.fixture(scope="module")
+def ieee_sample():
+    """20,000 real IEEE-CIS transactions, as a user's own CSV would hold them."""
+    return pd.read_parquet(data.ieee_cis_path()).sample(n=20000, random_state=1)
+
+
+def assert_complete_run(run_dir):
+    for name in ("config.yaml", "metrics.jsonl", "curves.png", "summary.json", "test_outputs.npz",
+                 "model/model.safetensors", "model/preprocessing.json", "model/model.json"):
+        assert (run_dir / name).is_file(), name
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((run_dir / "checkpoints").glob("step-*/manifest.json"))
+    results = summary(run_dir)["results"]
+    for row in ("model (test)", "baseline HGB (test)"):
+        assert 0 < results[row]["pr_auc"] <= 1 and 0.5 < results[row]["roc_auc"] <= 1, results
+
+
+def test_bring_your_own_csv_single_process(ieee_sample, tmp_path):
+    own = ieee_sample.rename(columns={"isFraud": "label", "TransactionID": "txn", "TransactionDT": "t"})
+    csv = tmp_path / "transactions.csv"
+    own.to_csv(csv, index=False)
+    run = train(tmp_path / "run", *SLICE, f"data.source={csv}", "data.label=label", "data.id_column=txn",
+                "data.time_column=t", recipe="fraud_mlp")
+    assert_complete_run(run)
+    scores = tmp_path / "scores.csv"
+    assert ddl("predict", str(run), str(csv), "-o", str(scores)).returncode == 0
+    written = pd.read_csv(scores)
+    assert list(written.columns) == ["txn", "fraud_probability"] and len(written) == len(own)
+    assert written["fraud_probability"].between(0, 1).all()
+
+
+@pytest.mark.distributed
+def test_two_workers_and_predict_reproduces_evaluation(tmp_path):
+    run = train(tmp_path / "run", *SLICE, np=2, recipe="fraud_mlp")
+    assert_complete_run(run)
+    digests = summary(run)["weights_sha256_by_rank"]
+    assert len(digests) == 2 and digests[0] == digests[1]
+
+    recipe = load_run_recipe(run)
+    test_rows = data.load_splits(recipe.data, recipe.run.seed).test
+    rows = tmp_path / "test_rows.parquet"
+    test_rows.to_parquet(rows)
+    result = ddl("predict", str(run), str(rows), "-o", str(tmp_path / "scores.csv"))
+    assert result.returncode == 0, result.stderr
+    scored = pd.read_csv(tmp_path / "scores.csv")
+    evaluated = np.load(run / "test_outputs.npz")
+    np.testing.assert_array_equal(scored["TransactionID"], test_rows["TransactionID"])
+    np.testing.assert_allclose(scored["fraud_probability"], evaluated["score"], atol=1e-6)
+
+    metrics = json.loads(ddl("eval", str(run)).stdout)
+    assert metrics["pr_auc"] == pytest.approx(summary(run)["results"]["model (test)"]["pr_auc"], abs=1e-6)
+
+
+def test_preprocessing_is_fitted_on_training_rows_only():
+    train_rows = pd.DataFrame({"amount": [1.0, 2.0, np.nan, 4.0], "card": [404, 404.0, 7, np.nan]})
+    cfg = load_recipe("fraud_mlp", ["data.min_category_count=1"]).data
+    pre = data.Preprocessor.fit(train_rows, ["amount"], ["card"], cfg)
+    assert pre.medians == [pytest.approx(np.log1p(2.0))]
+    assert pre.vocabularies["card"] == ["404", "7"] and pre.counts["card"] == [2, 1]
+    future = pd.DataFrame({"amount": [1000.0, np.nan], "card": ["404", 999]})
+    numeric, categories = pre.transform(future)
+    assert categories[:, 0].tolist() == [1, 0]  # "404" from text is 404.0 from numbers; 999 is unknown
+    assert numeric[1, 0] == pytest.approx((np.log1p(2.0) - pre.means[0]) / pre.scales[0])
+    assert numeric[:, 1].tolist() == [0.0, 1.0]  # missing-value indicator
+    assert pre.medians == [pytest.approx(np.log1p(2.0))]  # scoring changed nothing
+
+
+BAD_DATA = {
+    "missing_label": ({"data.label": "is_fraud"}, "has no column 'is_fraud'"),
+    "text_as_numeric": ({"data.categorical": "[]"}, "hold text, not numbers"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_DATA))
+def test_bad_data_gives_one_clear_error(case, ieee_sample, tmp_path):
+    csv = tmp_path / "t.csv"
+    ieee_sample.head(500).to_csv(csv, index=False)
+    overrides, expected = BAD_DATA[case]
+    result = ddl("train", "fraud_mlp", f"data.source={csv}", f"run.dir={tmp_path / 'run'}",
+                 *(f"{k}={v}" for k, v in overrides.items()))
+    assert result.returncode == 2 and expected in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_label_must_be_binary(ieee_sample, tmp_path):
+    broken = ieee_sample.head(500).assign(isFraud=lambda f: f["isFraud"].replace({1: 2}))
+    broken.to_csv(tmp_path / "t.csv", index=False)
+    result = ddl("train", "fraud_mlp", f"data.source={tmp_path / 't.csv'}", f"run.dir={tmp_path / 'run'}")
+    assert result.returncode == 2 and "must hold 0 (legitimate) or 1 (fraud)" in result.stderr
+
+
+def test_missing_data_file_and_unreadable_model(tmp_path):
+    result = ddl("train", "fraud_mlp", f"data.source={tmp_path / 'none.csv'}")
+    assert result.returncode == 2 and "does not exist" in result.stderr
+    result = ddl("predict", str(tmp_path), "x.csv", "-o", "y.csv")
+    assert result.returncode == 2 and "not a run directory" in result.stderr
