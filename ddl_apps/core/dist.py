@@ -1,6 +1,8 @@
-"""Horovod initialisation, topology, seeding and collectives for PyTorch.
+"""Horovod initialisation, topology, seeding and the few collectives the engines need, for PyTorch or TensorFlow.
 
-With launch.py and the engines, this is the only code that imports Horovod; trainers never do.
+With launch.py and the engines, this is the only code that imports Horovod; trainers never do. A process uses
+one framework's Horovod (each framework's extension carries its own copy of the Horovod core): `init_torch` or
+`init_tf` chooses it, and the collectives below then go through that one.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -29,39 +32,92 @@ class Topology:
         return self.rank == 0
 
 
-def _apply_horovod_defaults() -> None:
-    for key, value in HOROVOD_DEFAULTS.items():
-        os.environ.setdefault(key, value)
+class _Collectives:
+    """numpy in, numpy out, through the initialised framework's Horovod."""
+
+    def __init__(self, hvd: ModuleType, to_tensor: Callable[[np.ndarray], Any]):
+        self.hvd, self.to_tensor = hvd, to_tensor
+
+    def allreduce_sum(self, array: np.ndarray) -> np.ndarray:
+        return np.asarray(self.hvd.allreduce(self.to_tensor(array), op=self.hvd.Sum))
+
+    def allgather(self, array: np.ndarray) -> np.ndarray:
+        return np.asarray(self.hvd.allgather(self.to_tensor(array)))
+
+
+_collectives: _Collectives | None = None
+
+
+def _active() -> _Collectives:
+    if _collectives is None:
+        raise RuntimeError("Horovod is not initialised: call init_torch() or init_tf() first")
+    return _collectives
+
+
+def _topology(hvd: ModuleType) -> Topology:
+    return Topology(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size())
+
+
+def _cores_per_worker(local_size: int) -> int:
+    return max(1, (os.cpu_count() or 1) // local_size)
 
 
 def init_torch() -> Topology:
     """Start Horovod for PyTorch and give each worker its share of the CPU cores."""
-    _apply_horovod_defaults()
+    global _collectives
+    for key, value in HOROVOD_DEFAULTS.items():
+        os.environ.setdefault(key, value)
     import horovod.torch as hvd
     import torch
 
     hvd.init()
-    topology = Topology(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size())
+    _collectives = _Collectives(hvd, lambda a: torch.from_numpy(np.ascontiguousarray(a)))
+    topology = _topology(hvd)
     if torch.cuda.is_available():
         torch.cuda.set_device(topology.local_rank)
     if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // topology.local_size))
+        torch.set_num_threads(_cores_per_worker(topology.local_size))
+    return topology
+
+
+def init_tf() -> Topology:
+    """Start Horovod for TensorFlow: one GPU per worker when there are GPUs, else a share of the cores."""
+    global _collectives
+    for key, value in HOROVOD_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    import horovod.tensorflow as hvd
+    import tensorflow as tf
+
+    hvd.init()
+    _collectives = _Collectives(hvd, lambda a: tf.constant(np.ascontiguousarray(a)))
+    topology = _topology(hvd)
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        tf.config.experimental.set_memory_growth(gpus[topology.local_rank], True)
+        tf.config.set_visible_devices(gpus[topology.local_rank], "GPU")
+    elif "OMP_NUM_THREADS" not in os.environ:
+        tf.config.threading.set_intra_op_parallelism_threads(_cores_per_worker(topology.local_size))
+        tf.config.threading.set_inter_op_parallelism_threads(1)
     return topology
 
 
 def seed_everything(seed: int) -> None:
-    import torch
-
+    """Python, numpy and whichever of torch / TensorFlow (Keras) this process uses."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    if _collectives is not None and _collectives.hvd.__name__ == "horovod.tensorflow":
+        import keras
+
+        keras.utils.set_random_seed(seed % 2**32)
+    else:
+        import torch
+
+        torch.manual_seed(seed)
 
 
 def broadcast_object(obj: Any, root_rank: int = 0) -> Any:
     """Rank `root_rank`'s (picklable, in-memory) object on every rank."""
-    import horovod.torch as hvd
-
-    return hvd.broadcast_object(obj, root_rank=root_rank)
+    return _active().hvd.broadcast_object(obj, root_rank=root_rank)
 
 
 def on_root(fn: Callable[..., Any], *args: Any) -> Any:
@@ -70,10 +126,8 @@ def on_root(fn: Callable[..., Any], *args: Any) -> Any:
     So a failure on rank 0 (a bad run directory, a corrupt checkpoint) stops all ranks with the same error
     instead of leaving the others waiting in the next collective.
     """
-    import horovod.torch as hvd
-
     result = error = None
-    if hvd.rank() == 0:
+    if _active().hvd.rank() == 0:
         try:
             result = fn(*args)
         except Exception as e:  # handed to every rank and raised there
@@ -86,22 +140,9 @@ def on_root(fn: Callable[..., Any], *args: Any) -> Any:
 
 def allreduce_sum(values: np.ndarray | list[float]) -> np.ndarray:
     """Exact float64 sum of a small vector over all ranks (for sums and counts)."""
-    import horovod.torch as hvd
-    import torch
-
-    tensor = torch.as_tensor(np.asarray(values, dtype=np.float64))
-    return hvd.allreduce(tensor, op=hvd.Sum, name=None).numpy()
+    return _active().allreduce_sum(np.asarray(values, dtype=np.float64))
 
 
 def allgather_array(array: np.ndarray) -> np.ndarray:
     """Concatenate each rank's array (first dimensions may differ) in rank order, on every rank."""
-    import horovod.torch as hvd
-    import torch
-
-    return hvd.allgather(torch.from_numpy(np.ascontiguousarray(array))).numpy()
-
-
-def barrier() -> None:
-    import horovod.torch as hvd
-
-    hvd.barrier()
+    return _active().allgather(array)

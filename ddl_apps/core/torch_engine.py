@@ -1,19 +1,10 @@
-"""The data-parallel training loop for PyTorch trainers.
-
-A trainer hands the engine a `TorchTask` (data, model, loss, per-example predictions, metrics, export); the
-engine owns everything else: Horovod, the optimizer and its wrapping, broadcast, sharding, accumulation, LR
-schedule, clipping, precision, evaluation across ranks, checkpoints and resume, and the run directory.
-"""
+"""The data-parallel engine for PyTorch trainers: Horovod's DistributedOptimizer with accumulation, compression,
+clipping and mixed precision; weights and optimizer state checkpointed as safetensors (+ JSON)."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
-import time
-from dataclasses import asdict, dataclass
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import torch
@@ -21,16 +12,11 @@ from safetensors.torch import load_file, save_file
 
 from ddl_apps.core import checkpoint as ckpt
 from ddl_apps.core import dist, rundir, sharding
-from ddl_apps.core.metrics import RunLog, SilentLog
+from ddl_apps.core.engine import BatchSource, Engine, evaluate_exported, run_training
 from ddl_apps.errors import CheckpointError
 from ddl_apps.recipe import OptimConfig, Recipe
 
 Batch = dict[str, torch.Tensor]
-
-
-class BatchSource(Protocol):
-    def __len__(self) -> int: ...
-    def take(self, indices: np.ndarray) -> Batch: ...
 
 
 class TensorSource:
@@ -50,52 +36,12 @@ class TensorSource:
         return {k: v[index] for k, v in self.columns.items()}
 
 
-class TorchTask(Protocol):
-    """What a PyTorch trainer supplies. `predict` returns per-example arrays; `metrics` sees the whole split."""
-
-    train: BatchSource
-    valid: BatchSource
-    test: BatchSource | None
-
-    def build_model(self) -> torch.nn.Module: ...
-    def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor: ...
-    def predict(self, model: torch.nn.Module, batch: Batch) -> dict[str, torch.Tensor]: ...
-    def metrics(self, outputs: dict[str, np.ndarray]) -> dict[str, float]: ...
-    def export(self, model: torch.nn.Module, model_dir: Path) -> None: ...
-    def report(self) -> dict[str, dict[str, float]]: ...
-
-
-@dataclass
-class Progress:
-    """Where training stands; with the model, optimizer and schedule, all that resume (or elastic) needs."""
-
-    epoch: int = 0
-    step_in_epoch: int = 0
-    step: int = 0
-
-
-def scaled_lr(optim: OptimConfig, size: int, scale: bool) -> float:
-    return optim.lr * (size * optim.accumulation if scale else 1)
-
-
-def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
-    """Linear warm-up to 1, then constant, linear or cosine decay to 0 at `total` steps."""
-    warm = min(1.0, (step + 1) / warmup) if warmup else 1.0
-    progress = min(1.0, max(0.0, (step - warmup) / max(1, total - warmup)))
-    decay = {"constant": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1 + math.cos(math.pi * progress))}
-    return warm * decay[schedule]
-
-
 def make_optimizer(optim: OptimConfig, params, lr: float) -> torch.optim.Optimizer:
     if optim.name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
     if optim.name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=optim.weight_decay)
     return torch.optim.AdamW(params, lr=lr, weight_decay=optim.weight_decay)
-
-
-def flat_parameters(model: torch.nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1).cpu() for p in model.state_dict().values()])
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
@@ -106,25 +52,26 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
         raise CheckpointError(f"cannot load weights from {path}: {e}") from None
 
 
-class TorchEngine:
-    def __init__(self, recipe: Recipe, task: TorchTask, topology: dist.Topology, run_dir: Path):
+def save_weights(model: torch.nn.Module, path: Path) -> None:
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path))
+
+
+class TorchEngine(Engine):
+    init = staticmethod(dist.init_torch)
+
+    def __init__(self, recipe: Recipe, task, topology: dist.Topology, run_dir: Path, training: bool = True):
+        super().__init__(recipe, task, topology, run_dir, training)
+        self.device = torch.device(f"cuda:{topology.local_rank}" if torch.cuda.is_available() else "cpu")
+        self.model = task.build_model().to(self.device)
+        precision = recipe.run.precision
+        self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        if training:
+            self._build_optimizer(recipe)
+
+    def _build_optimizer(self, recipe: Recipe) -> None:
         import horovod.torch as hvd
 
-        self.recipe, self.task, self.topo, self.run_dir = recipe, task, topology, run_dir
-        self.device = torch.device(f"cuda:{topology.local_rank}" if torch.cuda.is_available() else "cpu")
-        self.log = RunLog(run_dir, recipe.run.progress) if topology.is_root else SilentLog()
         optim = recipe.optim
-        self.model = task.build_model().to(self.device)
-        self.base_lr = scaled_lr(optim, topology.size, recipe.dist.scale_lr)
-        self.steps_per_epoch = sharding.steps_per_epoch(len(task.train), optim.batch_size, topology.size,
-                                                        optim.accumulation)
-        if self.steps_per_epoch == 0:
-            raise ValueError(
-                f"the training set ({len(task.train)} examples) is smaller than one global step "
-                f"(batch_size {optim.batch_size} x {topology.size} workers x accumulation {optim.accumulation}); "
-                "lower optim.batch_size or use more data"
-            )
-        self.total_steps = self.steps_per_epoch * optim.epochs
         hvd.broadcast_parameters(self.model.state_dict(), root_rank=0)
         compression = hvd.Compression.fp16 if recipe.dist.compression == "fp16" else hvd.Compression.none
         self.optimizer = hvd.DistributedOptimizer(
@@ -133,20 +80,23 @@ class TorchEngine:
             compression=compression,
             backward_passes_per_step=optim.accumulation,
         )
-        self.schedule = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, optim.warmup_steps, self.total_steps, optim.schedule)
-        )
-        self.progress = Progress()
-        precision = recipe.run.precision
-        self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-        self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
+        self.scaler = torch.amp.GradScaler(self.device.type) if recipe.run.precision == "fp16" else None
 
-    # ---- training -------------------------------------------------------------------------------------
     def _autocast(self):
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def _to_device(self, batch: Batch) -> Batch:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    # ---- training -------------------------------------------------------------------------------------
+    def run_steps(self, order: np.ndarray, first: int, count: int) -> float:
+        optim, topo = self.recipe.optim, self.topo
+        return sum(self.train_step(sharding.rank_step_batches(order, step, optim.batch_size, topo.rank, topo.size,
+                                                               optim.accumulation))
+                   for step in range(first, first + count))
 
     def train_step(self, micro_batches: list[np.ndarray]) -> float:
         """One optimizer step over this rank's micro-batches; returns the rank's mean loss."""
@@ -180,175 +130,58 @@ class TorchEngine:
         else:
             self.optimizer.step()
 
-    def fit(self) -> dict[str, dict[str, float]]:
-        cfg, optim, topo = self.recipe.run, self.recipe.optim, self.topo
-        self.log.start(self.total_steps, self.progress.step)
-        global_batch = optim.batch_size * optim.accumulation * topo.size
-        window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
-        stop = False
-        while self.progress.epoch < optim.epochs and not stop:
-            order = sharding.epoch_order(len(self.task.train), cfg.seed, self.progress.epoch)
-            while self.progress.step_in_epoch < self.steps_per_epoch:
-                micro = sharding.rank_step_batches(order, self.progress.step_in_epoch, optim.batch_size,
-                                                   topo.rank, topo.size, optim.accumulation)
-                window_loss += self.train_step(micro)
-                window_steps += 1
-                self.progress.step_in_epoch += 1
-                self.progress.step += 1
-                self.log.advance()
-                if self.progress.step % cfg.log_every == 0:
-                    loss_sum, steps = dist.allreduce_sum([window_loss, window_steps])
-                    elapsed = time.perf_counter() - window_start
-                    self.log.step(self.progress.step, {
-                        "loss": loss_sum / steps, "lr": self.schedule.get_last_lr()[0],
-                        "samples_per_s": window_steps * global_batch / elapsed,
-                    })
-                    window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
-                if cfg.checkpoint_every and self.progress.step % cfg.checkpoint_every == 0:
-                    self.save_checkpoint()
-                if cfg.max_steps and self.progress.step >= cfg.max_steps:
-                    stop = True
-                    break
-            if not stop:
-                self.progress.epoch += 1
-                self.progress.step_in_epoch = 0
-                if cfg.eval_every_epoch:
-                    self.log.record("valid", self.progress.step, self.evaluate(self.task.valid)[0])
-            self.save_checkpoint()
-        return self.finish(complete=not stop)
+    def current_lr(self) -> float:
+        return self.schedule.get_last_lr()[0]
 
-    # ---- evaluation -----------------------------------------------------------------------------------
-    def evaluate(self, source: BatchSource) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-        outputs = predict_split(self.model, self.task, source, self.topo, self.recipe.optim.batch_size * 4,
-                                self.device, self._autocast)
-        return self.task.metrics(outputs), outputs
+    @torch.no_grad()
+    def predict_batch(self, batch: Batch) -> dict[str, np.ndarray]:
+        self.model.eval()
+        with self._autocast():
+            out = self.task.predict(self.model, self._to_device(batch))
+        return {k: (v.float() if v.is_floating_point() else v).cpu().numpy() for k, v in out.items()}
+
+    def weights_bytes(self) -> bytes:
+        return b"".join(v.detach().cpu().numpy().tobytes() for v in self.model.state_dict().values())
 
     # ---- checkpoints ----------------------------------------------------------------------------------
-    def _state(self) -> dict:
-        return {
+    def rng_state(self) -> np.ndarray:
+        return torch.get_rng_state().numpy()
+
+    def set_rng_state(self, state: np.ndarray) -> None:
+        torch.set_rng_state(torch.from_numpy(state.astype(np.uint8)))
+
+    def write_state(self, folder: Path) -> None:
+        save_weights(self.model, folder / "model.safetensors")
+        ckpt.save_state(folder, "training", {
             "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else {},
-        }
+        })
 
-    def save_checkpoint(self) -> None:
-        """Collective: gathers every rank's RNG state; rank 0 writes."""
-        rng = dist.allgather_array(torch.get_rng_state().numpy()[None])
-        if not self.topo.is_root:
-            return
+    def restore_state(self, checkpoint: Path | None) -> None:
+        def read() -> dict:
+            return {"model": load_file(str(checkpoint / "model.safetensors")),
+                    "training": ckpt.load_state(checkpoint, "training")}
 
-        def write(folder: Path) -> None:
-            save_file({k: v.contiguous() for k, v in self.model.state_dict().items()},
-                      str(folder / "model.safetensors"))
-            ckpt.save_state(folder, "training", {**self._state(), "rng": rng})
-            (folder / "progress.json").write_text(json.dumps({**asdict(self.progress), "size": self.topo.size}))
-
-        ckpt.write_checkpoint(self.run_dir / rundir.CHECKPOINTS, self.progress.step, write,
-                              self.recipe.run.keep_checkpoints)
-
-    def restore(self) -> None:
-        """Load the newest good checkpoint on rank 0 and hand it to every rank."""
-        payload = dist.on_root(self._read_checkpoint)
-        self.model.load_state_dict(payload["model"])
-        training = payload["training"]
+        state = dist.on_root(read)  # rank 0 reads; every rank gets the same state
+        self.model.load_state_dict(state["model"])
+        training = state["training"]
         self.optimizer.load_state_dict(training["optimizer"])
         self.schedule.load_state_dict(training["schedule"])
         if self.scaler and training["scaler"]:
             self.scaler.load_state_dict(training["scaler"])
-        saved = payload["progress"]
-        if saved.pop("size") == self.topo.size:
-            torch.set_rng_state(torch.from_numpy(np.asarray(training["rng"][self.topo.rank])))
-        self.progress = Progress(**saved)
-        self.log.message(f"resumed from {payload['path']} at step {self.progress.step}")
 
-    def _read_checkpoint(self) -> dict:
-        found = ckpt.latest_valid(self.run_dir / rundir.CHECKPOINTS, self.log.message)
-        if found is None:
-            raise CheckpointError(
-                f"--resume found no usable checkpoint in {self.run_dir / rundir.CHECKPOINTS}; "
-                "start a new run without --resume"
-            )
-        return {
-            "path": str(found),
-            "model": load_file(str(found / "model.safetensors")),
-            "training": ckpt.load_state(found, "training"),
-            "progress": json.loads((found / "progress.json").read_text()),
-        }
-
-    # ---- the end of a run -----------------------------------------------------------------------------
-    def weights_digest_by_rank(self) -> list[str]:
-        """SHA-256 of every rank's weights: all equal unless data parallelism broke."""
-        digest = hashlib.sha256(flat_parameters(self.model).numpy().tobytes()).digest()
-        gathered = dist.allgather_array(np.frombuffer(digest, dtype=np.uint8).copy())
-        return [bytes(row).hex() for row in gathered.reshape(self.topo.size, -1)]
-
-    def finish(self, complete: bool) -> dict[str, dict[str, float]]:
-        results: dict[str, dict[str, float]] = {}
-        digests = self.weights_digest_by_rank()
-        if len(set(digests)) > 1:
-            self.log.message(f"[bold red]warning:[/] weights differ across ranks: {digests}")
-        if complete:
-            split = "test" if self.task.test is not None else "valid"
-            metrics, outputs = self.evaluate(self.task.test if self.task.test is not None else self.task.valid)
-            results[f"model ({split})"] = metrics
-            self.log.record(split, self.progress.step, metrics)
-            if self.topo.is_root:
-                np.savez(self.run_dir / f"{split}_outputs.npz", **outputs)
-                self.task.export(self.model, self.run_dir / rundir.MODEL_DIR)
-                results.update(self.task.report())
-                summary = {"results": results, "steps": self.progress.step, "workers": self.topo.size,
-                           "weights_sha256_by_rank": digests}
-                (self.run_dir / rundir.SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
-        self.log.close(results)
-        return results
-
-
-@torch.no_grad()
-def predict_split(model, task: TorchTask, source: BatchSource, topo: dist.Topology, batch_size: int,
-                  device: torch.device, autocast) -> dict[str, np.ndarray]:
-    """Per-example predictions for a whole split, each example on exactly one rank, gathered in order."""
-    model.eval()
-    mine = sharding.eval_shard(len(source), topo.rank, topo.size)
-    chunks = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)] or [mine]
-    parts: dict[str, list[np.ndarray]] = {}
-    for chunk in chunks:
-        batch = {k: v.to(device) for k, v in source.take(chunk).items()}
-        with autocast():
-            out = task.predict(model, batch)
-        for key, value in out.items():
-            parts.setdefault(key, []).append((value.float() if value.is_floating_point() else value).cpu().numpy())
-    local = {k: np.concatenate(v) for k, v in parts.items()}
-    ordered = np.argsort(dist.allgather_array(mine), kind="stable")
-    return {k: dist.allgather_array(v)[ordered] for k, v in local.items()}
-
-
-def evaluate_run(recipe: Recipe, run_dir: Path) -> dict[str, float]:
-    """Metrics of a run's exported model on its test split (validation split if it has none)."""
-    from contextlib import nullcontext
-
-    from ddl_apps.trainers import load_trainer
-
-    topology = dist.init_torch()
-    task = load_trainer(recipe.trainer).build_task(recipe, topology)
-    model = task.build_model()
-    load_weights(model, run_dir / rundir.MODEL_DIR / rundir.MODEL_WEIGHTS)
-    source = task.test if task.test is not None else task.valid
-    outputs = predict_split(model, task, source, topology, recipe.optim.batch_size * 4, torch.device("cpu"),
-                            nullcontext)
-    return task.metrics(outputs)
+    def load_exported(self, model_dir: Path) -> None:
+        load_weights(self.model, model_dir / rundir.MODEL_WEIGHTS)
 
 
 def train(recipe: Recipe, resume: bool = False) -> Path:
     """Run a PyTorch recipe on this process's Horovod worker; returns the run directory."""
-    from ddl_apps.trainers import load_trainer
+    return run_training(recipe, resume, TorchEngine)
 
-    topology = dist.init_torch()
-    dist.seed_everything(recipe.run.seed + topology.rank)
-    run_dir = dist.on_root(rundir.choose_run_dir, recipe, resume)
-    task = load_trainer(recipe.trainer).build_task(recipe, topology)  # bad data fails here, before any file
-    dist.on_root(rundir.prepare_run_dir, run_dir, recipe, resume)
-    engine = TorchEngine(recipe, task, topology, run_dir)
-    if resume:
-        engine.restore()
-    engine.fit()
-    return run_dir
+
+def evaluate_run(recipe: Recipe, run_dir: Path) -> dict[str, float]:
+    return evaluate_exported(recipe, run_dir, TorchEngine)
+
+
+__all__ = ["BatchSource", "TensorSource", "TorchEngine", "load_weights", "save_weights", "train", "evaluate_run"]

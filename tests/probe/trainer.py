@@ -4,11 +4,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
 from ddl_apps.core import torch_engine
 from ddl_apps.core.rundir import MODEL_WEIGHTS
-from ddl_apps.core.torch_engine import TensorSource
+from ddl_apps.core.torch_engine import TensorSource, save_weights
 
 ENGINE = torch_engine
 
@@ -40,7 +39,7 @@ class DigitsTask:
 
     def export(self, model, model_dir: Path):
         model_dir.mkdir(parents=True, exist_ok=True)
-        save_file(model.state_dict(), str(model_dir / MODEL_WEIGHTS))
+        save_weights(model, model_dir / MODEL_WEIGHTS)
 
     def report(self):
         return {}

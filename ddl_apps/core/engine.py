@@ -1,0 +1,281 @@
+"""What the PyTorch and the TensorFlow engines share: the loop over epochs and steps, the learning-rate
+schedule, logging, checkpoint cadence, resume bookkeeping, exact evaluation across ranks, and the end of a run.
+
+A framework engine supplies `run_steps` (train on given global steps of an epoch), `predict_batch`,
+`current_lr`, `weights_bytes`, and `write_state` / `restore_state` for checkpoints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from ddl_apps.core import checkpoint as ckpt
+from ddl_apps.core import dist, rundir, sharding
+from ddl_apps.core.metrics import RunLog, SilentLog
+from ddl_apps.errors import CheckpointError, DataError
+from ddl_apps.recipe import OptimConfig, Recipe
+
+
+class BatchSource(Protocol):
+    """A split of a dataset: its length, and a batch for given example indices."""
+
+    def __len__(self) -> int: ...
+    def take(self, indices: np.ndarray) -> dict[str, Any]: ...
+
+
+class Task(Protocol):
+    """What a trainer supplies. `predict` returns per-example arrays; `metrics` sees the whole split."""
+
+    train: BatchSource
+    valid: BatchSource
+    test: BatchSource | None
+
+    def build_model(self) -> Any: ...
+    def predict(self, model: Any, batch: dict[str, Any]) -> dict[str, Any]: ...
+    def metrics(self, outputs: dict[str, np.ndarray]) -> dict[str, float]: ...
+    def export(self, model: Any, model_dir: Path) -> None: ...
+    def report(self) -> dict[str, dict[str, float]]: ...
+
+
+@dataclass
+class Progress:
+    """Where training stands; with the model, optimizer and schedule, all that resume (or elastic) needs."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    step: int = 0
+
+
+PROGRESS_FILE = "progress.json"
+
+
+def scaled_lr(optim: OptimConfig, size: int, scale: bool) -> float:
+    return optim.lr * (size * optim.accumulation if scale else 1)
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    """Linear warm-up to 1, then constant, linear or cosine decay to 0 at `total` steps."""
+    warm = min(1.0, (step + 1) / warmup) if warmup else 1.0
+    progress = min(1.0, max(0.0, (step - warmup) / max(1, total - warmup)))
+    decay = {"constant": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1 + math.cos(math.pi * progress))}
+    return warm * decay[schedule]
+
+
+class Engine(ABC):
+    init: Any  # staticmethod: start Horovod for this framework, return the Topology
+
+    def __init__(self, recipe: Recipe, task: Task, topology: dist.Topology, run_dir: Path, training: bool = True):
+        """With training=False: only the model (for evaluating an exported one), no optimizer, nothing written."""
+        self.recipe, self.task, self.topo, self.run_dir = recipe, task, topology, run_dir
+        self.log = RunLog(run_dir, recipe.run.progress) if training and topology.is_root else SilentLog()
+        optim = recipe.optim
+        self.base_lr = scaled_lr(optim, topology.size, recipe.dist.scale_lr)
+        self.steps_per_epoch = sharding.steps_per_epoch(len(task.train), optim.batch_size, topology.size,
+                                                        optim.accumulation)
+        if self.steps_per_epoch == 0:
+            raise DataError(
+                f"the training set ({len(task.train)} examples) is smaller than one global step "
+                f"(batch_size {optim.batch_size} x {topology.size} workers x accumulation {optim.accumulation}); "
+                "lower optim.batch_size or use more data"
+            )
+        self.total_steps = self.steps_per_epoch * optim.epochs
+        self.progress = Progress()
+
+    def lr_factor(self, step: int) -> float:
+        optim = self.recipe.optim
+        return lr_factor(step, optim.warmup_steps, self.total_steps, optim.schedule)
+
+    # ---- what each framework supplies -----------------------------------------------------------------
+    @abstractmethod
+    def run_steps(self, order: np.ndarray, first: int, count: int) -> float:
+        """Train global steps first..first+count-1 of the epoch whose order is given; return the sum of this
+        rank's per-step mean losses."""
+
+    @abstractmethod
+    def predict_batch(self, batch: dict[str, Any]) -> dict[str, np.ndarray]: ...
+
+    @abstractmethod
+    def current_lr(self) -> float: ...
+
+    @abstractmethod
+    def weights_bytes(self) -> bytes: ...
+
+    @abstractmethod
+    def write_state(self, folder: Path) -> None:
+        """Rank 0: model, optimizer and schedule state into a checkpoint folder."""
+
+    @abstractmethod
+    def restore_state(self, checkpoint: Path | None) -> None:
+        """Collective: rank 0 gets the path (others None) and every rank ends with its state."""
+
+    @abstractmethod
+    def load_exported(self, model_dir: Path) -> None:
+        """Load the weights a run exported into self.model."""
+
+    def rng_state(self) -> np.ndarray:
+        """This rank's RNG state as a byte array (frameworks that keep RNG state in the model return empty)."""
+        return np.zeros(0, dtype=np.uint8)
+
+    def set_rng_state(self, state: np.ndarray) -> None:
+        del state  # nothing to restore where the RNG state lives in the model
+
+    # ---- the loop -------------------------------------------------------------------------------------
+    def _next_event(self) -> int:
+        """Steps until the next log line, checkpoint, max_steps or the end of the epoch."""
+        run, step = self.recipe.run, self.progress.step
+        bounds = [self.steps_per_epoch - self.progress.step_in_epoch, run.log_every - step % run.log_every]
+        if run.checkpoint_every:
+            bounds.append(run.checkpoint_every - step % run.checkpoint_every)
+        if run.max_steps:
+            bounds.append(run.max_steps - step)
+        return max(1, min(bounds))
+
+    def fit(self) -> dict[str, dict[str, float]]:
+        run, optim = self.recipe.run, self.recipe.optim
+        self.log.start(self.total_steps, self.progress.step)
+        global_batch = optim.batch_size * optim.accumulation * self.topo.size
+        window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+        stopped = False
+        while self.progress.epoch < optim.epochs and not stopped:
+            order = sharding.epoch_order(len(self.task.train), run.seed, self.progress.epoch)
+            while self.progress.step_in_epoch < self.steps_per_epoch:
+                count = self._next_event()
+                window_loss += self.run_steps(order, self.progress.step_in_epoch, count)
+                window_steps += count
+                self.progress.step_in_epoch += count
+                self.progress.step += count
+                self.log.advance(count)
+                if self.progress.step % run.log_every == 0:
+                    loss_sum, steps = dist.allreduce_sum([window_loss, window_steps])
+                    elapsed = time.perf_counter() - window_start
+                    self.log.step(self.progress.step, {"loss": loss_sum / steps, "lr": self.current_lr(),
+                                                       "samples_per_s": window_steps * global_batch / elapsed})
+                    window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+                if run.checkpoint_every and self.progress.step % run.checkpoint_every == 0:
+                    self.save_checkpoint()
+                if run.max_steps and self.progress.step >= run.max_steps:
+                    stopped = True
+                    break
+            if not stopped:
+                self.progress.epoch += 1
+                self.progress.step_in_epoch = 0
+                if run.eval_every_epoch:
+                    self.log.record("valid", self.progress.step, self.evaluate(self.task.valid)[0])
+            self.save_checkpoint()
+        return self.finish(complete=not stopped)
+
+    # ---- evaluation -----------------------------------------------------------------------------------
+    def predict_split(self, source: BatchSource) -> dict[str, np.ndarray]:
+        """Per-example predictions for a whole split, each example on exactly one rank, gathered in order."""
+        mine = sharding.eval_shard(len(source), self.topo.rank, self.topo.size)
+        size = self.recipe.optim.batch_size * 4
+        chunks = [mine[i : i + size] for i in range(0, len(mine), size)] or [mine]
+        parts: dict[str, list[np.ndarray]] = {}
+        for chunk in chunks:
+            for key, value in self.predict_batch(source.take(chunk)).items():
+                parts.setdefault(key, []).append(value)
+        local = {k: np.concatenate(v) for k, v in parts.items()}
+        ordered = np.argsort(dist.allgather_array(mine), kind="stable")
+        return {k: dist.allgather_array(v)[ordered] for k, v in local.items()}
+
+    def evaluate(self, source: BatchSource) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+        outputs = self.predict_split(source)
+        return self.task.metrics(outputs), outputs
+
+    # ---- checkpoints ----------------------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        """Collective (gathers every rank's RNG state); rank 0 writes."""
+        rng = dist.allgather_array(self.rng_state()[None])
+        if not self.topo.is_root:
+            return
+
+        def write(folder: Path) -> None:
+            self.write_state(folder)
+            ckpt.save_state(folder, "rng", {"by_rank": rng})
+            (folder / PROGRESS_FILE).write_text(json.dumps({**asdict(self.progress), "size": self.topo.size}))
+
+        ckpt.write_checkpoint(self.run_dir / rundir.CHECKPOINTS, self.progress.step, write,
+                              self.recipe.run.keep_checkpoints)
+
+    def _find_checkpoint(self) -> tuple[str, dict]:
+        found = ckpt.latest_valid(self.run_dir / rundir.CHECKPOINTS, self.log.message)
+        if found is None:
+            raise CheckpointError(
+                f"--resume found no usable checkpoint in {self.run_dir / rundir.CHECKPOINTS}; "
+                "start a new run without --resume"
+            )
+        saved = json.loads((found / PROGRESS_FILE).read_text())
+        return str(found), {**saved, "rng": ckpt.load_state(found, "rng")["by_rank"]}
+
+    def restore(self) -> None:
+        """Continue from the newest good checkpoint: state, progress, and (same worker count) RNG."""
+        path, saved = dist.on_root(self._find_checkpoint)
+        self.restore_state(Path(path) if self.topo.is_root else None)
+        rng = saved.pop("rng")
+        if saved.pop("size") == self.topo.size and len(rng):
+            self.set_rng_state(np.asarray(rng[self.topo.rank]))
+        self.progress = Progress(**saved)
+        self.log.message(f"resumed from {path} at step {self.progress.step}")
+
+    # ---- the end of a run -----------------------------------------------------------------------------
+    def weights_digest_by_rank(self) -> list[str]:
+        """SHA-256 of every rank's weights: all equal unless data parallelism broke."""
+        digest = hashlib.sha256(self.weights_bytes()).digest()
+        gathered = dist.allgather_array(np.frombuffer(digest, dtype=np.uint8).copy())
+        return [bytes(row).hex() for row in gathered.reshape(self.topo.size, -1)]
+
+    def finish(self, complete: bool) -> dict[str, dict[str, float]]:
+        results: dict[str, dict[str, float]] = {}
+        digests = self.weights_digest_by_rank()
+        if len(set(digests)) > 1:
+            self.log.message(f"[bold red]warning:[/] weights differ across ranks: {digests}")
+        if complete:
+            split = "test" if self.task.test is not None else "valid"
+            metrics, outputs = self.evaluate(self.task.test if self.task.test is not None else self.task.valid)
+            results[f"model ({split})"] = metrics
+            self.log.record(split, self.progress.step, metrics)
+            if self.topo.is_root:
+                np.savez(self.run_dir / f"{split}_outputs.npz", **outputs)
+                self.task.export(self.model, self.run_dir / rundir.MODEL_DIR)
+                results.update(self.task.report())
+                summary = {"results": results, "steps": self.progress.step, "workers": self.topo.size,
+                           "weights_sha256_by_rank": digests}
+                (self.run_dir / rundir.SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
+        self.log.close(results)
+        return results
+
+
+def run_training(recipe: Recipe, resume: bool, engine_class: type[Engine]) -> Path:
+    """Start Horovod, build the trainer's task, prepare the run directory, train; returns the run directory."""
+    from ddl_apps.trainers import load_trainer
+
+    topology = engine_class.init()
+    dist.seed_everything(recipe.run.seed + topology.rank)
+    run_dir = dist.on_root(rundir.choose_run_dir, recipe, resume)
+    task = load_trainer(recipe.trainer).build_task(recipe, topology)  # bad data fails here, before any file
+    dist.on_root(rundir.prepare_run_dir, run_dir, recipe, resume)
+    engine = engine_class(recipe, task, topology, run_dir)
+    if resume:
+        engine.restore()
+    engine.fit()
+    return run_dir
+
+
+def evaluate_exported(recipe: Recipe, run_dir: Path, engine_class: type[Engine]) -> dict[str, float]:
+    """Metrics of a run's exported model on its test split (validation split if it has none)."""
+    from ddl_apps.trainers import load_trainer
+
+    topology = engine_class.init()
+    task = load_trainer(recipe.trainer).build_task(recipe, topology)
+    engine = engine_class(recipe, task, topology, run_dir, training=False)
+    engine.load_exported(run_dir / rundir.MODEL_DIR)
+    return engine.evaluate(task.test if task.test is not None else task.valid)[0]
