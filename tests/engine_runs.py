@@ -13,6 +13,7 @@ from safetensors.numpy import load_file
 
 REPO = Path(__file__).resolve().parent.parent
 PROBE = "tests/probe/digits.yaml"
+PROBES = {"torch": PROBE, "keras": "tests/probe_keras/digits.yaml"}  # the same data and model in each engine
 
 
 def ddl(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -29,8 +30,18 @@ def train(run_dir: Path, *overrides: str, np: int = 1, recipe: str = PROBE, flag
 
 
 def final_weights(run_dir: Path) -> np.ndarray:
-    weights = load_file(str(run_dir / "model" / "model.safetensors"))
-    return np.concatenate([weights[k].ravel() for k in sorted(weights)]).astype(np.float64)
+    """The exported weights as one float64 vector (PyTorch: safetensors; Keras: .weights.h5)."""
+    torch_weights = run_dir / "model" / "model.safetensors"
+    if torch_weights.exists():
+        weights = load_file(str(torch_weights))
+        return np.concatenate([weights[k].ravel() for k in sorted(weights)]).astype(np.float64)
+    import h5py
+
+    arrays = []
+    with h5py.File(run_dir / "model" / "model.weights.h5", "r") as f:
+        f["layers"].visititems(lambda name, obj: arrays.append((name, obj[()])) if isinstance(obj, h5py.Dataset)
+                               else None)  # the file also holds the optimizer's variables
+    return np.concatenate([np.ravel(a) for _, a in sorted(arrays, key=lambda item: item[0])]).astype(np.float64)
 
 
 def summary(run_dir: Path) -> dict:

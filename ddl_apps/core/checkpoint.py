@@ -108,7 +108,7 @@ def split_tensors(obj: Any, tensors: dict[str, torch.Tensor] | None = None) -> t
         tensors[key] = obj.detach().cpu().contiguous()
         return {"__tensor__": key}, tensors
     if isinstance(obj, np.ndarray):
-        return split_tensors(torch.from_numpy(obj), tensors)
+        return split_tensors(torch.from_numpy(np.array(obj)), tensors)  # a copy: gathered arrays are read-only
     if isinstance(obj, dict):
         return {"__items__": [[k, split_tensors(v, tensors)[0]] for k, v in obj.items()]}, tensors
     if isinstance(obj, list | tuple):
