@@ -54,7 +54,13 @@ def _active() -> _Collectives:
     return _collectives
 
 
-def _topology(hvd: ModuleType) -> Topology:
+def _start(hvd: ModuleType, to_tensor: Callable[[np.ndarray], Any]) -> Topology:
+    """Initialise this framework's Horovod (with our defaults unless the user set them) and use it from now on."""
+    global _collectives
+    for key, value in HOROVOD_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    hvd.init()
+    _collectives = _Collectives(hvd, to_tensor)
     return Topology(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size())
 
 
@@ -64,15 +70,10 @@ def _cores_per_worker(local_size: int) -> int:
 
 def init_torch() -> Topology:
     """Start Horovod for PyTorch and give each worker its share of the CPU cores."""
-    global _collectives
-    for key, value in HOROVOD_DEFAULTS.items():
-        os.environ.setdefault(key, value)
     import horovod.torch as hvd
     import torch
 
-    hvd.init()
-    _collectives = _Collectives(hvd, lambda a: torch.from_numpy(np.ascontiguousarray(a)))
-    topology = _topology(hvd)
+    topology = _start(hvd, lambda a: torch.from_numpy(np.ascontiguousarray(a)))
     if torch.cuda.is_available():
         torch.cuda.set_device(topology.local_rank)
     if "OMP_NUM_THREADS" not in os.environ:
@@ -82,15 +83,10 @@ def init_torch() -> Topology:
 
 def init_tf() -> Topology:
     """Start Horovod for TensorFlow: one GPU per worker when there are GPUs, else a share of the cores."""
-    global _collectives
-    for key, value in HOROVOD_DEFAULTS.items():
-        os.environ.setdefault(key, value)
     import horovod.tensorflow as hvd
     import tensorflow as tf
 
-    hvd.init()
-    _collectives = _Collectives(hvd, lambda a: tf.constant(np.ascontiguousarray(a)))
-    topology = _topology(hvd)
+    topology = _start(hvd, lambda a: tf.constant(np.ascontiguousarray(a)))
     gpus = tf.config.list_physical_devices("GPU")
     if gpus:
         tf.config.experimental.set_memory_growth(gpus[topology.local_rank], True)

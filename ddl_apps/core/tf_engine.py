@@ -16,29 +16,13 @@ import numpy as np
 import tensorflow as tf
 
 from ddl_apps.core import dist, sharding
-from ddl_apps.core.engine import Engine, evaluate_exported, run_training
+from ddl_apps.core.engine import ColumnSource, Engine, evaluate_exported, run_training
 from ddl_apps.core.rundir import MODEL_DIR
 from ddl_apps.errors import CheckpointError
 from ddl_apps.recipe import OptimConfig, Recipe
 
 KERAS_WEIGHTS = "model.weights.h5"
 TF_STATE = "state"  # checkpoint prefix: state.index, state.data-*
-
-
-class ArraySource:
-    """Equal-length numpy arrays served by index. For training a Keras task, `x` and `y` feed model.fit."""
-
-    def __init__(self, **columns: np.ndarray):
-        lengths = {len(c) for c in columns.values()}
-        if len(lengths) != 1:
-            raise ValueError(f"columns differ in length: { {k: len(v) for k, v in columns.items()} }")
-        self.columns = columns
-
-    def __len__(self) -> int:
-        return len(next(iter(self.columns.values())))
-
-    def take(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-        return {k: v[indices] for k, v in self.columns.items()}
 
 
 @keras.saving.register_keras_serializable(package="ddl_apps")
@@ -162,4 +146,4 @@ def evaluate_run(recipe: Recipe, run_dir: Path) -> dict[str, float]:
     return evaluate_exported(recipe, run_dir, KerasEngine)
 
 
-__all__ = ["ArraySource", "KerasEngine", "MODEL_DIR", "save_weights", "train", "evaluate_run"]
+__all__ = ["ColumnSource", "KerasEngine", "MODEL_DIR", "save_weights", "train", "evaluate_run"]

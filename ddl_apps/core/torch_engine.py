@@ -12,28 +12,11 @@ from safetensors.torch import load_file, save_file
 
 from ddl_apps.core import checkpoint as ckpt
 from ddl_apps.core import dist, rundir, sharding
-from ddl_apps.core.engine import BatchSource, Engine, evaluate_exported, run_training
+from ddl_apps.core.engine import ColumnSource, Engine, evaluate_exported, run_training
 from ddl_apps.errors import CheckpointError
 from ddl_apps.recipe import OptimConfig, Recipe
 
 Batch = dict[str, torch.Tensor]
-
-
-class TensorSource:
-    """Equal-length tensors (columns) served by index: the fast path for tabular and fixed-size data."""
-
-    def __init__(self, **columns: torch.Tensor):
-        lengths = {len(c) for c in columns.values()}
-        if len(lengths) != 1:
-            raise ValueError(f"columns differ in length: { {k: len(v) for k, v in columns.items()} }")
-        self.columns = columns
-
-    def __len__(self) -> int:
-        return len(next(iter(self.columns.values())))
-
-    def take(self, indices: np.ndarray) -> Batch:
-        index = torch.from_numpy(np.asarray(indices, dtype=np.int64))
-        return {k: v[index] for k, v in self.columns.items()}
 
 
 def make_optimizer(optim: OptimConfig, params, lr: float) -> torch.optim.Optimizer:
@@ -184,4 +167,4 @@ def evaluate_run(recipe: Recipe, run_dir: Path) -> dict[str, float]:
     return evaluate_exported(recipe, run_dir, TorchEngine)
 
 
-__all__ = ["BatchSource", "TensorSource", "TorchEngine", "load_weights", "save_weights", "train", "evaluate_run"]
+__all__ = ["ColumnSource", "TorchEngine", "load_weights", "save_weights", "train", "evaluate_run"]

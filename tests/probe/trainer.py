@@ -7,23 +7,40 @@ import torch
 
 from ddl_apps.core import torch_engine
 from ddl_apps.core.rundir import MODEL_WEIGHTS
-from ddl_apps.core.torch_engine import TensorSource, save_weights
+from ddl_apps.core.torch_engine import ColumnSource, save_weights
 
 ENGINE = torch_engine
 
 
-class DigitsTask:
-    def __init__(self, recipe):
-        from sklearn.datasets import load_digits
+def digits(recipe) -> tuple[dict, dict]:
+    """scikit-learn's digits scaled to [0, 1]: (train, valid) columns x (float32) and y (int64)."""
+    from sklearn.datasets import load_digits
 
-        x, y = load_digits(return_X_y=True)
-        x = torch.tensor(x / 16.0, dtype=torch.float32)
-        y = torch.tensor(y, dtype=torch.int64)
-        n = recipe.data.train_examples
+    x, y = load_digits(return_X_y=True)
+    x, n = (x / 16.0).astype(np.float32), recipe.data.train_examples
+    return {"x": x[:n], "y": y[:n]}, {"x": x[n:], "y": y[n:]}
+
+
+class DigitsTask:
+    """What both probe trainers share: data, metrics and the (absent) extra report."""
+
+    def __init__(self, recipe, to_column=lambda a: a):
+        train, valid = digits(recipe)
         self.hidden = recipe.model.hidden
-        self.train = TensorSource(x=x[:n], y=y[:n])
-        self.valid = TensorSource(x=x[n:], y=y[n:])
+        self.train = ColumnSource(**{k: to_column(v) for k, v in train.items()})
+        self.valid = ColumnSource(**{k: to_column(v) for k, v in valid.items()})
         self.test = None
+
+    def metrics(self, outputs):
+        return {"accuracy": float(np.mean(outputs["pred"] == outputs["y"])), "examples": float(len(outputs["y"]))}
+
+    def report(self):
+        return {}
+
+
+class TorchDigitsTask(DigitsTask):
+    def __init__(self, recipe):
+        super().__init__(recipe, torch.from_numpy)
 
     def build_model(self):
         return torch.nn.Sequential(torch.nn.Linear(64, self.hidden), torch.nn.Tanh(), torch.nn.Linear(self.hidden, 10))
@@ -34,16 +51,10 @@ class DigitsTask:
     def predict(self, model, batch):
         return {"pred": model(batch["x"]).argmax(1), "y": batch["y"]}
 
-    def metrics(self, outputs):
-        return {"accuracy": float(np.mean(outputs["pred"] == outputs["y"])), "examples": float(len(outputs["y"]))}
-
     def export(self, model, model_dir: Path):
         model_dir.mkdir(parents=True, exist_ok=True)
         save_weights(model, model_dir / MODEL_WEIGHTS)
 
-    def report(self):
-        return {}
-
 
 def build_task(recipe, topology):
-    return DigitsTask(recipe)
+    return TorchDigitsTask(recipe)

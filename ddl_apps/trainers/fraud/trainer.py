@@ -16,7 +16,7 @@ from ddl_apps.core import torch_engine
 from ddl_apps.core.dist import Topology, on_root
 from ddl_apps.core.rundir import MODEL_DIR
 from ddl_apps.core.rundir import MODEL_WEIGHTS as WEIGHTS
-from ddl_apps.core.torch_engine import Batch, TensorSource, load_weights, save_weights
+from ddl_apps.core.torch_engine import Batch, ColumnSource, load_weights, save_weights
 from ddl_apps.errors import CheckpointError, DataError
 from ddl_apps.recipe import Recipe
 from ddl_apps.trainers.fraud import data
@@ -40,9 +40,9 @@ def fraud_metrics(label: np.ndarray, score: np.ndarray) -> dict[str, float]:
     }
 
 
-def to_source(pre: data.Preprocessor, frame: pd.DataFrame, label: np.ndarray) -> TensorSource:
+def to_source(pre: data.Preprocessor, frame: pd.DataFrame, label: np.ndarray) -> ColumnSource:
     numeric, categories = pre.transform(frame)
-    return TensorSource(numeric=torch.from_numpy(numeric), categories=torch.from_numpy(categories),
+    return ColumnSource(numeric=torch.from_numpy(numeric), categories=torch.from_numpy(categories),
                         label=torch.from_numpy(label))
 
 
@@ -91,7 +91,7 @@ class FraudTask:
             return {}
         from sklearn.ensemble import HistGradientBoostingClassifier
 
-        def features(source: TensorSource) -> np.ndarray:
+        def features(source: ColumnSource) -> np.ndarray:
             return np.hstack([source.columns["numeric"].numpy(), source.columns["categories"].numpy()])
 
         is_categorical = [False] * self.preprocessor.num_features + [c <= 255 for c in self.preprocessor.cardinalities]
