@@ -100,7 +100,7 @@ def latest_valid(root: Path, warn: Callable[[str], None] = print) -> Path | None
     return None
 
 
-# Nested state (dicts with any keys, lists, tensors, numbers) <-> a JSON skeleton plus a flat tensor dict.
+# Nested state (dicts with any keys, lists, tuples, tensors, numbers) <-> a JSON skeleton plus a flat tensor dict.
 def split_tensors(obj: Any, tensors: dict[str, torch.Tensor] | None = None) -> tuple[Any, dict[str, torch.Tensor]]:
     tensors = {} if tensors is None else tensors
     if isinstance(obj, torch.Tensor):
@@ -111,7 +111,9 @@ def split_tensors(obj: Any, tensors: dict[str, torch.Tensor] | None = None) -> t
         return split_tensors(torch.from_numpy(np.array(obj)), tensors)  # a copy: gathered arrays are read-only
     if isinstance(obj, dict):
         return {"__items__": [[k, split_tensors(v, tensors)[0]] for k, v in obj.items()]}, tensors
-    if isinstance(obj, list | tuple):
+    if isinstance(obj, tuple):
+        return {"__tuple__": [split_tensors(v, tensors)[0] for v in obj]}, tensors
+    if isinstance(obj, list):
         return [split_tensors(v, tensors)[0] for v in obj], tensors
     if isinstance(obj, np.generic):
         return obj.item(), tensors
@@ -121,6 +123,8 @@ def split_tensors(obj: Any, tensors: dict[str, torch.Tensor] | None = None) -> t
 def join_tensors(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
     if isinstance(skeleton, dict) and "__tensor__" in skeleton:
         return tensors[skeleton["__tensor__"]]
+    if isinstance(skeleton, dict) and "__tuple__" in skeleton:
+        return tuple(join_tensors(v, tensors) for v in skeleton["__tuple__"])
     if isinstance(skeleton, dict):
         return {k: join_tensors(v, tensors) for k, v in skeleton["__items__"]}
     if isinstance(skeleton, list):
