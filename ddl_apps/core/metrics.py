@@ -42,8 +42,12 @@ class RunLog(SilentLog):
         self._progress: Progress | None = None
         self._task = None
         self._last_print = 0.0
+        self._total = self._done = self._started_at = 0
+        self._start_time = time.monotonic()
 
     def start(self, total_steps: int, done_steps: int = 0) -> None:
+        self._total, self._done, self._started_at = total_steps, done_steps, done_steps
+        self._start_time = time.monotonic()
         if not self._show_progress:
             return
         self._progress = Progress(
@@ -54,6 +58,7 @@ class RunLog(SilentLog):
         self._task = self._progress.add_task("train", total=total_steps, completed=done_steps, info="")
 
     def advance(self, steps: int = 1) -> None:
+        self._done += steps
         if self._progress is not None:
             self._progress.advance(self._task, steps)
 
@@ -63,9 +68,14 @@ class RunLog(SilentLog):
         info = "  ".join(f"{k} {_fmt(v)}" for k, v in values.items())
         if self._progress is not None:
             self._progress.update(self._task, info=info)
-        elif time.monotonic() - self._last_print > 5:  # no terminal: a plain line now and then
+        elif time.monotonic() - self._last_print > 5:  # no terminal (e.g. under horovodrun): a line now and then
             self._last_print = time.monotonic()
-            self.console.print(f"step {step}  {info}", highlight=False)
+            self.console.print(f"step {step}/{self._total}  {info}  eta {self._eta()}", highlight=False)
+
+    def _eta(self) -> str:
+        rate = (self._done - self._started_at) / max(1e-9, time.monotonic() - self._start_time)
+        seconds = int((self._total - self._done) / rate) if rate > 0 else 0
+        return f"{seconds // 60}:{seconds % 60:02d}"
 
     def record(self, split: str, step: int, values: dict[str, float]) -> None:
         self._jsonl.write(json.dumps({"split": split, "step": step, "time": round(time.time(), 3), **values}) + "\n")
@@ -89,6 +99,8 @@ class RunLog(SilentLog):
 
 
 def _fmt(value: float) -> str:
+    if isinstance(value, float) and abs(value) >= 1000:
+        return f"{value:,.0f}"
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
