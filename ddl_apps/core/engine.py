@@ -61,6 +61,7 @@ class Task(Protocol):
     def metrics(self, outputs: dict[str, np.ndarray]) -> dict[str, float]: ...
     def export(self, model: Any, model_dir: Path) -> None: ...
     def report(self) -> dict[str, dict[str, float]]: ...
+    # optional: write_artifacts(run_dir, outputs) with the final split's gathered predictions (rank 0)
 
 
 @dataclass
@@ -262,6 +263,8 @@ class Engine(ABC):
             self.log.record(split, self.progress.step, metrics)
             if self.topo.is_root:
                 np.savez(self.run_dir / f"{split}_outputs.npz", **outputs)
+                if hasattr(self.task, "write_artifacts"):  # e.g. a confusion-matrix plot
+                    self.task.write_artifacts(self.run_dir, outputs)
                 self.task.export(self.model, self.run_dir / rundir.MODEL_DIR)
                 results.update(self.task.report())
                 summary = {"results": results, "steps": self.progress.step, "workers": self.topo.size,

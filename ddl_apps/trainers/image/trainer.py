@@ -1,0 +1,117 @@
+"""Image trainer: data, model, loss, augmentation and metrics for the Keras engine, plus `ddl predict` on images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from ddl_apps.core import tf_engine
+from ddl_apps.core.dist import Topology
+from ddl_apps.core.rundir import MODEL_DIR
+from ddl_apps.core.tf_engine import ColumnSource, save_weights
+from ddl_apps.errors import CheckpointError, DataError
+from ddl_apps.recipe import Recipe
+from ddl_apps.trainers.image import data
+from ddl_apps.trainers.image.model import small_resnet
+
+ENGINE = tf_engine
+KERAS_FILE, SAVED_MODEL, LABELS = "model.keras", "saved_model", "labels.json"
+CONFUSION_PNG, PER_CLASS_JSON = "confusion_matrix.png", "per_class_accuracy.json"
+
+
+def per_class_accuracy(y: np.ndarray, pred: np.ndarray, classes: int) -> np.ndarray:
+    return np.array([np.mean(pred[y == c] == c) if np.any(y == c) else np.nan for c in range(classes)])
+
+
+class ImageTask:
+    loss = "sparse_categorical_crossentropy"
+
+    def __init__(self, recipe: Recipe, splits: dict[str, data.Images]):
+        self.data_cfg, self.model_cfg = recipe.data, recipe.model
+        self.classes = splits["train"].classes
+        self.train, self.valid, self.test = (ColumnSource(x=s.x, y=s.y) for s in splits.values())
+        cfg = self.data_cfg
+        self._augmentation = keras.Sequential([
+            keras.layers.RandomTranslation(cfg.shift, cfg.shift, fill_mode="constant"),
+            keras.layers.RandomRotation(cfg.rotation, fill_mode="constant"),
+            keras.layers.RandomZoom(cfg.zoom, fill_mode="constant"),
+        ])
+
+    def build_model(self) -> keras.Model:
+        size, m = self.data_cfg.image_size, self.model_cfg
+        return small_resnet((size, size, self.data_cfg.channels), len(self.classes), m.width, m.blocks, m.dropout)
+
+    def augment(self, x, y):
+        """Random shifts, rotations and zooms of a training batch (in the tf.data pipeline)."""
+        return self._augmentation(x, training=True), y
+
+    def predict(self, model: keras.Model, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        probabilities = np.asarray(model(batch["x"], training=False))
+        return {"pred": probabilities.argmax(1), "probability": probabilities.max(1), "y": batch["y"]}
+
+    def metrics(self, outputs: dict[str, np.ndarray]) -> dict[str, float]:
+        per_class = per_class_accuracy(outputs["y"], outputs["pred"], len(self.classes))
+        return {"accuracy": float(np.mean(outputs["pred"] == outputs["y"])),
+                "worst_class_accuracy": float(np.nanmin(per_class))}
+
+    def write_artifacts(self, run_dir: Path, outputs: dict[str, np.ndarray]) -> None:
+        """Per-class accuracy (JSON) and the confusion matrix (PNG) of the final evaluation."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from sklearn.metrics import ConfusionMatrixDisplay
+
+        per_class = per_class_accuracy(outputs["y"], outputs["pred"], len(self.classes))
+        (run_dir / PER_CLASS_JSON).write_text(json.dumps(dict(zip(self.classes, per_class.tolist(), strict=True))))
+        fig, ax = plt.subplots(figsize=(1.2 + 0.55 * len(self.classes),) * 2)
+        ConfusionMatrixDisplay.from_predictions(outputs["y"], outputs["pred"], labels=range(len(self.classes)),
+                                                display_labels=self.classes, ax=ax, colorbar=False)
+        ax.set_title(f"test accuracy {np.mean(outputs['pred'] == outputs['y']):.4f}")
+        fig.tight_layout()
+        fig.savefig(run_dir / CONFUSION_PNG, dpi=90)
+        plt.close(fig)
+
+    def export(self, model: keras.Model, model_dir: Path) -> None:
+        save_weights(model, model_dir)
+        model.save(model_dir / KERAS_FILE)
+        model.export(str(model_dir / SAVED_MODEL), format="tf_saved_model", verbose=False)
+        cfg = self.data_cfg
+        (model_dir / LABELS).write_text(json.dumps({"classes": self.classes, "image_size": cfg.image_size,
+                                                    "channels": cfg.channels}))
+
+    def report(self) -> dict[str, dict[str, float]]:
+        return {}
+
+
+def build_task(recipe: Recipe, topology: Topology) -> ImageTask:
+    return ImageTask(recipe, data.stratified_splits(data.read_images(recipe.data), recipe.data, recipe.run.seed))
+
+
+def classify_files(model_dir: Path, files: list[Path]) -> list[tuple[str, float]]:
+    """(class name, probability) for each image file, with the exported .keras model (safe mode: no code)."""
+    try:
+        labels = json.loads((model_dir / LABELS).read_text())
+        model = keras.saving.load_model(model_dir / KERAS_FILE, compile=False, safe_mode=True)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"no usable exported model in {model_dir} ({e}); did the run finish?") from None
+    images = data.load_image_files(files, labels["image_size"], labels["channels"])
+    probabilities = np.asarray(model(data.to_model_input(images, labels["image_size"], labels["channels"]),
+                                     training=False))
+    return [(labels["classes"][i], float(p[i])) for p, i in zip(probabilities, probabilities.argmax(1), strict=True)]
+
+
+def predict_cli(run_dir: Path, inputs: list[str], output: Path | None) -> None:
+    """`ddl predict RUN_DIR image.png ...`: prints file, class and probability, one line each."""
+    files = [Path(f) for f in inputs]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise DataError(f"no such image file: {', '.join(missing)}")
+    lines = [f"{f}\t{name}\t{p:.4f}" for f, (name, p) in zip(files, classify_files(run_dir / MODEL_DIR, files),
+                                                              strict=True)]
+    print("\n".join(lines))
+    if output is not None:
+        output.write_text("file\tclass\tprobability\n" + "\n".join(lines) + "\n")

@@ -1,0 +1,89 @@
+"""Issue 6: the image trainer on the Keras engine: runs, artifacts, prediction, and bring-your-own images."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ddl_apps.core.rundir import load_run_recipe
+from ddl_apps.trainers.image import data
+from tests.engine_runs import ddl, summary, train
+
+SLICE = ("data.limit=600", "optim.epochs=1", "optim.batch_size=32", "model.width=8", "run.log_every=5")
+
+
+def save_png(array: np.ndarray, path):
+    pixels = np.round(array * 255).astype(np.uint8)
+    Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(path)
+
+
+@pytest.mark.distributed
+def test_two_workers_artifacts_and_predict_agrees_with_evaluation(tmp_path):
+    run = train(tmp_path / "run", *SLICE, np=2, recipe="image_resnet")
+    result = summary(run)
+    assert len(set(result["weights_sha256_by_rank"])) == 1 and len(result["weights_sha256_by_rank"]) == 2
+    assert 0 <= result["results"]["model (test)"]["accuracy"] <= 1
+    for name in ("confusion_matrix.png", "per_class_accuracy.json", "curves.png", "model/model.keras",
+                 "model/saved_model/saved_model.pb", "model/model.weights.h5", "model/labels.json"):
+        assert (run / name).exists(), name
+    assert sorted(json.loads((run / "per_class_accuracy.json").read_text())) == [str(d) for d in range(10)]
+
+    recipe = load_run_recipe(run)
+    test = data.stratified_splits(data.read_images(recipe.data), recipe.data, recipe.run.seed)["test"]
+    files = []
+    for i in range(40):
+        save_png(test.x[i], tmp_path / f"{i}.png")
+        files.append(str(tmp_path / f"{i}.png"))
+    printed = ddl("predict", str(run), *files)
+    assert printed.returncode == 0, printed.stderr
+    predicted = [int(line.split("\t")[1]) for line in printed.stdout.splitlines()]
+    evaluated = np.load(run / "test_outputs.npz")
+    assert predicted == evaluated["pred"][:40].tolist()
+    metrics = json.loads(ddl("eval", str(run)).stdout)
+    assert metrics["accuracy"] == pytest.approx(result["results"]["model (test)"]["accuracy"])
+
+
+def shapes_folder(root, per_class=24, size=20):
+    """Three classes of generated RGB pictures: horizontal bars, vertical bars, squares."""
+    rng = np.random.default_rng(0)
+    for name in ("horizontal", "vertical", "square"):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            image = rng.uniform(0, 0.2, (size, size, 3))
+            a, b = rng.integers(2, size - 8, 2)
+            if name == "horizontal":
+                image[a : a + 3, 2:-2] = 1
+            elif name == "vertical":
+                image[2:-2, b : b + 3] = 1
+            else:
+                image[a : a + 7, b : b + 7] = 1
+            save_png(image, root / name / f"{i}.png")
+
+
+def test_bring_your_own_folder_trains_and_predicts(tmp_path):
+    shapes_folder(tmp_path / "shapes")
+    run = train(tmp_path / "run", f"data.source={tmp_path / 'shapes'}", "data.image_size=16", "data.channels=3",
+                "data.test_fraction=0.25", "optim.epochs=3", "optim.batch_size=8", "model.width=8",
+                "run.log_every=5", recipe="image_resnet")
+    printed = ddl("predict", str(run), str(tmp_path / "shapes" / "square" / "0.png"))
+    assert printed.returncode == 0, printed.stderr
+    assert printed.stdout.split("\t")[1] in ("horizontal", "square", "vertical")
+
+
+def test_corrupt_image_is_named_and_nothing_is_written(tmp_path):
+    shapes_folder(tmp_path / "shapes", per_class=4)
+    (tmp_path / "shapes" / "square" / "broken.png").write_bytes(b"\x89PNG not really")
+    result = ddl("train", "image_resnet", f"data.source={tmp_path / 'shapes'}", f"run.dir={tmp_path / 'run'}")
+    assert result.returncode == 2 and "broken.png" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_npz_source_and_its_errors(tmp_path):
+    x = np.random.default_rng(0).integers(0, 255, (30, 12, 12), dtype=np.uint8)
+    np.savez(tmp_path / "ok.npz", x=x, y=np.repeat([3, 7, 9], 10))
+    images = data.read_images(data.DataConfig(source=str(tmp_path / "ok.npz"), image_size=16))
+    assert images.x.shape == (30, 16, 16, 1) and images.classes == ["3", "7", "9"] and images.y.max() == 2
+    np.savez(tmp_path / "bad.npz", images=x)
+    with pytest.raises(data.DataError, match="arrays named 'x'"):
+        data.read_images(data.DataConfig(source=str(tmp_path / "bad.npz")))
