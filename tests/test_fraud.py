@@ -111,3 +111,13 @@ def test_missing_data_file_and_unreadable_model(tmp_path):
     assert result.returncode == 2 and "does not exist" in result.stderr
     result = ddl("predict", str(tmp_path), "x.csv", "-o", "y.csv")
     assert result.returncode == 2 and "not a run directory" in result.stderr
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("controller", ["--gloo", "--mpi"])
+def test_a_worker_error_reaches_the_user_as_is(controller, tmp_path):
+    result = ddl("train", "fraud_mlp", "-np", "2", controller, f"data.source={tmp_path / 'none.csv'}",
+                 f"run.dir={tmp_path / 'run'}")
+    assert result.returncode == 2
+    assert "does not exist; set data.source" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()

@@ -45,7 +45,10 @@ def horovodrun_command(
 
 # horovodrun tags every line with its rank ("[0]<stderr>:" with Gloo, "[1,0]<stderr>:" with MPI). Only rank 0
 # prints in normal operation, so its tag is noise; other ranks' lines (errors) keep theirs.
+RANK_TAG = re.compile(r"^\[(?:\d+,)?\d+\]<std(?:out|err)>:")
 RANK0_TAG = re.compile(r"^\[(?:\d+,)?0\]<std(?:out|err)>:")
+# How horovodrun (Gloo) and mpirun name the exit code of the first worker that failed.
+WORKER_EXIT = re.compile(r"Exit code:\s+(\d+)")
 
 
 def run_horovod(
@@ -58,13 +61,30 @@ def run_horovod(
     timeout: float | None = None,
     capture: bool = False,
 ) -> subprocess.CompletedProcess:
-    """Launch COMMAND on N Horovod workers and wait for it: output captured, or shown on stderr."""
+    """Launch COMMAND on N Horovod workers and wait for it: output captured, or shown on stderr.
+
+    When shown: when a worker fails, its own message is what the user needs, so horovodrun's Python traceback
+    about it is left out, and the exit code is the worker's (2 for an error in the user's input)."""
     argv = horovodrun_command(command, np, controller, hosts, hostfile)
     full_env = {**os.environ, **(env or {})}
     if capture:
         return subprocess.run(argv, env=full_env, timeout=timeout, text=True, capture_output=True, check=False)
+    launcher_traceback: list[str] = []
+    worker_exit = None
     with subprocess.Popen(argv, env=full_env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
         for line in proc.stdout:
+            if not RANK_TAG.match(line):  # horovodrun's (or mpirun's) own line
+                found = WORKER_EXIT.search(line)
+                if found and worker_exit is None:
+                    worker_exit = int(found.group(1))
+                if launcher_traceback or line.startswith("Traceback (most recent call last):"):
+                    launcher_traceback.append(line)
+                    continue
             sys.stderr.write(RANK0_TAG.sub("", line))
         returncode = proc.wait(timeout=timeout)
+    if returncode != 0 and worker_exit:
+        sys.stderr.write(f"a worker exited with code {worker_exit}; its message is above\n")
+        returncode = worker_exit
+    else:
+        sys.stderr.writelines(launcher_traceback)  # a failure of the launcher itself: show all of it
     return subprocess.CompletedProcess(argv, returncode)
