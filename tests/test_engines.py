@@ -63,3 +63,10 @@ def test_stop_and_resume_gives_the_uninterrupted_weights(engine, two_workers, tm
     assert not (run / "model").exists()
     train(run, "optim.batch_size=32", np=2, flags=(controller, "--resume"), recipe=recipe)
     np.testing.assert_allclose(final_weights(run), final_weights(two_workers), rtol=0, atol=1e-6)
+
+
+def test_bf16_mixed_precision_trains(engine, reference, tmp_path):
+    """bf16 autocast (PyTorch) / mixed_bfloat16 policy (Keras): one process learns as well as fp32, within 3 points."""
+    run = train(tmp_path / "run", "optim.batch_size=64", "run.precision=bf16", recipe=PROBES[engine])
+    accuracy = {r: summary(r)["results"]["model (valid)"]["accuracy"] for r in (run, reference)}
+    assert abs(accuracy[run] - accuracy[reference]) <= 0.03, accuracy
