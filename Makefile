@@ -1,6 +1,5 @@
 # ddl_apps: `make demo` sets up and runs the main job; `make test` sets up and runs the tests.
 VENV ?= .venv
-PY := $(VENV)/bin/python
 export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 export TF_CPP_MIN_LOG_LEVEL := 2

@@ -109,8 +109,7 @@ install_horovod() {
     fi
     [ -f "$wheel" ] || build_horovod_wheel "$wheel"
     log "installing Horovod from $wheel"
-    "$VENV/bin/pip" install -q --no-deps --force-reinstall "$wheel"
-    "$VENV/bin/pip" install -q cloudpickle psutil pyyaml packaging cffi   # Horovod's runtime dependencies
+    "$VENV/bin/pip" install -q --no-deps --force-reinstall "$wheel"   # its dependencies are in pyproject.toml
     local site
     site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
     for p in $(find "$PATCHES/python" -name '*.patch' | sort); do

@@ -16,9 +16,6 @@ from typing import Any
 
 import numpy as np
 
-# Set before Horovod initialises, unless the user chose otherwise.
-HOROVOD_DEFAULTS: dict[str, str] = {}
-
 
 @dataclass(frozen=True)
 class Topology:
@@ -55,10 +52,8 @@ def _active() -> _Collectives:
 
 
 def _start(hvd: ModuleType, to_tensor: Callable[[np.ndarray], Any]) -> Topology:
-    """Initialise this framework's Horovod (with our defaults unless the user set them) and use it from now on."""
+    """Initialise this framework's Horovod and use it for the collectives from now on."""
     global _collectives
-    for key, value in HOROVOD_DEFAULTS.items():
-        os.environ.setdefault(key, value)
     hvd.init()
     _collectives = _Collectives(hvd, to_tensor)
     return Topology(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size())

@@ -50,7 +50,9 @@ class ColumnSource:
 
 
 class Task(Protocol):
-    """What a trainer supplies. `predict` returns per-example arrays; `metrics` sees the whole split."""
+    """What a trainer supplies. `predict` returns per-example arrays; `metrics` sees the whole split.
+    Besides: for the PyTorch engine, `loss(model, batch)` -> scalar tensor; for the Keras engine, `loss` (a Keras
+    loss), `x` and `y` columns in `train`, and optionally `augment(x, y)` for the tf.data pipeline."""
 
     train: BatchSource
     valid: BatchSource
