@@ -24,6 +24,7 @@ EXPECTED = [
     "ok LearningRateWarmupCallback reaches 0.02 at epoch 2",
     "ok MetricAverageCallback logs the mean of the ranks' metrics",
     "ok SyncBatchNormalization uses the statistics of the combined batch",
+    "ok SyncBatchNormalization layers get unique names",
     "all keras3 checks passed",
 ]
 

@@ -200,6 +200,9 @@ def check_sync_batch_norm():
     np.testing.assert_allclose(out, (data[mine] - mean) / np.sqrt(var), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(keras.ops.convert_to_numpy(layer.moving_mean), mean, rtol=1e-5, atol=1e-5)
     ok("SyncBatchNormalization uses the statistics of the combined batch")
+    stacked = keras.Sequential([keras.Input((3,)), hvd.SyncBatchNormalization(), hvd.SyncBatchNormalization()])
+    assert len({layer.name for layer in stacked.layers}) == 2
+    ok("SyncBatchNormalization layers get unique names")
 
 
 for check in sys.argv[1:] or ["broadcast_variables", "gradient_tape", "keras_distributed_optimizer",
