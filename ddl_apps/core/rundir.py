@@ -14,7 +14,6 @@ from ddl_apps.recipe import Recipe
 CONFIG_FILE = "config.yaml"
 CHECKPOINTS = "checkpoints"
 MODEL_DIR = "model"
-MODEL_WEIGHTS = "model.safetensors"  # PyTorch trainers export their weights under this name
 SUMMARY_FILE = "summary.json"
 
 

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ddl_apps.core import checkpoint as ckpt
-from ddl_apps.core import dist, rundir, sharding
+from ddl_apps.core import dist, sharding
 from ddl_apps.core.engine import ColumnSource, Engine, evaluate_exported, run_training
 from ddl_apps.errors import CheckpointError
 from ddl_apps.recipe import OptimConfig, Recipe
@@ -27,16 +27,21 @@ def make_optimizer(optim: OptimConfig, params, lr: float) -> torch.optim.Optimiz
     return torch.optim.AdamW(params, lr=lr, weight_decay=optim.weight_decay)
 
 
-def load_weights(model: torch.nn.Module, path: Path) -> None:
-    """Load safetensors weights (no pickle), with a clear error when the file does not fit the model."""
+WEIGHTS = "model.safetensors"  # in an exported model's folder and in every checkpoint
+
+
+def save_weights(model: torch.nn.Module, folder: Path) -> None:
+    """The weights, as safetensors, in `folder` (an exported model's, or a checkpoint's)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(folder / WEIGHTS))
+
+
+def load_weights(model: torch.nn.Module, folder: Path) -> None:
+    """Load what save_weights wrote (no pickle), with a clear error when it does not fit the model."""
     try:
-        model.load_state_dict(load_file(str(path)))
+        model.load_state_dict(load_file(str(folder / WEIGHTS)))
     except (OSError, RuntimeError, ValueError) as e:
-        raise CheckpointError(f"cannot load weights from {path}: {e}") from None
-
-
-def save_weights(model: torch.nn.Module, path: Path) -> None:
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path))
+        raise CheckpointError(f"cannot load weights from {folder / WEIGHTS}: {e}") from None
 
 
 class TorchEngine(Engine):
@@ -134,7 +139,7 @@ class TorchEngine(Engine):
         torch.set_rng_state(torch.from_numpy(state.astype(np.uint8)))
 
     def write_state(self, folder: Path) -> None:
-        save_weights(self.model, folder / "model.safetensors")
+        save_weights(self.model, folder)
         ckpt.save_state(folder, "training", {
             "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
@@ -143,7 +148,7 @@ class TorchEngine(Engine):
 
     def restore_state(self, checkpoint: Path | None) -> None:
         def read() -> dict:
-            return {"model": load_file(str(checkpoint / "model.safetensors")),
+            return {"model": load_file(str(checkpoint / WEIGHTS)),
                     "training": ckpt.load_state(checkpoint, "training")}
 
         state = dist.on_root(read)  # rank 0 reads; every rank gets the same state
@@ -155,7 +160,7 @@ class TorchEngine(Engine):
             self.scaler.load_state_dict(training["scaler"])
 
     def load_exported(self, model_dir: Path) -> None:
-        load_weights(self.model, model_dir / rundir.MODEL_WEIGHTS)
+        load_weights(self.model, model_dir)
 
 
 def train(recipe: Recipe, resume: bool = False) -> Path:

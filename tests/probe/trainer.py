@@ -6,7 +6,6 @@ import numpy as np
 import torch
 
 from ddl_apps.core import torch_engine
-from ddl_apps.core.rundir import MODEL_WEIGHTS
 from ddl_apps.core.torch_engine import ColumnSource, save_weights
 
 ENGINE = torch_engine
@@ -52,8 +51,7 @@ class TorchDigitsTask(DigitsTask):
         return {"pred": model(batch["x"]).argmax(1), "y": batch["y"]}
 
     def export(self, model, model_dir: Path):
-        model_dir.mkdir(parents=True, exist_ok=True)
-        save_weights(model, model_dir / MODEL_WEIGHTS)
+        save_weights(model, model_dir)
 
 
 def build_task(recipe, topology):

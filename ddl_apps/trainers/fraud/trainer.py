@@ -15,7 +15,6 @@ from threadpoolctl import threadpool_limits
 from ddl_apps.core import torch_engine
 from ddl_apps.core.dist import Topology, on_root
 from ddl_apps.core.rundir import MODEL_DIR
-from ddl_apps.core.rundir import MODEL_WEIGHTS as WEIGHTS
 from ddl_apps.core.torch_engine import Batch, ColumnSource, load_weights, save_weights
 from ddl_apps.errors import CheckpointError, DataError
 from ddl_apps.recipe import Recipe
@@ -80,8 +79,7 @@ class FraudTask:
         return fraud_metrics(outputs["label"], outputs["score"])
 
     def export(self, model: torch.nn.Module, model_dir: Path) -> None:
-        model_dir.mkdir(parents=True, exist_ok=True)
-        save_weights(model, model_dir / WEIGHTS)
+        save_weights(model, model_dir)
         self.preprocessor.save(model_dir / PREPROCESSING)
         (model_dir / ARCHITECTURE).write_text(json.dumps({**self.architecture(), **self.columns}))
 
@@ -120,7 +118,7 @@ def load_exported(model_dir: Path) -> tuple[TabularMLP, data.Preprocessor, dict]
         raise CheckpointError(f"no usable exported model in {model_dir} ({e}); did the run finish?") from None
     columns = {k: architecture.pop(k) for k in ("id", "label")}
     model = TabularMLP(**architecture)
-    load_weights(model, model_dir / WEIGHTS)
+    load_weights(model, model_dir)
     return model.eval(), data.Preprocessor.load(model_dir / PREPROCESSING), columns
 
 
