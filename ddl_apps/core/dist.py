@@ -44,6 +44,11 @@ class _Collectives:
 
 _collectives: _Collectives | None = None
 
+# Horovod settings the core ships; a value set in the environment wins. Horovod's background thread wakes every
+# HOROVOD_CYCLE_TIME ms (default 1) to negotiate; on a busy 2-core host at np=2, 1 ms made one Keras ResNet fit in
+# three take twice as long (10 steps: 10.2 s instead of 5.1 s); 5 ms gave 4.0-5.4 s with no such stalls.
+HOROVOD_DEFAULTS = {"HOROVOD_CYCLE_TIME": "5"}
+
 
 def _active() -> _Collectives:
     if _collectives is None:
@@ -54,6 +59,8 @@ def _active() -> _Collectives:
 def _start(hvd: ModuleType, to_tensor: Callable[[np.ndarray], Any]) -> Topology:
     """Initialise this framework's Horovod and use it for the collectives from now on."""
     global _collectives
+    for name, value in HOROVOD_DEFAULTS.items():
+        os.environ.setdefault(name, value)
     hvd.init()
     _collectives = _Collectives(hvd, to_tensor)
     return Topology(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size())

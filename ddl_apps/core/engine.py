@@ -26,7 +26,8 @@ from ddl_apps.recipe import OptimConfig, Recipe
 
 
 class BatchSource(Protocol):
-    """A split of a dataset: its length, and a batch for given example indices."""
+    """A split of a dataset: its length, and a batch for given example indices. A source may also have
+    `lengths` (one number per example): training batches are then bucketed by length."""
 
     def __len__(self) -> int: ...
     def take(self, indices: np.ndarray) -> dict[str, Any]: ...
@@ -78,6 +79,23 @@ class Progress:
 PROGRESS_FILE = "progress.json"
 
 
+@dataclass
+class Throughput:
+    """Training samples (all ranks) and seconds spent in training steps in this process: no evaluation,
+    checkpoints or start-up; the first steps' graph tracing or warm-up is included."""
+
+    samples: int = 0
+    seconds: float = 0.0
+
+    def add(self, samples: int, seconds: float) -> None:
+        self.samples += samples
+        self.seconds += seconds
+
+    def summary(self) -> dict[str, float]:
+        return {"samples": self.samples, "seconds": round(self.seconds, 2),
+                "samples_per_s": round(self.samples / self.seconds, 1) if self.seconds else 0.0}
+
+
 def scaled_lr(optim: OptimConfig, size: int, scale: bool) -> float:
     return optim.lr * (size * optim.accumulation if scale else 1)
 
@@ -109,6 +127,7 @@ class Engine(ABC):
             )
         self.total_steps = self.steps_per_epoch * optim.epochs
         self.progress = Progress()
+        self.throughput = Throughput()
 
     def lr_factor(self, step: int) -> float:
         optim = self.recipe.optim
@@ -166,10 +185,12 @@ class Engine(ABC):
         window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
         stopped = False
         while self.progress.epoch < optim.epochs and not stopped:
-            order = sharding.epoch_order(len(self.task.train), run.seed, self.progress.epoch)
+            order = self.epoch_order(global_batch)
             while self.progress.step_in_epoch < self.steps_per_epoch:
                 count = self._next_event()
+                started = time.perf_counter()
                 window_loss += self.run_steps(order, self.progress.step_in_epoch, count)
+                self.throughput.add(count * global_batch, time.perf_counter() - started)
                 window_steps += count
                 self.progress.step_in_epoch += count
                 self.progress.step += count
@@ -192,6 +213,14 @@ class Engine(ABC):
                     self.log.record("valid", self.progress.step, self.evaluate(self.task.valid)[0])
             self.save_checkpoint()
         return self.finish(complete=not stopped)
+
+    def epoch_order(self, global_batch: int) -> np.ndarray:
+        """This epoch's order of training examples; bucketed by length when the source has `lengths`."""
+        train, seed, epoch = self.task.train, self.recipe.run.seed, self.progress.epoch
+        lengths = getattr(train, "lengths", None)
+        if lengths is None:
+            return sharding.epoch_order(len(train), seed, epoch)
+        return sharding.bucketed_order(np.asarray(lengths), seed, epoch, global_batch)
 
     # ---- evaluation -----------------------------------------------------------------------------------
     def predict_split(self, source: BatchSource) -> dict[str, np.ndarray]:
@@ -255,6 +284,9 @@ class Engine(ABC):
 
     def finish(self, complete: bool) -> dict[str, dict[str, float]]:
         results: dict[str, dict[str, float]] = {}
+        done = self.throughput.summary()
+        self.log.message(f"trained {done['samples']:,} samples in {done['seconds']} s: {done['samples_per_s']} "
+                         f"samples/s on {self.topo.size} worker(s)")
         digests = self.weights_digest_by_rank()
         if len(set(digests)) > 1:
             self.log.message(f"[bold red]warning:[/] weights differ across ranks: {digests}")
@@ -270,7 +302,7 @@ class Engine(ABC):
                 self.task.export(self.model, self.run_dir / rundir.MODEL_DIR)
                 results.update(self.task.report())
                 summary = {"results": results, "steps": self.progress.step, "workers": self.topo.size,
-                           "weights_sha256_by_rank": digests}
+                           "training": self.throughput.summary(), "weights_sha256_by_rank": digests}
                 (self.run_dir / rundir.SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
         self.log.close(results)
         return results

@@ -58,6 +58,9 @@ class KerasEngine(Engine):
         policy = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}[recipe.run.precision]
         keras.mixed_precision.set_global_policy(policy)
         self.model = task.build_model()
+        # traced once: a fresh dataset.map per chunk then only wraps it, instead of re-tracing the augmentation
+        augment = getattr(task, "augment", None)
+        self._augment = tf.function(augment, reduce_retracing=True) if augment is not None else None
         if training:
             self._compile(recipe)
 
@@ -86,13 +89,25 @@ class KerasEngine(Engine):
         ])
         batch = self.task.train.take(indices)
         dataset = tf.data.Dataset.from_tensor_slices((batch["x"], batch["y"])).batch(optim.batch_size)
-        augment = getattr(self.task, "augment", None)  # a trainer's random augmentation, per batch
-        if augment is not None:
-            dataset = dataset.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+        if self._augment is not None:  # the trainer's random augmentation, per batch
+            dataset = dataset.map(self._augment, num_parallel_calls=tf.data.AUTOTUNE)
         dataset = dataset.prefetch(tf.data.AUTOTUNE)
         callbacks, self._first_fit_callbacks = self._first_fit_callbacks, []
         history = self.model.fit(dataset, epochs=1, verbose=0, shuffle=False, callbacks=callbacks)
+        self._average_statistics()
         return float(history.history["loss"][-1]) * count
+
+    def _average_statistics(self) -> None:
+        """Non-trainable weights (BatchNormalization's moving mean and variance) follow each rank's own batches;
+        averaging them after every chunk keeps the ranks' models identical, so every checkpoint, evaluation and
+        export sees the same weights (as with averaged BN statistics in Horovod's examples)."""
+        import horovod.tensorflow as hvd
+
+        statistics = [w for w in self.model.non_trainable_weights if w.dtype.startswith("float")]
+        if self.topo.size > 1 and statistics:
+            averaged = hvd.grouped_allreduce([w.value for w in statistics], op=hvd.Average)
+            for weight, value in zip(statistics, averaged, strict=True):
+                weight.assign(value)
 
     def current_lr(self) -> float:
         return float(self.schedule(self.optimizer.iterations))
