@@ -40,6 +40,8 @@ class DistConfig(Section):
     compression: Literal["none", "fp16"] = "none"
     controller: Literal["gloo", "mpi"] = "gloo"
     scale_lr: bool = Field(True, description="multiply lr by workers x accumulation")
+    cycle_time_ms: float = Field(5.0, gt=0, description="how often Horovod's background thread negotiates; "
+                                 "longer suits long steps (HOROVOD_CYCLE_TIME in the environment wins)")
 
 
 class RunConfig(Section):

@@ -140,6 +140,12 @@ class Engine(ABC):
         rank's per-step mean losses."""
 
     @abstractmethod
+    def average_statistics(self) -> None:
+        """Collective: average the state that follows each rank's own batches rather than the gradients
+        (BatchNorm's running mean and variance), so every checkpoint, evaluation and export sees one model on
+        every rank (as Horovod's examples average BN statistics)."""
+
+    @abstractmethod
     def predict_batch(self, batch: dict[str, Any]) -> dict[str, np.ndarray]: ...
 
     @abstractmethod
@@ -190,6 +196,7 @@ class Engine(ABC):
                 count = self._next_event()
                 started = time.perf_counter()
                 window_loss += self.run_steps(order, self.progress.step_in_epoch, count)
+                self.average_statistics()
                 self.throughput.add(count * global_batch, time.perf_counter() - started)
                 window_steps += count
                 self.progress.step_in_epoch += count
@@ -312,7 +319,7 @@ def run_training(recipe: Recipe, resume: bool, engine_class: type[Engine]) -> Pa
     """Start Horovod, build the trainer's task, prepare the run directory, train; returns the run directory."""
     from ddl_apps.trainers import load_trainer
 
-    topology = engine_class.init()
+    topology = engine_class.init(recipe.dist.cycle_time_ms)
     dist.seed_everything(recipe.run.seed + topology.rank)
     run_dir = dist.on_root(rundir.choose_run_dir, recipe, resume)
     task = load_trainer(recipe.trainer).build_task(recipe, topology)  # bad data fails here, before any file
@@ -328,7 +335,7 @@ def evaluate_exported(recipe: Recipe, run_dir: Path, engine_class: type[Engine])
     """Metrics of a run's exported model on its test split (validation split if it has none)."""
     from ddl_apps.trainers import load_trainer
 
-    topology = engine_class.init()
+    topology = engine_class.init(recipe.dist.cycle_time_ms)
     task = load_trainer(recipe.trainer).build_task(recipe, topology)
     engine = engine_class(recipe, task, topology, run_dir, training=False)
     engine.load_exported(run_dir / rundir.MODEL_DIR)

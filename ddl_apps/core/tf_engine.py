@@ -94,18 +94,14 @@ class KerasEngine(Engine):
         dataset = dataset.prefetch(tf.data.AUTOTUNE)
         callbacks, self._first_fit_callbacks = self._first_fit_callbacks, []
         history = self.model.fit(dataset, epochs=1, verbose=0, shuffle=False, callbacks=callbacks)
-        self._average_statistics()
         return float(history.history["loss"][-1]) * count
 
-    def _average_statistics(self) -> None:
-        """Non-trainable weights (BatchNormalization's moving mean and variance) follow each rank's own batches;
-        averaging them after every chunk keeps the ranks' models identical, so every checkpoint, evaluation and
-        export sees the same weights (as with averaged BN statistics in Horovod's examples)."""
+    def average_statistics(self) -> None:
         import horovod.tensorflow as hvd
 
         statistics = [w for w in self.model.non_trainable_weights if w.dtype.startswith("float")]
         if self.topo.size > 1 and statistics:
-            averaged = hvd.grouped_allreduce([w.value for w in statistics], op=hvd.Average)
+            averaged = hvd.grouped_allreduce([w.value for w in statistics], op=hvd.Average, name=dist.STATISTICS)
             for weight, value in zip(statistics, averaged, strict=True):
                 weight.assign(value)
 
