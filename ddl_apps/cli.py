@@ -107,17 +107,58 @@ def evaluate(run_dir: Path) -> None:
     click.echo(json.dumps(metrics, indent=1))
 
 
-@main.command()
-@click.argument("run_dir", type=click.Path(path_type=Path))
-@click.argument("inputs", nargs=-1, required=True)
-@click.option("-o", "--output", type=click.Path(path_type=Path), help="where to write results (when a file)")
-def predict(run_dir: Path, inputs: tuple[str, ...], output: Path | None) -> None:
-    """Score INPUTS with the model a run exported (what INPUTS are depends on the trainer)."""
+def _predict(run_dir: Path, inputs: tuple[str, ...], output: Path | None) -> None:
     from ddl_apps.core.rundir import load_run_recipe
     from ddl_apps.trainers import load_trainer
 
     config = load_run_recipe(run_dir)
     load_trainer(config.trainer).predict_cli(run_dir, list(inputs), output)
+
+
+RUN_DIR = click.argument("run_dir", type=click.Path(path_type=Path))
+INPUTS = click.argument("inputs", nargs=-1, required=True)
+OUTPUT = click.option("-o", "--output", type=click.Path(path_type=Path), help="also write the results to this file")
+
+
+@main.command()
+@RUN_DIR
+@INPUTS
+@OUTPUT
+def predict(run_dir: Path, inputs: tuple[str, ...], output: Path | None) -> None:
+    """Score INPUTS with the model a run exported (what INPUTS are depends on the trainer)."""
+    _predict(run_dir, inputs, output)
+
+
+@main.command()
+@RUN_DIR
+@INPUTS
+@OUTPUT
+def transcribe(run_dir: Path, inputs: tuple[str, ...], output: Path | None) -> None:
+    """Print the transcript of each audio file in INPUTS (a speech run's `ddl predict`)."""
+    _predict(run_dir, inputs, output)
+
+
+@main.group()
+def data() -> None:
+    """Make datasets."""
+
+
+@data.command("asr-commands")
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--train", "train_count", type=click.IntRange(min=1), default=8000, show_default=True)
+@click.option("--eval", "eval_count", type=click.IntRange(min=1), default=800, show_default=True,
+              help="utterances in each of the valid and test splits")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--workers", type=click.IntRange(min=1), help="parallel synthesis processes [default: all cores]")
+def asr_commands(out_dir: Path, train_count: int, eval_count: int, seed: int, workers: int | None) -> None:
+    """Synthesise a spoken-command corpus with espeak-ng into OUT_DIR (audio + JSON-lines manifests)."""
+    from ddl_apps.trainers.asr import corpus
+
+    manifests = corpus.generate(out_dir, {"train": train_count, "valid": eval_count, "test": eval_count}, seed,
+                                workers)
+    info = json.loads((out_dir / "corpus.json").read_text())
+    console.print(f"wrote {sum(info['counts'].values())} utterances ({info['hours']} h) to {out_dir}: "
+                  + ", ".join(str(m) for m in manifests.values()), highlight=False)
 
 
 if __name__ == "__main__":

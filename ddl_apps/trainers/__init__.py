@@ -13,6 +13,7 @@ from types import ModuleType
 TRAINERS = {
     "fraud": "ddl_apps.trainers.fraud",
     "image": "ddl_apps.trainers.image",
+    "asr": "ddl_apps.trainers.asr",
 }
 
 

@@ -1,0 +1,1 @@
+"""Speech recognition: torchaudio features and a Conformer-CTC acoustic model on the PyTorch engine."""

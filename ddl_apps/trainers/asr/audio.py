@@ -1,0 +1,38 @@
+"""Reading audio for the speech trainer: any format libsndfile reads, mixed down to mono, resampled to 16 kHz."""
+
+from __future__ import annotations
+
+from math import gcd
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+from scipy.signal import resample_poly
+
+from ddl_apps.errors import DataError
+
+SAMPLE_RATE = 16_000
+MIN_SAMPLES = SAMPLE_RATE // 20  # 50 ms: shorter files hold no speech worth a transcript
+
+
+def resample(audio: np.ndarray, rate: int) -> np.ndarray:
+    if rate == SAMPLE_RATE:
+        return audio.astype(np.float32, copy=False)
+    common = gcd(rate, SAMPLE_RATE)
+    return resample_poly(audio, SAMPLE_RATE // common, rate // common).astype(np.float32)
+
+
+def load_audio(path: Path) -> np.ndarray:
+    """16 kHz mono float32 samples of an audio file, or a DataError naming the file and what is wrong."""
+    try:
+        audio, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, OSError) as e:
+        raise DataError(f"cannot read audio file {path}: {e}. Is it a WAV/FLAC/OGG file? Re-export or remove it "
+                        "from the manifest.") from None
+    if len(audio) < MIN_SAMPLES * rate // SAMPLE_RATE:
+        raise DataError(f"audio file {path} is empty or shorter than 50 ms ({len(audio)} samples at {rate} Hz); "
+                        "remove it from the manifest")
+    audio = resample(audio.mean(axis=1), rate)
+    if not np.isfinite(audio).all():
+        raise DataError(f"audio file {path} holds NaN or infinite samples; re-export it")
+    return audio

@@ -1,0 +1,148 @@
+"""Speech trainer: Conformer-CTC on log-mel features with SpecAugment and speed perturbation, on the PyTorch
+engine; word and character error rates over whole splits; `ddl transcribe` for audio files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchaudio
+
+from ddl_apps.core import torch_engine
+from ddl_apps.core.dist import Topology, on_root
+from ddl_apps.core.rundir import MODEL_DIR
+from ddl_apps.core.torch_engine import Batch, load_weights, save_weights
+from ddl_apps.errors import CheckpointError, DataError
+from ddl_apps.recipe import Recipe
+from ddl_apps.trainers.asr import data
+from ddl_apps.trainers.asr.audio import load_audio
+from ddl_apps.trainers.asr.model import ConformerCTC, greedy_decode
+
+ENGINE = torch_engine
+ARCHITECTURE, TRANSCRIPTS = "model.json", "test_transcripts.jsonl"
+MAX_CHARS = 512  # hypotheses travel between ranks as fixed-width token arrays
+
+
+def edit_distance(reference, hypothesis) -> int:
+    """Levenshtein distance between two sequences (substitutions, insertions, deletions)."""
+    previous = list(range(len(hypothesis) + 1))
+    for i, ref in enumerate(reference, 1):
+        current = [i]
+        for j, hyp in enumerate(hypothesis, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ref != hyp)))
+        previous = current
+    return previous[-1]
+
+
+def error_counts(reference: str, hypothesis: str) -> tuple[int, int, int, int]:
+    """(word errors, reference words, character errors, reference characters) of one utterance."""
+    return (edit_distance(reference.split(), hypothesis.split()), len(reference.split()),
+            edit_distance(reference, hypothesis), len(reference))
+
+
+def error_rates(counts: np.ndarray) -> dict[str, float]:
+    """WER and CER of a whole split from per-utterance counts (rows of error_counts): errors / reference length."""
+    word_errors, words, char_errors, chars = counts.sum(0)
+    return {"wer": float(word_errors / max(words, 1)), "cer": float(char_errors / max(chars, 1))}
+
+
+class SpecAugment(torch.nn.Module):
+    """Frequency and time masks on a padded batch of features (batch, frames, mels), masked with zeros (the
+    per-utterance mean after normalisation); masks drawn from torch's RNG."""
+
+    def __init__(self, cfg: data.DataConfig):
+        super().__init__()
+        self.freq = [torchaudio.transforms.FrequencyMasking(cfg.freq_mask_width, iid_masks=True)] * cfg.freq_masks
+        self.time = [torchaudio.transforms.TimeMasking(cfg.time_mask_width, iid_masks=True)] * cfg.time_masks
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        x = features.transpose(1, 2).unsqueeze(1)  # torchaudio's layout: (batch, channel, mels, frames)
+        for mask in (*self.freq, *self.time):
+            x = mask(x)
+        return x.squeeze(1).transpose(1, 2)
+
+
+class AsrTask:
+    def __init__(self, recipe: Recipe, splits: dict[str, data.Manifest]):
+        self.data_cfg, self.model_cfg = recipe.data, recipe.model
+        features = data.LogMel(self.data_cfg.n_mels)
+        self.train = data.Utterances(splits["train"], features, self.data_cfg.speed_factors)
+        self.valid, self.test = (data.Utterances(splits[s], features) for s in ("valid", "test"))
+        self.spec_augment = SpecAugment(self.data_cfg)
+
+    def architecture(self) -> dict:
+        return {"n_mels": self.data_cfg.n_mels, "vocab_size": data.VOCAB_SIZE, **self.model_cfg.model_dump()}
+
+    def build_model(self) -> ConformerCTC:
+        return ConformerCTC(**self.architecture())
+
+    def loss(self, model: ConformerCTC, batch: Batch) -> torch.Tensor:
+        log_probs, lengths = model(self.spec_augment(batch["features"]), batch["lengths"])
+        return torch.nn.functional.ctc_loss(log_probs.transpose(0, 1), batch["targets"], lengths,
+                                            batch["target_lengths"], blank=data.BLANK, zero_infinity=True)
+
+    def predict(self, model: ConformerCTC, batch: Batch) -> dict[str, torch.Tensor]:
+        log_probs, lengths = model(batch["features"], batch["lengths"])
+        hypotheses = greedy_decode(log_probs, lengths, data.BLANK)
+        counts, tokens = [], torch.zeros(len(hypotheses), MAX_CHARS, dtype=torch.uint8)
+        for row, (hypothesis, target, length) in enumerate(zip(hypotheses, batch["targets"], batch["target_lengths"],
+                                                               strict=True)):
+            counts.append(error_counts(data.decode(target[:length].tolist()), data.decode(hypothesis)))
+            tokens[row, : min(len(hypothesis), MAX_CHARS)] = torch.tensor(hypothesis[:MAX_CHARS], dtype=torch.uint8)
+        return {"errors": torch.tensor(counts, dtype=torch.long).reshape(-1, 4), "hypothesis": tokens,
+                "index": batch["index"]}
+
+    def metrics(self, outputs: dict[str, np.ndarray]) -> dict[str, float]:
+        return error_rates(outputs["errors"])
+
+    def write_artifacts(self, run_dir: Path, outputs: dict[str, np.ndarray]) -> None:
+        """Every test utterance's file, reference and hypothesis, as JSON lines."""
+        manifest = self.test.manifest
+        with (run_dir / TRANSCRIPTS).open("w") as f:
+            for index, tokens in zip(outputs["index"], outputs["hypothesis"], strict=True):
+                f.write(json.dumps({"audio_filepath": str(manifest.paths[index]), "text": manifest.texts[index],
+                                    "hypothesis": data.decode(tokens.tolist())}) + "\n")
+
+    def export(self, model: ConformerCTC, model_dir: Path) -> None:
+        save_weights(model, model_dir)
+        (model_dir / ARCHITECTURE).write_text(json.dumps(self.architecture()))
+
+    def report(self) -> dict[str, dict[str, float]]:
+        return {}
+
+
+def build_task(recipe: Recipe, topology: Topology) -> AsrTask:
+    on_root(data.corpus_folder, recipe.data)  # the first run generates the corpus once, not once per rank
+    return AsrTask(recipe, data.load_splits(recipe.data))
+
+
+def transcribe(model_dir: Path, files: list[Path]) -> list[str]:
+    """The transcript of each audio file, with the model a run exported."""
+    try:
+        architecture = json.loads((model_dir / ARCHITECTURE).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"no usable exported model in {model_dir} ({e}); did the run finish?") from None
+    model = ConformerCTC(**architecture)
+    load_weights(model, model_dir)
+    features = data.LogMel(architecture["n_mels"])
+    transcripts = []
+    with torch.no_grad():
+        for path in files:
+            x = features(torch.from_numpy(load_audio(path)))[None]
+            log_probs, lengths = model.eval()(x, torch.tensor([len(x[0])]))
+            transcripts.append(data.decode(greedy_decode(log_probs, lengths, data.BLANK)[0]))
+    return transcripts
+
+
+def predict_cli(run_dir: Path, inputs: list[str], output: Path | None) -> None:
+    """`ddl transcribe RUN_DIR file.wav ...`: file and transcript, one line each."""
+    files = [Path(f) for f in inputs]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise DataError(f"no such audio file: {', '.join(missing)}")
+    lines = [f"{f}\t{text}" for f, text in zip(files, transcribe(run_dir / MODEL_DIR, files), strict=True)]
+    print("\n".join(lines))
+    if output is not None:
+        output.write_text("file\ttranscript\n" + "\n".join(lines) + "\n")
