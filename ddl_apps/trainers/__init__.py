@@ -14,6 +14,7 @@ TRAINERS = {
     "fraud": "ddl_apps.trainers.fraud",
     "image": "ddl_apps.trainers.image",
     "asr": "ddl_apps.trainers.asr",
+    "nlp": "ddl_apps.trainers.nlp",
 }
 
 

