@@ -10,6 +10,7 @@ import pytest
 from ddl_apps.core import sharding
 from ddl_apps.errors import CheckpointError, DataError, RecipeError
 from ddl_apps.recipe import load_recipe
+from ddl_apps.trainers import splits
 from ddl_apps.trainers.nlp import data, model
 from ddl_apps.trainers.nlp.trainer import build_task, classification_metrics
 from tests.engine_runs import ddl, summary, train
@@ -50,7 +51,7 @@ def test_split_is_reproducible_and_follows_split_seed():
 
 def test_stratified_split_keeps_every_row_once_and_label_shares():
     labels = np.repeat([0, 1, 2], [600, 300, 100])
-    test, valid, train = data.stratified_split(labels, [0.1, 0.2], seed=3)
+    test, valid, train = splits.stratified_split(labels, [0.1, 0.2], seed=3)
     assert sorted(np.concatenate([test, valid, train]).tolist()) == list(range(1000))
     assert np.bincount(labels[test]).tolist() == [60, 30, 10] and np.bincount(labels[valid]).tolist() == [120, 60, 20]
 

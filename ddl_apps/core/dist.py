@@ -29,14 +29,12 @@ class Topology:
         return self.rank == 0
 
 
-# Horovod names an unnamed collective afresh on every call, so collectives repeated all run long (the loss of
-# each log window, the averaged statistics) filled its response cache of 1,024 entries and evicted the
-# gradients' ones ("A response has been evicted from cache"); fixed names keep one entry each.
-STATISTICS = "ddl.statistics"
-
-
 class _Collectives:
-    """numpy in, numpy out, through the initialised framework's Horovod."""
+    """numpy in, numpy out, through the initialised framework's Horovod.
+
+    Each collective has a fixed name: Horovod names an unnamed one afresh on every call, so collectives repeated
+    all run long (the loss of each log window, the averaged statistics) filled its response cache of 1,024
+    entries and evicted the gradients' ones ("A response has been evicted from cache")."""
 
     def __init__(self, hvd: ModuleType, to_tensor: Callable[[np.ndarray], Any]):
         self.hvd, self.to_tensor = hvd, to_tensor
@@ -47,16 +45,11 @@ class _Collectives:
     def allgather(self, array: np.ndarray) -> np.ndarray:
         return np.asarray(self.hvd.allgather(self.to_tensor(array), name="ddl.allgather"))
 
+    def average(self, tensors: list) -> list:
+        return self.hvd.grouped_allreduce(tensors, op=self.hvd.Average, name="ddl.average")
+
 
 _collectives: _Collectives | None = None
-
-# Horovod's background thread wakes every HOROVOD_CYCLE_TIME ms (Horovod's default: 1) and negotiates with the
-# other ranks even when no tensor is waiting; on a 2-core host at np=2 those wake-ups take CPU from the compute
-# threads. The recipe's dist.cycle_time_ms sets it (the environment wins). Measured at np=2: a Keras ResNet fit
-# of 10 steps took 10.2 s at 1 ms, 4.0-5.4 s at 5 ms; the Conformer-CTC (0.5 s steps) trained 76, 92, 100, 120
-# and 115 samples/s at 1, 5, 10, 20 and 50 ms (67 at np=1). Each allreduce waits up to one cycle, so short steps
-# want short cycles.
-
 
 def _active() -> _Collectives:
     if _collectives is None:
@@ -65,7 +58,15 @@ def _active() -> _Collectives:
 
 
 def _start(hvd: ModuleType, to_tensor: Callable[[np.ndarray], Any], cycle_time_ms: float) -> Topology:
-    """Initialise this framework's Horovod and use it for the collectives from now on."""
+    """Initialise this framework's Horovod and use it for the collectives from now on.
+
+    Horovod's background thread wakes every HOROVOD_CYCLE_TIME ms (Horovod's default: 1) and negotiates with the
+    other ranks even when no tensor is waiting; on a 2-core host at np=2 those wake-ups take CPU from the compute
+    threads. The recipe's dist.cycle_time_ms sets it (the environment wins). Measured at np=2: a Keras ResNet
+    fit of 10 steps took 10.2 s at 1 ms, 4.0-5.4 s at 5 ms; the Conformer-CTC (0.5 s steps) trained 76, 92, 100,
+    120 and 115 samples/s at 1, 5, 10, 20 and 50 ms (67 at np=1). Each allreduce waits up to one cycle, so short
+    steps want short cycles.
+    """
     global _collectives
     os.environ.setdefault("HOROVOD_CYCLE_TIME", f"{cycle_time_ms:g}")
     hvd.init()
@@ -77,7 +78,7 @@ def _cores_per_worker(local_size: int) -> int:
     return max(1, (os.cpu_count() or 1) // local_size)
 
 
-def init_torch(cycle_time_ms: float = 5.0) -> Topology:
+def init_torch(cycle_time_ms: float) -> Topology:
     """Start Horovod for PyTorch and give each worker its share of the CPU cores."""
     import horovod.torch as hvd
     import torch
@@ -90,7 +91,7 @@ def init_torch(cycle_time_ms: float = 5.0) -> Topology:
     return topology
 
 
-def init_tf(cycle_time_ms: float = 5.0) -> Topology:
+def init_tf(cycle_time_ms: float) -> Topology:
     """Start Horovod for TensorFlow: one GPU per worker when there are GPUs, else a share of the cores."""
     import horovod.tensorflow as hvd
     import tensorflow as tf
@@ -146,6 +147,11 @@ def on_root(fn: Callable[..., Any], *args: Any) -> Any:
 def allreduce_sum(values: np.ndarray | list[float]) -> np.ndarray:
     """Exact float64 sum of a small vector over all ranks (for sums and counts)."""
     return _active().allreduce_sum(np.asarray(values, dtype=np.float64))
+
+
+def average_tensors(tensors: list) -> list:
+    """The mean of each framework tensor over all ranks, in one grouped collective."""
+    return _active().average(tensors)
 
 
 def allgather_array(array: np.ndarray) -> np.ndarray:

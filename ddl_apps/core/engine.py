@@ -140,10 +140,19 @@ class Engine(ABC):
         rank's per-step mean losses."""
 
     @abstractmethod
+    def statistics(self) -> list:
+        """The model's float state that follows each rank's own batches rather than the gradients (BatchNorm's
+        running mean and variance), as framework tensors."""
+
+    @abstractmethod
+    def assign_statistics(self, values: list) -> None: ...
+
     def average_statistics(self) -> None:
-        """Collective: average the state that follows each rank's own batches rather than the gradients
-        (BatchNorm's running mean and variance), so every checkpoint, evaluation and export sees one model on
-        every rank (as Horovod's examples average BN statistics)."""
+        """Collective: average the statistics, so every checkpoint, evaluation and export sees one model on every
+        rank (as Horovod's examples average BN statistics)."""
+        statistics = self.statistics()
+        if self.topo.size > 1 and statistics:
+            self.assign_statistics(dist.average_tensors(statistics))
 
     @abstractmethod
     def predict_batch(self, batch: dict[str, Any]) -> dict[str, np.ndarray]: ...

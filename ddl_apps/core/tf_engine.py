@@ -96,14 +96,15 @@ class KerasEngine(Engine):
         history = self.model.fit(dataset, epochs=1, verbose=0, shuffle=False, callbacks=callbacks)
         return float(history.history["loss"][-1]) * count
 
-    def average_statistics(self) -> None:
-        import horovod.tensorflow as hvd
+    def _statistic_weights(self) -> list:
+        return [w for w in self.model.non_trainable_weights if w.dtype.startswith("float")]
 
-        statistics = [w for w in self.model.non_trainable_weights if w.dtype.startswith("float")]
-        if self.topo.size > 1 and statistics:
-            averaged = hvd.grouped_allreduce([w.value for w in statistics], op=hvd.Average, name=dist.STATISTICS)
-            for weight, value in zip(statistics, averaged, strict=True):
-                weight.assign(value)
+    def statistics(self) -> list:
+        return [w.value for w in self._statistic_weights()]
+
+    def assign_statistics(self, values: list) -> None:
+        for weight, value in zip(self._statistic_weights(), values, strict=True):
+            weight.assign(value)
 
     def current_lr(self) -> float:
         return float(self.schedule(self.optimizer.iterations))

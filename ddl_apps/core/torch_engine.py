@@ -121,15 +121,13 @@ class TorchEngine(Engine):
     def current_lr(self) -> float:
         return self.schedule.get_last_lr()[0]
 
-    @torch.no_grad()
-    def average_statistics(self) -> None:
-        import horovod.torch as hvd
+    def statistics(self) -> list[torch.Tensor]:
+        return [b for b in self.model.buffers() if b.is_floating_point()]
 
-        statistics = [b for b in self.model.buffers() if b.is_floating_point()]
-        if self.topo.size > 1 and statistics:
-            averaged = hvd.grouped_allreduce(statistics, op=hvd.Average, name=dist.STATISTICS)
-            for buffer, value in zip(statistics, averaged, strict=True):
-                buffer.copy_(value)
+    @torch.no_grad()
+    def assign_statistics(self, values: list[torch.Tensor]) -> None:
+        for buffer, value in zip(self.statistics(), values, strict=True):
+            buffer.copy_(value)
 
     @torch.no_grad()
     def predict_batch(self, batch: Batch) -> dict[str, np.ndarray]:

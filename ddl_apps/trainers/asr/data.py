@@ -152,8 +152,8 @@ class Utterances:
         }
 
 
-def load_splits(cfg: DataConfig) -> dict[str, Manifest]:
-    folder = corpus_folder(cfg)
+def load_splits(folder: Path, cfg: DataConfig) -> dict[str, Manifest]:
+    """The manifests in the folder corpus_folder gave, long training utterances left out."""
     splits = {split: read_manifest(folder / name, cfg.limit) for split, name in corpus.MANIFESTS.items()}
     train = splits["train"]
     keep = train.durations <= cfg.max_duration

@@ -14,8 +14,9 @@ from ddl_apps.core import torch_engine
 from ddl_apps.core.dist import Topology, on_root
 from ddl_apps.core.rundir import MODEL_DIR
 from ddl_apps.core.torch_engine import Batch, load_weights, save_weights
-from ddl_apps.errors import CheckpointError, DataError
+from ddl_apps.errors import CheckpointError
 from ddl_apps.recipe import Recipe
+from ddl_apps.trainers import file_inputs
 from ddl_apps.trainers.asr import data
 from ddl_apps.trainers.asr.audio import load_audio
 from ddl_apps.trainers.asr.model import ConformerCTC, greedy_decode
@@ -114,8 +115,8 @@ class AsrTask:
 
 
 def build_task(recipe: Recipe, topology: Topology) -> AsrTask:
-    on_root(data.corpus_folder, recipe.data)  # the first run generates the corpus once, not once per rank
-    return AsrTask(recipe, data.load_splits(recipe.data))
+    folder = on_root(data.corpus_folder, recipe.data)  # the first run generates the corpus once, not per rank
+    return AsrTask(recipe, data.load_splits(folder, recipe.data))
 
 
 def transcribe(model_dir: Path, files: list[Path]) -> list[str]:
@@ -138,11 +139,7 @@ def transcribe(model_dir: Path, files: list[Path]) -> list[str]:
 
 def predict_cli(run_dir: Path, inputs: list[str], output: Path | None) -> None:
     """`ddl transcribe RUN_DIR file.wav ...`: file and transcript, one line each."""
-    files = [Path(f) for f in inputs]
-    missing = [str(f) for f in files if not f.is_file()]
-    if missing:
-        raise DataError(f"no such audio file: {', '.join(missing)}")
-    lines = [f"{f}\t{text}" for f, text in zip(files, transcribe(run_dir / MODEL_DIR, files), strict=True)]
-    print("\n".join(lines))
-    if output is not None:
-        output.write_text("file\ttranscript\n" + "\n".join(lines) + "\n")
+    audio_files = file_inputs.existing_files(inputs, "audio")
+    transcripts = transcribe(run_dir / MODEL_DIR, audio_files)
+    rows = [[str(f), t] for f, t in zip(audio_files, transcripts, strict=True)]
+    file_inputs.print_rows(["file", "transcript"], rows, output)

