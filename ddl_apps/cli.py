@@ -138,6 +138,22 @@ def transcribe(run_dir: Path, inputs: tuple[str, ...], output: Path | None) -> N
     _predict(run_dir, inputs, output)
 
 
+@main.command()
+@RUN_DIR
+@click.argument("user_id")
+@click.option("-k", "count", type=click.IntRange(min=1), default=10, show_default=True, help="items to list")
+def recommend(run_dir: Path, user_id: str, count: int) -> None:
+    """Print the top items for USER_ID (a recommendation run's model), leaving out those the user has seen."""
+    from ddl_apps.core.rundir import load_run_recipe
+    from ddl_apps.errors import RecipeError
+    from ddl_apps.trainers import load_trainer
+
+    trainer = load_trainer(load_run_recipe(run_dir).trainer)
+    if not hasattr(trainer, "recommend_cli"):
+        raise RecipeError(f"{run_dir} is not a recommendation run; ddl recommend needs one (e.g. recsys_neumf)")
+    trainer.recommend_cli(run_dir, user_id, count)
+
+
 @main.group()
 def data() -> None:
     """Make datasets."""

@@ -1,8 +1,8 @@
 """Horovod initialisation, topology, seeding and the few collectives the engines need, for PyTorch or TensorFlow.
 
-With launch.py and the engines, this is the only code that imports Horovod; trainers never do. A process uses
-one framework's Horovod (each framework's extension carries its own copy of the Horovod core): `init_torch` or
-`init_tf` chooses it, and the collectives below then go through that one.
+With launch.py, the engines and core/parallel, this is the only code that imports Horovod; trainers never do. A
+process uses one framework's Horovod (each framework's extension carries its own copy of the Horovod core):
+`init_torch` or `init_tf` chooses it, and the collectives below then go through that one.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 schedule, logging, checkpoint cadence, resume bookkeeping, exact evaluation across ranks, and the end of a run.
 
 A framework engine supplies `run_steps` (train on given global steps of an epoch), `predict_batch`,
-`current_lr`, `weights_bytes`, and `write_state` / `restore_state` for checkpoints.
+`current_lr`, `weights_bytes`, `parameter_bytes`, and `write_state` / `restore_state` for checkpoints; one whose
+model is partly sharded across ranks also gathers it whole (`gather_state`, `exportable_model`).
 """
 
 from __future__ import annotations
@@ -161,11 +162,24 @@ class Engine(ABC):
     def current_lr(self) -> float: ...
 
     @abstractmethod
-    def weights_bytes(self) -> bytes: ...
+    def weights_bytes(self) -> bytes:
+        """Collective: the whole model's weights (sharded parts gathered), identical on every rank."""
 
     @abstractmethod
-    def write_state(self, folder: Path) -> None:
-        """Rank 0: model, optimizer and schedule state into a checkpoint folder."""
+    def parameter_bytes(self) -> dict[str, int]:
+        """Memory this rank's parameters take: `parameters` in all, and the part that is sharded across ranks."""
+
+    def gather_state(self) -> Any:
+        """Collective: what this rank's write_state needs from the others (sharded weights and optimizer state)."""
+        return None
+
+    def exportable_model(self) -> Any:
+        """Collective: the model to export, whole on every rank."""
+        return self.model
+
+    @abstractmethod
+    def write_state(self, folder: Path, gathered: Any) -> None:
+        """Rank 0: model, optimizer and schedule state into a checkpoint folder (`gathered`: gather_state's)."""
 
     @abstractmethod
     def restore_state(self, checkpoint: Path | None) -> None:
@@ -240,10 +254,12 @@ class Engine(ABC):
 
     # ---- evaluation -----------------------------------------------------------------------------------
     def predict_split(self, source: BatchSource) -> dict[str, np.ndarray]:
-        """Per-example predictions for a whole split, each example on exactly one rank, gathered in order."""
+        """Per-example predictions for a whole split, each example on exactly one rank, gathered in order.
+        Every rank runs the same number of batches, as a model with sharded parts runs collectives in its
+        forward pass."""
         mine = sharding.eval_shard(len(source), self.topo.rank, self.topo.size)
-        size = self.recipe.optim.batch_size * 4
-        chunks = [mine[i : i + size] for i in range(0, len(mine), size)] or [mine]
+        most = len(sharding.eval_shard(len(source), 0, self.topo.size))
+        chunks = np.array_split(mine, max(1, math.ceil(most / (self.recipe.optim.batch_size * 4))))
         parts: dict[str, list[np.ndarray]] = {}
         for chunk in chunks:
             for key, value in self.predict_batch(source.take(chunk)).items():
@@ -260,11 +276,12 @@ class Engine(ABC):
     def save_checkpoint(self) -> None:
         """Collective (gathers every rank's RNG state); rank 0 writes."""
         rng = dist.allgather_array(self.rng_state()[None])
+        gathered = self.gather_state()
         if not self.topo.is_root:
             return
 
         def write(folder: Path) -> None:
-            self.write_state(folder)
+            self.write_state(folder, gathered)
             ckpt.save_state(folder, "rng", {"by_rank": rng})
             (folder / PROGRESS_FILE).write_text(json.dumps({**asdict(self.progress), "size": self.topo.size}))
 
@@ -306,6 +323,9 @@ class Engine(ABC):
         digests = self.weights_digest_by_rank()
         if len(set(digests)) > 1:
             self.log.message(f"[bold red]warning:[/] weights differ across ranks: {digests}")
+        memory = self.parameter_bytes()
+        memory_by_rank = dist.allgather_array(np.array([list(memory.values())], dtype=np.int64))
+        model = self.exportable_model()
         if complete:
             split = "test" if self.task.test is not None else "valid"
             metrics, outputs = self.evaluate(self.task.test if self.task.test is not None else self.task.valid)
@@ -315,10 +335,12 @@ class Engine(ABC):
                 np.savez(self.run_dir / f"{split}_outputs.npz", **outputs)
                 if hasattr(self.task, "write_artifacts"):  # e.g. a confusion-matrix plot
                     self.task.write_artifacts(self.run_dir, outputs)
-                self.task.export(self.model, self.run_dir / rundir.MODEL_DIR)
+                self.task.export(model, self.run_dir / rundir.MODEL_DIR)
                 results.update(self.task.report())
                 summary = {"results": results, "steps": self.progress.step, "workers": self.topo.size,
-                           "training": self.throughput.summary(), "weights_sha256_by_rank": digests}
+                           "training": self.throughput.summary(), "weights_sha256_by_rank": digests,
+                           "parameter_bytes_by_rank": [dict(zip(memory, row.tolist(), strict=True))
+                                                       for row in memory_by_rank]}
                 (self.run_dir / rundir.SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
         self.log.close(results)
         return results

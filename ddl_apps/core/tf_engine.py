@@ -115,11 +115,14 @@ class KerasEngine(Engine):
     def weights_bytes(self) -> bytes:
         return b"".join(np.asarray(v).tobytes() for v in self.model.weights)
 
+    def parameter_bytes(self) -> dict[str, int]:
+        return {"parameters": sum(np.asarray(v).nbytes for v in self.model.weights), "sharded": 0}
+
     # ---- checkpoints ----------------------------------------------------------------------------------
     def _checkpoint(self) -> tf.train.Checkpoint:
         return tf.train.Checkpoint(model=self.model, optimizer=self.optimizer)
 
-    def write_state(self, folder: Path) -> None:
+    def write_state(self, folder: Path, gathered: None) -> None:
         self._checkpoint().write(str(folder / TF_STATE))
 
     def restore_state(self, checkpoint: Path | None) -> None:

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from ddl_apps.core import checkpoint as ckpt
 from ddl_apps.core import dist, sharding
 from ddl_apps.core.engine import ColumnSource, Engine, evaluate_exported, run_training
+from ddl_apps.core.parallel import embedding as parallel
 from ddl_apps.errors import CheckpointError
 from ddl_apps.recipe import OptimConfig, Recipe
 
@@ -30,16 +31,19 @@ def make_optimizer(optim: OptimConfig, params, lr: float) -> torch.optim.Optimiz
 WEIGHTS = "model.safetensors"  # in an exported model's folder and in every checkpoint
 
 
-def save_weights(model: torch.nn.Module, folder: Path) -> None:
-    """The weights, as safetensors, in `folder` (an exported model's, or a checkpoint's)."""
+def save_weights(model: torch.nn.Module | dict[str, torch.Tensor], folder: Path) -> None:
+    """The weights (of a model, or a state dict), as safetensors, in `folder` (an exported model's, or a
+    checkpoint's)."""
+    state = model if isinstance(model, dict) else model.state_dict()
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(folder / WEIGHTS))
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(folder / WEIGHTS))
 
 
 def load_weights(model: torch.nn.Module, folder: Path) -> None:
-    """Load what save_weights wrote (no pickle), with a clear error when it does not fit the model."""
+    """Load what save_weights wrote (no pickle), with a clear error when it does not fit the model; sharded
+    tables take their own rows."""
     try:
-        model.load_state_dict(load_file(str(folder / WEIGHTS)))
+        parallel.load_replicated_state(model, load_file(str(folder / WEIGHTS)))
     except (OSError, RuntimeError, ValueError) as e:
         raise CheckpointError(f"cannot load weights from {folder / WEIGHTS}: {e}") from None
 
@@ -60,13 +64,15 @@ class TorchEngine(Engine):
         import horovod.torch as hvd
 
         optim = recipe.optim
-        hvd.broadcast_parameters(self.model.state_dict(), root_rank=0)
+        shards = parallel.sharded_keys(self.model)  # each rank's own rows: neither broadcast nor allreduced
+        hvd.broadcast_parameters({k: v for k, v in self.model.state_dict().items() if k not in shards}, root_rank=0)
         compression = hvd.Compression.fp16 if recipe.dist.compression == "fp16" else hvd.Compression.none
         self.optimizer = hvd.DistributedOptimizer(
             make_optimizer(optim, self.model.parameters(), self.base_lr),
             named_parameters=self.model.named_parameters(),
             compression=compression,
             backward_passes_per_step=optim.accumulation,
+            local_parameters=parallel.sharded_parameters(self.model),
         )
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
         self.scaler = torch.amp.GradScaler(self.device.type) if recipe.run.precision == "fp16" else None
@@ -103,7 +109,8 @@ class TorchEngine(Engine):
             if self.scaler:
                 self.scaler.unscale_(self.optimizer)
             if clip:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+                torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), clip,
+                                                     parallel.global_grad_norm(self.model))
             with self.optimizer.skip_synchronize():
                 self._optimizer_step()
         else:
@@ -137,7 +144,17 @@ class TorchEngine(Engine):
         return {k: (v.float() if v.is_floating_point() else v).cpu().numpy() for k, v in out.items()}
 
     def weights_bytes(self) -> bytes:
-        return b"".join(v.detach().cpu().numpy().tobytes() for v in self.model.state_dict().values())
+        return b"".join(v.cpu().numpy().tobytes() for v in parallel.replicated_state(self.model).values())
+
+    def parameter_bytes(self) -> dict[str, int]:
+        def size(params) -> int:
+            return sum(p.numel() * p.element_size() for p in params)
+
+        return {"parameters": size(self.model.parameters()),
+                "sharded": size(parallel.sharded_parameters(self.model))}
+
+    def exportable_model(self) -> torch.nn.Module:
+        return parallel.replicated_model(self.model)
 
     # ---- checkpoints ----------------------------------------------------------------------------------
     def rng_state(self) -> np.ndarray:
@@ -146,10 +163,14 @@ class TorchEngine(Engine):
     def set_rng_state(self, state: np.ndarray) -> None:
         torch.set_rng_state(torch.from_numpy(state.astype(np.uint8)))
 
-    def write_state(self, folder: Path) -> None:
-        save_weights(self.model, folder)
+    def gather_state(self) -> dict:
+        return {"model": parallel.replicated_state(self.model),
+                "optimizer": parallel.replicated_optimizer_state(self.optimizer, self.model)}
+
+    def write_state(self, folder: Path, gathered: dict) -> None:
+        save_weights(gathered["model"], folder)
         ckpt.save_state(folder, "training", {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": gathered["optimizer"],
             "schedule": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else {},
         })
@@ -159,10 +180,10 @@ class TorchEngine(Engine):
             return {"model": load_file(str(checkpoint / WEIGHTS)),
                     "training": ckpt.load_state(checkpoint, "training")}
 
-        state = dist.on_root(read)  # rank 0 reads; every rank gets the same state
-        self.model.load_state_dict(state["model"])
+        state = dist.on_root(read)  # rank 0 reads; every rank gets the same state and keeps its own rows
+        parallel.load_replicated_state(self.model, state["model"])
         training = state["training"]
-        self.optimizer.load_state_dict(training["optimizer"])
+        parallel.load_replicated_optimizer_state(self.optimizer, self.model, training["optimizer"])
         self.schedule.load_state_dict(training["schedule"])
         if self.scaler and training["scaler"]:
             self.scaler.load_state_dict(training["scaler"])

@@ -15,6 +15,7 @@ TRAINERS = {
     "image": "ddl_apps.trainers.image",
     "asr": "ddl_apps.trainers.asr",
     "nlp": "ddl_apps.trainers.nlp",
+    "recsys": "ddl_apps.trainers.recsys",
 }
 
 

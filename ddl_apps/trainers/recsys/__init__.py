@@ -1,0 +1,1 @@
+"""Recommendation: NeuMF on implicit feedback, with embedding tables sharded across workers."""

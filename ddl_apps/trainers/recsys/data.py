@@ -1,0 +1,217 @@
+"""Implicit-feedback interactions: reading, the leave-one-out split by time, and the sampled negatives.
+
+The default data is MovieLens-100k as the PyPI package `recbole` 1.2.1 ships it (read from the installed
+package: GroupLens' terms forbid redistributing it): 100,000 ratings by 943 users of 1,682 films, each rating
+taken as an interaction. Users bring a CSV of (user, item, timestamp[, anything else]) instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ddl_apps.errors import DataError
+from ddl_apps.trainers.packaged import packaged_file
+from ddl_apps.trainers.recsys.config import MOVIELENS_100K, DataConfig
+
+MOVIELENS_FOLDER = "dataset_example/ml-100k"
+
+
+@dataclass
+class Interactions:
+    """One row per (user, item) pair, as indices into `user_ids` / `item_ids` (the ids as the data writes them)."""
+
+    users: np.ndarray
+    items: np.ndarray
+    times: np.ndarray
+    user_ids: list[str]
+    item_ids: list[str]
+    titles: dict[str, str]  # item id -> title, where known
+
+    @property
+    def num_users(self) -> int:
+        return len(self.user_ids)
+
+    @property
+    def num_items(self) -> int:
+        return len(self.item_ids)
+
+
+def read_movielens_100k() -> tuple[pd.DataFrame, dict[str, str]]:
+    """Interactions (user, item, timestamp as text / float) and film titles with their year."""
+    what = f"the {MOVIELENS_100K!r} data (or set data.source to a CSV of your own)"
+    frame = pd.read_csv(packaged_file("recbole", f"{MOVIELENS_FOLDER}/ml-100k.inter", what), sep="\t", dtype=str)
+    frame.columns = [c.split(":")[0] for c in frame.columns]  # recbole's headers carry types: user_id:token
+    films = pd.read_csv(packaged_file("recbole", f"{MOVIELENS_FOLDER}/ml-100k.item", what), sep="\t", dtype=str)
+    films.columns = [c.split(":")[0] for c in films.columns]
+    titles = {i: f"{t} ({y})" if isinstance(y, str) else t
+              for i, t, y in zip(films["item_id"], films["movie_title"], films["release_year"], strict=True)}
+    return pd.DataFrame({"user": frame["user_id"], "item": frame["item_id"], "timestamp": frame["timestamp"]}), titles
+
+
+def read_csv(path: Path, cfg: DataConfig) -> tuple[pd.DataFrame, dict[str, str]]:
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist; set data.source to a CSV of (user, item, timestamp) or "
+                        f"to {MOVIELENS_100K!r}")
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as e:
+        raise DataError(f"cannot read {path} as CSV: {e}") from None
+    wanted = [cfg.user_column, cfg.item_column, cfg.time_column]
+    missing = [c for c in wanted if c not in frame.columns]
+    if missing:
+        raise DataError(f"{path} has no column {', '.join(map(repr, missing))}; its columns are "
+                        f"{', '.join(map(repr, frame.columns))}. Set data.user_column, data.item_column and "
+                        "data.time_column to the right ones")
+    frame = frame[wanted].set_axis(["user", "item", "timestamp"], axis=1)
+    blank = frame.index[(frame["user"].str.strip() == "") | (frame["item"].str.strip() == "")]
+    if len(blank):
+        raise DataError(f"{path}: row {blank[0] + 2} (counting the header as 1) has an empty user or item")
+    return frame, read_titles(Path(cfg.titles), cfg.item_column) if cfg.titles else {}
+
+
+def read_titles(path: Path, item_column: str) -> dict[str, str]:
+    if not path.is_file():
+        raise DataError(f"titles file {path} does not exist; set data.titles to a CSV with columns "
+                        f"{item_column!r} and 'title', or leave it out")
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    if item_column not in frame.columns or "title" not in frame.columns:
+        raise DataError(f"titles file {path} needs columns {item_column!r} and 'title'; it has "
+                        f"{', '.join(map(repr, frame.columns))}")
+    return dict(zip(frame[item_column], frame["title"], strict=True))
+
+
+def to_interactions(frame: pd.DataFrame, titles: dict[str, str], source: str) -> Interactions:
+    """Index users and items; keep each (user, item) pair once, at its first time."""
+    times = pd.to_numeric(frame["timestamp"], errors="coerce").to_numpy(np.float64)
+    bad = np.flatnonzero(~np.isfinite(times))
+    if len(bad):
+        raise DataError(f"{source}: row {bad[0] + 2} has timestamp {frame['timestamp'].iloc[bad[0]]!r}, not a "
+                        "number; timestamps order each user's interactions (seconds, or any increasing number)")
+    user_ids, users = np.unique(frame["user"].to_numpy(str), return_inverse=True)
+    item_ids, items = np.unique(frame["item"].to_numpy(str), return_inverse=True)
+    order = np.lexsort((np.arange(len(times)), times, users))  # by user, then time, then file order
+    _, first = np.unique(users[order] * len(item_ids) + items[order], return_index=True)
+    keep = np.sort(order[first])
+    return Interactions(users[keep].astype(np.int64), items[keep].astype(np.int64), times[keep],
+                        [str(u) for u in user_ids], [str(i) for i in item_ids], titles)
+
+
+def load_interactions(cfg: DataConfig) -> Interactions:
+    if cfg.source == MOVIELENS_100K:
+        frame, titles = read_movielens_100k()
+    else:
+        frame, titles = read_csv(Path(cfg.source), cfg)
+    if frame.empty:
+        raise DataError(f"{cfg.source} has no interactions")
+    return to_interactions(frame, titles, cfg.source)
+
+
+@dataclass
+class LeaveOneOut:
+    """Interaction row indices: each user's last interaction in time is the test item, the one before it the
+    validation item, the rest train. Users with fewer than 3 interactions are trained on, not evaluated."""
+
+    train: np.ndarray
+    valid: np.ndarray
+    test: np.ndarray
+
+
+def leave_one_out(data: Interactions) -> LeaveOneOut:
+    order = np.lexsort((np.arange(len(data.users)), data.times, data.users))
+    users = data.users[order]
+    count = np.bincount(users, minlength=data.num_users)
+    from_end = np.cumsum(count)[users] - 1 - np.arange(len(users))  # 0 = the user's last interaction
+    evaluated = count[users] >= 3
+    split = LeaveOneOut(train=np.sort(order[~evaluated | (from_end >= 2)]),
+                        valid=np.sort(order[evaluated & (from_end == 1)]),
+                        test=np.sort(order[evaluated & (from_end == 0)]))
+    if len(split.test) == 0:
+        raise DataError("no user has 3 or more interactions, so there is nothing to hold out for validation and "
+                        "test; leave-one-out needs users with a history")
+    return split
+
+
+class SeenItems:
+    """Which (user, item) pairs occurred: membership by binary search over sorted pair keys."""
+
+    def __init__(self, users: np.ndarray, items: np.ndarray, num_items: int):
+        self.num_items = num_items
+        self.keys = np.unique(users * num_items + items)
+        self.per_user = np.bincount(users, minlength=int(users.max()) + 1 if len(users) else 0)
+
+    def contains(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        keys = users * self.num_items + items
+        at = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
+        return self.keys[at] == keys
+
+
+def unseen_distinct(users: np.ndarray, count: int, seen: SeenItems, seed: int) -> np.ndarray:
+    """[len(users), count] distinct items each user never interacted with, drawn uniformly (rejection sampling
+    in a few vectorised rounds; a user with few unseen items is finished from the explicit list)."""
+    unseen = seen.num_items - seen.per_user[users]
+    if len(users) and unseen.min() < count:
+        raise DataError(f"user index {users[np.argmin(unseen)]} has only {unseen.min()} unseen items, fewer than "
+                        f"data.eval_negatives={count}; lower it or add items")
+    rng = np.random.default_rng(seed)
+    result = np.zeros((len(users), count), dtype=np.int64)
+    todo = np.arange(len(users))
+    for _ in range(4):
+        draws = rng.integers(seen.num_items, size=(len(todo), 2 * count))
+        usable = ~seen.contains(users[todo, None], draws) & first_in_row(draws)
+        done = usable.sum(axis=1) >= count
+        for row in np.flatnonzero(done):
+            result[todo[row]] = draws[row, usable[row]][:count]
+        todo = todo[~done]
+    for row in todo:
+        candidates = np.flatnonzero(~seen.contains(np.full(seen.num_items, users[row]), np.arange(seen.num_items)))
+        result[row] = rng.choice(candidates, count, replace=False)
+    return result
+
+
+def first_in_row(values: np.ndarray) -> np.ndarray:
+    """True where a value appears for the first time in its row."""
+    order = np.argsort(values, axis=1, kind="stable")
+    ordered = np.take_along_axis(values, order, axis=1)
+    repeat = np.zeros_like(ordered, dtype=bool)
+    repeat[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
+    first = np.empty_like(repeat)
+    np.put_along_axis(first, order, ~repeat, axis=1)
+    return first
+
+
+def candidates(data: Interactions, rows: np.ndarray, seen: SeenItems, negatives: int, seed: int) -> np.ndarray:
+    """Per held-out interaction: its item in column 0, then `negatives` items its user never touched."""
+    users = data.users[rows]
+    return np.hstack([data.items[rows, None], unseen_distinct(users, negatives, seen, seed)])
+
+
+class SampledTraining:
+    """Training interactions; each batch pairs every interaction with `negatives` items its user has not
+    interacted with in training, drawn afresh from torch's generator (so a resumed run draws the same)."""
+
+    def __init__(self, users: np.ndarray, items: np.ndarray, num_items: int, negatives: int):
+        self.users, self.items = torch.from_numpy(users), torch.from_numpy(items)
+        self.seen = SeenItems(users, items, num_items)
+        self.num_items, self.negatives = num_items, negatives
+        if self.seen.per_user.max(initial=0) >= num_items:
+            raise DataError(f"user index {int(self.seen.per_user.argmax())} interacted with every item in training, "
+                            "so no negative item can be sampled for it; drop that user or add items")
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    def take(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
+        users, positives = self.users[indices], self.items[indices]
+        negatives = torch.randint(self.num_items, (len(indices), self.negatives))
+        clash = torch.from_numpy(self.seen.contains(users[:, None].numpy(), negatives.numpy()))
+        while clash.any():
+            negatives[clash] = torch.randint(self.num_items, (int(clash.sum()),))
+            clash = torch.from_numpy(self.seen.contains(users[:, None].numpy(), negatives.numpy()))
+        labels = torch.zeros(len(indices), 1 + self.negatives)
+        labels[:, 0] = 1.0
+        return {"user": users, "items": torch.cat([positives[:, None], negatives], dim=1), "label": labels}

@@ -1,0 +1,188 @@
+"""Issue 9: the recommender: the leave-one-out split, sampled negatives, ranking metrics, sharded against
+replicated embedding tables at np=2, a training run and `ddl recommend`."""
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ddl_apps.core.dist import Topology
+from ddl_apps.errors import DataError
+from ddl_apps.recipe import load_recipe
+from ddl_apps.trainers.recsys import data
+from ddl_apps.trainers.recsys.trainer import build_task, held_out_rank, ranking_metrics
+from tests.engine_runs import ddl, final_weights, summary, train
+from tests.test_horovod_stack import launch_worker
+
+RECIPE = "recsys_neumf"
+ONE_WORKER = Topology(rank=0, size=1, local_rank=0, local_size=1)
+ONE_EPOCH = ("optim.epochs=1", "optim.batch_size=1024", "run.log_every=8")  # 47 steps at np=2
+
+
+def data_config(*overrides: str):
+    return load_recipe(RECIPE, list(overrides)).data
+
+
+def write_interactions(path, rows: list[tuple]) -> str:
+    pd.DataFrame(rows, columns=["user", "item", "timestamp"]).to_csv(path, index=False)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def movielens_task():
+    return build_task(load_recipe(RECIPE), ONE_WORKER)
+
+
+# ---- metrics and data --------------------------------------------------------------------------------------
+def test_ranking_metrics_on_a_hand_made_ranking():
+    scores = np.array([[0.9, 0.1, 0.2, 0.3],   # held-out item first: rank 0
+                       [0.2, 0.5, 0.1, 0.9],   # two above it: rank 2
+                       [0.1, 0.5, 0.6, 0.7],   # last: rank 3
+                       [0.5, 0.5, 0.1, 0.1]])  # a tie counts against it: rank 1
+    rank = held_out_rank(scores)
+    assert rank.tolist() == [0, 2, 3, 1]
+    metrics = ranking_metrics(rank, k=2)
+    assert metrics["hr@2"] == 0.5
+    assert metrics["ndcg@2"] == pytest.approx((1 + 1 / math.log2(3)) / 4)
+    assert ranking_metrics(rank, k=4) == {"hr@4": 1.0, "ndcg@4": pytest.approx(
+        (1 + 1 / math.log2(4) + 1 / math.log2(5) + 1 / math.log2(3)) / 4)}
+
+
+def test_leave_one_out_holds_out_each_users_last_two_by_time(tmp_path):
+    source = write_interactions(tmp_path / "own.csv", [
+        ("a", "x", 5), ("a", "y", 1), ("a", "z", 3), ("a", "w", 9),   # by time: y z x w
+        ("b", "x", 1), ("b", "y", 2),                                 # too short to evaluate: all train
+        ("c", "x", 1), ("c", "y", 2), ("c", "x", 4), ("c", "z", 3),   # x twice: kept at its first time
+    ])
+    interactions = data.load_interactions(data_config(f"data.source={source}"))
+    split = data.leave_one_out(interactions)
+
+    def pairs(rows):
+        return {(interactions.user_ids[u], interactions.item_ids[i])
+                for u, i in zip(interactions.users[rows], interactions.items[rows], strict=True)}
+
+    assert pairs(split.test) == {("a", "w"), ("c", "z")}
+    assert pairs(split.valid) == {("a", "x"), ("c", "y")}
+    assert pairs(split.train) == {("a", "y"), ("a", "z"), ("b", "x"), ("b", "y"), ("c", "x")}
+    assert len(interactions.users) == 9
+
+
+def test_movielens_100k_is_read_from_recbole(movielens_task):
+    interactions = movielens_task.interactions
+    assert (interactions.num_users, interactions.num_items, len(interactions.users)) == (943, 1682, 100_000)
+    assert interactions.titles["1"] == "Toy Story (1995)"
+    assert len(movielens_task.valid) == len(movielens_task.test) == 943  # every user rated 20 films or more
+    assert len(movielens_task.train) == 100_000 - 2 * 943
+
+
+def test_evaluation_candidates_are_the_held_out_item_and_distinct_unseen_ones(movielens_task):
+    interactions = movielens_task.interactions
+    seen = data.SeenItems(interactions.users, interactions.items, interactions.num_items)
+    for source in (movielens_task.valid, movielens_task.test):
+        users, items = source.columns["user"].numpy(), source.columns["items"].numpy()
+        assert items.shape == (943, 100)
+        assert seen.contains(users, items[:, 0]).all()
+        assert not seen.contains(users[:, None], items[:, 1:]).any()
+        assert all(len(set(row)) == 100 for row in items)
+    again = build_task(load_recipe(RECIPE), ONE_WORKER)
+    assert np.array_equal(again.test.columns["items"], movielens_task.test.columns["items"])
+    assert not np.array_equal(movielens_task.valid.columns["items"][:, 1:], movielens_task.test.columns["items"][:, 1:])
+
+
+def test_training_negatives_are_items_the_user_has_not_trained_on(movielens_task):
+    batch = movielens_task.train.take(np.arange(5000))
+    users, items = batch["user"].numpy(), batch["items"].numpy()
+    assert items.shape == (5000, 5) and batch["label"][:, 0].eq(1).all() and batch["label"][:, 1:].eq(0).all()
+    assert movielens_task.train.seen.contains(users, items[:, 0]).all()
+    assert not movielens_task.train.seen.contains(users[:, None], items[:, 1:]).any()
+
+
+def test_distinct_unseen_sampling_finishes_users_with_few_unseen_items():
+    users, items = np.repeat([0, 1], [5, 2]), np.array([0, 1, 2, 3, 4, 0, 1])
+    drawn = data.unseen_distinct(np.array([0, 1]), 3, data.SeenItems(users, items, 8), seed=0)
+    assert sorted(drawn[0]) == [5, 6, 7]  # user 0 has exactly three unseen items
+    assert len(set(drawn[1])) == 3 and not set(drawn[1]) & {0, 1}
+    with pytest.raises(DataError, match="eval_negatives"):
+        data.unseen_distinct(np.array([0]), 4, data.SeenItems(users, items, 8), seed=0)
+
+
+# ---- bad input ----------------------------------------------------------------------------------------------
+def test_missing_column_names_the_columns_and_the_setting(tmp_path):
+    source = tmp_path / "own.csv"
+    pd.DataFrame({"user": ["a"], "item": ["x"], "time": [1]}).to_csv(source, index=False)
+    result = ddl("train", RECIPE, f"data.source={source}", f"run.dir={tmp_path / 'run'}")
+    assert result.returncode == 2
+    assert "no column 'timestamp'" in result.stderr and "data.time_column" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
+
+
+def test_timestamp_that_is_not_a_number_is_named(tmp_path):
+    source = write_interactions(tmp_path / "own.csv", [("a", "x", 1), ("a", "y", "yesterday")])
+    with pytest.raises(DataError, match="row 3 has timestamp 'yesterday'"):
+        data.load_interactions(data_config(f"data.source={source}"))
+
+
+# ---- training -----------------------------------------------------------------------------------------------
+def test_one_worker_learns_and_recommends_unseen_films(tmp_path):
+    run = train(tmp_path / "run", *ONE_EPOCH)
+    results = summary(run)["results"]
+    model, baseline = results["model (test)"], results["baseline most-popular (test)"]
+    assert model["hr@10"] > 0.3 and baseline["hr@10"] > 0.3  # chance is 0.1
+
+    listed = ddl("recommend", str(run), "1", "-k", "5")
+    assert listed.returncode == 0, listed.stderr
+    rows = [line.split("\t") for line in listed.stdout.strip().splitlines()]
+    assert [int(r[0]) for r in rows] == [1, 2, 3, 4, 5]
+    scores = [float(r[2]) for r in rows]
+    assert scores == sorted(scores, reverse=True) and all(r[3] for r in rows)  # titles known
+    catalogue = json.loads((run / "model" / "catalogue.json").read_text())
+    interactions = data.load_interactions(data_config())
+    user = catalogue["users"].index("1")
+    rated = {interactions.item_ids[i] for i in interactions.items[interactions.users == user]}
+    assert not {r[1] for r in rows} & rated
+
+    unknown = ddl("recommend", str(run), "no-such-user")
+    assert unknown.returncode == 2 and "unknown user 'no-such-user'" in unknown.stderr
+
+
+@pytest.fixture(scope="module")
+def sharded_run(tmp_path_factory):
+    return train(tmp_path_factory.mktemp("sharded") / "run", *ONE_EPOCH, "model.model_parallel=true", np=2)
+
+
+@pytest.mark.distributed
+def test_sharded_table_looks_up_and_learns_as_a_replicated_one():
+    output = launch_worker("sharded_embedding.py", "gloo")
+    assert all(f"sharded embedding ok on rank {r} of 2" in output for r in range(2))
+
+
+@pytest.mark.distributed
+def test_sharded_and_replicated_training_match_at_two_workers(sharded_run, tmp_path):
+    replicated = train(tmp_path / "replicated", *ONE_EPOCH, "model.model_parallel=false", np=2)
+
+    def losses(run):
+        lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [line["loss"] for line in lines if line["split"] == "train"]
+
+    assert len(losses(sharded_run)) == 5
+    np.testing.assert_allclose(losses(sharded_run), losses(replicated), rtol=1e-5)
+    np.testing.assert_allclose(final_weights(sharded_run), final_weights(replicated), rtol=0, atol=1e-5)
+
+    tables = (943 + 1682) * 64 * 4  # float32 user and item tables
+    memory = summary(sharded_run)["parameter_bytes_by_rank"]
+    assert [m["sharded"] for m in memory] == pytest.approx([tables / 2] * 2, rel=0.01)
+    assert [m["sharded"] for m in summary(replicated)["parameter_bytes_by_rank"]] == [0, 0]
+    digests = summary(sharded_run)["weights_sha256_by_rank"]
+    assert digests[0] == digests[1]
+
+
+@pytest.mark.distributed
+def test_sharded_run_resumes_to_the_uninterrupted_weights(sharded_run, tmp_path):
+    """The checkpoint holds whole tables and whole Adam moments; each rank takes its rows back on resume."""
+    run = tmp_path / "run"
+    train(run, *ONE_EPOCH, "model.model_parallel=true", "run.max_steps=20", np=2)
+    assert not (run / "model").exists()
+    train(run, *ONE_EPOCH, "model.model_parallel=true", np=2, flags=("--resume",))
+    np.testing.assert_allclose(final_weights(run), final_weights(sharded_run), rtol=0, atol=1e-6)
