@@ -13,12 +13,17 @@ from ddl_apps.errors import DataError
 from ddl_apps.recipe import load_recipe
 from ddl_apps.trainers.recsys import data
 from ddl_apps.trainers.recsys.trainer import build_task, held_out_rank, ranking_metrics
-from tests.engine_runs import ddl, final_weights, summary, train
+from tests.engine_runs import ddl, final_weights, summary
+from tests.engine_runs import train as train_recipe
 from tests.test_horovod_stack import launch_worker
 
 RECIPE = "recsys_neumf"
 ONE_WORKER = Topology(rank=0, size=1, local_rank=0, local_size=1)
 ONE_EPOCH = ("optim.epochs=1", "optim.batch_size=1024", "run.log_every=8")  # 47 steps at np=2
+
+
+def train(run_dir, *overrides: str, np: int = 1, flags: tuple[str, ...] = ()):
+    return train_recipe(run_dir, *overrides, np=np, recipe=RECIPE, flags=flags)
 
 
 def data_config(*overrides: str):

@@ -104,10 +104,8 @@ def embedding_table(name: str, num_embeddings: int, embedding_dim: int, std: flo
     nn.Embedding with the same initial values."""
     if shard is not None:
         return ShardedEmbedding(name, num_embeddings, embedding_dim, *shard, std=std, seed=seed)
-    table = nn.Embedding(num_embeddings, embedding_dim)
-    with torch.no_grad():
-        table.weight.copy_(initial_rows(num_embeddings, embedding_dim, std, seed))
-    return table
+    # from_pretrained draws nothing from torch's generator: the layers built next start the same either way
+    return nn.Embedding.from_pretrained(initial_rows(num_embeddings, embedding_dim, std, seed), freeze=False)
 
 
 def sharded_tables(model: nn.Module) -> Iterator[tuple[str, ShardedEmbedding]]:
@@ -156,8 +154,8 @@ def replicated_model(model: nn.Module) -> nn.Module:
         return model
     state = replicated_state(model)
     whole = copy.deepcopy(model)
-    for name, table in tables:
-        whole.set_submodule(name, nn.Embedding(table.num_embeddings, table.embedding_dim))
+    for name, _ in tables:
+        whole.set_submodule(name, nn.Embedding.from_pretrained(state[_weight_key(name)], freeze=False))
     whole.load_state_dict(state)
     return whole
 
