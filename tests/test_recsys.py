@@ -55,23 +55,45 @@ def test_ranking_metrics_on_a_hand_made_ranking():
         (1 + 1 / math.log2(4) + 1 / math.log2(5) + 1 / math.log2(3)) / 4)}
 
 
-def test_leave_one_out_holds_out_each_users_last_two_by_time(tmp_path):
+@pytest.fixture
+def small_history(tmp_path):
     source = write_interactions(tmp_path / "own.csv", [
         ("a", "x", 5), ("a", "y", 1), ("a", "z", 3), ("a", "w", 9),   # by time: y z x w
         ("b", "x", 1), ("b", "y", 2),                                 # too short to evaluate: all train
         ("c", "x", 1), ("c", "y", 2), ("c", "x", 4), ("c", "z", 3),   # x twice: kept at its first time
     ])
     interactions = data.load_interactions(data_config(f"data.source={source}"))
-    split = data.leave_one_out(interactions)
 
     def pairs(rows):
         return {(interactions.user_ids[u], interactions.item_ids[i])
                 for u, i in zip(interactions.users[rows], interactions.items[rows], strict=True)}
 
+    return interactions, pairs
+
+
+def test_leave_one_out_holds_out_the_last_by_time_and_the_one_before(small_history):
+    interactions, pairs = small_history
+    split = data.leave_one_out(interactions, "previous", seed=0)
     assert pairs(split.test) == {("a", "w"), ("c", "z")}
     assert pairs(split.valid) == {("a", "x"), ("c", "y")}
     assert pairs(split.train) == {("a", "y"), ("a", "z"), ("b", "x"), ("b", "y"), ("c", "x")}
     assert len(interactions.users) == 9
+
+
+def test_random_validation_item_is_one_earlier_interaction_per_user(small_history):
+    interactions, pairs = small_history
+    drawn = set()
+    for seed in range(20):
+        split = data.leave_one_out(interactions, "random", seed)
+        assert pairs(split.test) == {("a", "w"), ("c", "z")}
+        valid = pairs(split.valid)
+        assert {user for user, _ in valid} == {"a", "c"} and len(valid) == 2
+        assert valid <= {("a", "x"), ("a", "y"), ("a", "z"), ("c", "x"), ("c", "y")}
+        assert pairs(split.train) | valid | pairs(split.test) == pairs(np.arange(9)) and len(split.train) == 5
+        drawn |= valid
+    assert len(drawn) == 5  # every earlier interaction gets drawn for some seed
+    assert np.array_equal(data.leave_one_out(interactions, "random", 3).valid,
+                          data.leave_one_out(interactions, "random", 3).valid)
 
 
 def test_movielens_100k_is_read_from_recbole(movielens_task):
@@ -191,3 +213,18 @@ def test_sharded_run_resumes_to_the_uninterrupted_weights(sharded_run, tmp_path)
     assert not (run / "model").exists()
     train(run, *ONE_EPOCH, "model.model_parallel=true", np=2, flags=("--resume",))
     np.testing.assert_allclose(final_weights(run), final_weights(sharded_run), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss", ["bce", "bpr"])
+def test_losses_on_known_scores(movielens_task, loss, monkeypatch):
+    import torch
+
+    logits = torch.tensor([[2.0, 0.5, -1.0], [0.0, 1.0, 0.0]])
+    batch = {"user": torch.tensor([0, 1]), "items": torch.zeros(2, 3, dtype=torch.long),
+             "label": torch.tensor([[1.0, 0, 0], [1.0, 0, 0]])}
+    monkeypatch.setattr(movielens_task, "model_cfg", movielens_task.model_cfg.model_copy(update={"loss": loss}))
+    value = float(movielens_task.loss(lambda user, items: logits, batch))
+    sigmoid = torch.sigmoid
+    expected = (-torch.log(sigmoid(logits[:, :1] - logits[:, 1:])).mean() if loss == "bpr" else
+                -(torch.log(sigmoid(logits[:, 0])).sum() + torch.log(1 - sigmoid(logits[:, 1:])).sum()) / 6)
+    assert value == pytest.approx(float(expected), rel=1e-6)

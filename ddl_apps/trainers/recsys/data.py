@@ -113,23 +113,33 @@ def load_interactions(cfg: DataConfig) -> Interactions:
 
 @dataclass
 class LeaveOneOut:
-    """Interaction row indices: each user's last interaction in time is the test item, the one before it the
-    validation item, the rest train. Users with fewer than 3 interactions are trained on, not evaluated."""
+    """Interaction row indices: each user's last interaction in time is the test item; the validation item is
+    one of the user's earlier interactions, drawn at random (as in the NeuMF paper, so the most recent history
+    stays in training) or the one just before the test item; the rest train. Users with fewer than 3
+    interactions are trained on, not evaluated."""
 
     train: np.ndarray
     valid: np.ndarray
     test: np.ndarray
 
 
-def leave_one_out(data: Interactions) -> LeaveOneOut:
+def leave_one_out(data: Interactions, valid_item: str, seed: int) -> LeaveOneOut:
     order = np.lexsort((np.arange(len(data.users)), data.times, data.users))
     users = data.users[order]
     count = np.bincount(users, minlength=data.num_users)
     from_end = np.cumsum(count)[users] - 1 - np.arange(len(users))  # 0 = the user's last interaction
     evaluated = count[users] >= 3
-    split = LeaveOneOut(train=np.sort(order[~evaluated | (from_end >= 2)]),
-                        valid=np.sort(order[evaluated & (from_end == 1)]),
-                        test=np.sort(order[evaluated & (from_end == 0)]))
+    test = evaluated & (from_end == 0)
+    if valid_item == "previous":
+        valid = evaluated & (from_end == 1)
+    else:  # the earlier interaction with the highest random key, per user
+        earlier = np.flatnonzero(evaluated & (from_end >= 1))
+        keys = np.random.default_rng(seed).random(len(earlier))
+        by_user = earlier[np.lexsort((keys, users[earlier]))]
+        last_of_user = np.r_[users[by_user][1:] != users[by_user][:-1], True]
+        valid = np.zeros(len(users), dtype=bool)
+        valid[by_user[last_of_user]] = True
+    split = LeaveOneOut(train=np.sort(order[~test & ~valid]), valid=np.sort(order[valid]), test=np.sort(order[test]))
     if len(split.test) == 0:
         raise DataError("no user has 3 or more interactions, so there is nothing to hold out for validation and "
                         "test; leave-one-out needs users with a history")

@@ -39,7 +39,7 @@ class RecommendTask:
         cfg, self.model_cfg = recipe.data, recipe.model
         self.interactions, self.top_k, self.seed = interactions, cfg.top_k, recipe.run.seed
         self.shard = (topology.rank, topology.size) if self.model_cfg.model_parallel and topology.size > 1 else None
-        split = data.leave_one_out(interactions)
+        split = data.leave_one_out(interactions, cfg.valid_item, cfg.eval_seed)
         users, items = interactions.users, interactions.items
         self.train = data.SampledTraining(users[split.train], items[split.train], interactions.num_items,
                                           cfg.train_negatives)
@@ -59,8 +59,10 @@ class RecommendTask:
         return NeuMF(**self.architecture(), seed=self.seed, shard=self.shard)
 
     def loss(self, model: NeuMF, batch: Batch) -> torch.Tensor:
-        return torch.nn.functional.binary_cross_entropy_with_logits(model(batch["user"], batch["items"]),
-                                                                    batch["label"])
+        logits = model(batch["user"], batch["items"])
+        if self.model_cfg.loss == "bpr":  # column 0 holds the seen item, the others the sampled unseen ones
+            return -torch.nn.functional.logsigmoid(logits[:, :1] - logits[:, 1:]).mean()
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits, batch["label"])
 
     def predict(self, model: NeuMF, batch: Batch) -> dict[str, torch.Tensor]:
         return {"rank": held_out_rank(model(batch["user"], batch["items"])), "user": batch["user"]}
