@@ -75,10 +75,10 @@ class RecommendTask:
         interactions (so `ddl recommend` leaves out what a user has already seen)."""
         save_weights(model, model_dir)
         (model_dir / ARCHITECTURE).write_text(json.dumps(self.architecture()))
-        data_ = self.interactions
-        (model_dir / CATALOGUE).write_text(json.dumps({"users": data_.user_ids, "items": data_.item_ids,
-                                                       "titles": data_.titles}))
-        np.savez(model_dir / HISTORY, users=data_.users, items=data_.items)
+        known = self.interactions
+        (model_dir / CATALOGUE).write_text(json.dumps({"users": known.user_ids, "items": known.item_ids,
+                                                       "titles": known.titles}))
+        np.savez(model_dir / HISTORY, users=known.users, items=known.items)
 
     def report(self) -> dict[str, dict[str, float]]:
         """Most popular first (training interactions per item), ranked over the same test candidates."""
