@@ -95,24 +95,25 @@ def train(recipe, overrides, num_proc, hosts, hostfile, controller, resume) -> N
         console.print(f"run directory: {run_dir}")
 
 
+def _run_trainer(run_dir: Path):
+    """The recipe a run was trained with, and its trainer's module."""
+    from ddl_apps.core.rundir import load_run_recipe
+    from ddl_apps.trainers import load_trainer
+
+    config = load_run_recipe(run_dir)
+    return config, load_trainer(config.trainer)
+
+
 @main.command("eval")
 @click.argument("run_dir", type=click.Path(path_type=Path))
 def evaluate(run_dir: Path) -> None:
     """Evaluate the exported model of RUN_DIR on its test split and print the metrics as JSON."""
-    from ddl_apps.core.rundir import load_run_recipe
-    from ddl_apps.trainers import load_trainer
-
-    config = load_run_recipe(run_dir)
-    metrics = load_trainer(config.trainer).ENGINE.evaluate_run(config, run_dir)
-    click.echo(json.dumps(metrics, indent=1))
+    config, trainer = _run_trainer(run_dir)
+    click.echo(json.dumps(trainer.ENGINE.evaluate_run(config, run_dir), indent=1))
 
 
 def _predict(run_dir: Path, inputs: tuple[str, ...], output: Path | None) -> None:
-    from ddl_apps.core.rundir import load_run_recipe
-    from ddl_apps.trainers import load_trainer
-
-    config = load_run_recipe(run_dir)
-    load_trainer(config.trainer).predict_cli(run_dir, list(inputs), output)
+    _run_trainer(run_dir)[1].predict_cli(run_dir, list(inputs), output)
 
 
 RUN_DIR = click.argument("run_dir", type=click.Path(path_type=Path))
@@ -144,11 +145,9 @@ def transcribe(run_dir: Path, inputs: tuple[str, ...], output: Path | None) -> N
 @click.option("-k", "count", type=click.IntRange(min=1), default=10, show_default=True, help="items to list")
 def recommend(run_dir: Path, user_id: str, count: int) -> None:
     """Print the top items for USER_ID (a recommendation run's model), leaving out those the user has seen."""
-    from ddl_apps.core.rundir import load_run_recipe
     from ddl_apps.errors import RecipeError
-    from ddl_apps.trainers import load_trainer
 
-    trainer = load_trainer(load_run_recipe(run_dir).trainer)
+    trainer = _run_trainer(run_dir)[1]
     if not hasattr(trainer, "recommend_cli"):
         raise RecipeError(f"{run_dir} is not a recommendation run; ddl recommend needs one (e.g. recsys_neumf)")
     trainer.recommend_cli(run_dir, user_id, count)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
 
-from ddl_apps.errors import RecipeError
+from ddl_apps.errors import CheckpointError, RecipeError
 from ddl_apps.recipe import Recipe
 
 CONFIG_FILE = "config.yaml"
@@ -50,3 +52,12 @@ def load_run_recipe(run_dir: Path) -> Recipe:
     if not config.is_file():
         raise RecipeError(f"{run_dir} is not a run directory (no {CONFIG_FILE}); pass the folder 'ddl train' made")
     return load_recipe(config)
+
+
+@contextmanager
+def reading_export(model_dir: Path) -> Iterator[None]:
+    """Around reading a run's exported model: a missing or broken file becomes one clear error."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"no usable exported model in {model_dir} ({e}); did the run finish?") from None

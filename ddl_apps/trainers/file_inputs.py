@@ -1,10 +1,48 @@
-"""What the file-scoring `ddl predict` commands (images, audio) share: checking the inputs, printing the rows."""
+"""What the trainers share for the files users hand them: reading tables and checking their columns, checking
+the inputs of `ddl predict` (images, audio) and printing its rows."""
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 
+import pandas as pd
+
 from ddl_apps.errors import DataError
+
+TEXT_TABLES = {".csv": ",", ".tsv": "\t", ".jsonl": None, ".ndjson": None, ".json": None}  # suffix -> separator
+
+
+def read_text_table(path: Path, source_hint: str) -> pd.DataFrame:
+    """A CSV / TSV (every cell read as text, so 'NA' stays a word and '007' an id) or JSON-lines file;
+    `source_hint` says what data.source may name instead, for the error when the file is missing."""
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist; set data.source to {source_hint}")
+    suffix = path.suffix.lower()
+    if suffix not in TEXT_TABLES:
+        raise DataError(f"cannot tell the format of {path}: name it .csv, .tsv or .jsonl")
+    try:
+        if TEXT_TABLES[suffix] is None:
+            return pd.read_json(path, lines=True, dtype=False)
+        return pd.read_csv(path, sep=TEXT_TABLES[suffix], dtype=str, keep_default_na=False)
+    except Exception as e:  # pandas raises many kinds for a broken file
+        kind = "JSON lines (one object per line)" if TEXT_TABLES[suffix] is None else suffix[1:].upper()
+        raise DataError(f"cannot read {path} as {kind}: {e}") from None
+
+
+def check_columns(frame: pd.DataFrame, wanted: list[str], source: object, fix: str) -> None:
+    """One DataError naming every missing column (with the closest one the data has), the data's columns (the
+    first 20), and `fix`: which recipe settings choose the columns."""
+    columns = [str(c) for c in frame.columns]
+    missing = [c for c in wanted if c not in frame.columns]
+    if not missing:
+        return
+    named = []
+    for column in missing:
+        close = difflib.get_close_matches(column, columns, 1)
+        named.append(f"{column!r} (did you mean {close[0]!r}?)" if close else repr(column))
+    listed = ", ".join(map(repr, columns[:20])) + (f", ... ({len(columns)} in all)" if len(columns) > 20 else "")
+    raise DataError(f"{source} has no column {', '.join(named)}; its columns are {listed}. {fix}")
 
 
 def existing_files(inputs: list[str], kind: str) -> list[Path]:

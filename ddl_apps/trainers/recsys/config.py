@@ -10,11 +10,13 @@ MOVIELENS_100K = "ml-100k"
 
 
 class DataConfig(Section):
-    source: str = Field(MOVIELENS_100K, description=f"'{MOVIELENS_100K}' (shipped by recbole) or a CSV path")
+    source: str = Field(MOVIELENS_100K, description=f"'{MOVIELENS_100K}' (shipped by recbole) or a CSV / TSV / "
+                        "JSON-lines file")
     user_column: str = "user"
     item_column: str = "item"
     time_column: str = Field("timestamp", description="orders each user's interactions for the leave-one-out split")
-    titles: str | None = Field(None, description="CSV with the item column and a 'title' column (own data only)")
+    titles: str | None = Field(None, description="CSV / TSV / JSON-lines file with the item column and a 'title' "
+                                "column (own data only)")
     valid_item: Literal["random", "previous"] = Field(
         "random", description="validation item per user: a random earlier interaction (the NeuMF paper's choice; "
         "the most recent ones stay in training) or the one just before the test item")

@@ -15,6 +15,7 @@ import pandas as pd
 import torch
 
 from ddl_apps.errors import DataError
+from ddl_apps.trainers.file_inputs import check_columns, read_text_table
 from ddl_apps.trainers.packaged import packaged_file
 from ddl_apps.trainers.recsys.config import MOVIELENS_100K, DataConfig
 
@@ -41,33 +42,27 @@ class Interactions:
         return len(self.item_ids)
 
 
-def read_movielens_100k() -> tuple[pd.DataFrame, dict[str, str]]:
-    """Interactions (user, item, timestamp as text / float) and film titles with their year."""
+def read_recbole_file(suffix: str) -> pd.DataFrame:
+    """One of recbole's ml-100k files (tab-separated, as text), its headers without their types (user_id:token)."""
     what = f"the {MOVIELENS_100K!r} data (or set data.source to a CSV of your own)"
-    frame = pd.read_csv(packaged_file("recbole", f"{MOVIELENS_FOLDER}/ml-100k.inter", what), sep="\t", dtype=str)
-    frame.columns = [c.split(":")[0] for c in frame.columns]  # recbole's headers carry types: user_id:token
-    films = pd.read_csv(packaged_file("recbole", f"{MOVIELENS_FOLDER}/ml-100k.item", what), sep="\t", dtype=str)
-    films.columns = [c.split(":")[0] for c in films.columns]
+    frame = pd.read_csv(packaged_file("recbole", f"{MOVIELENS_FOLDER}/ml-100k.{suffix}", what), sep="\t", dtype=str)
+    return frame.rename(columns=lambda c: c.split(":")[0])
+
+
+def read_movielens_100k() -> tuple[pd.DataFrame, dict[str, str]]:
+    """Interactions (user, item, timestamp as text) and film titles with their year."""
+    ratings, films = read_recbole_file("inter"), read_recbole_file("item")
     titles = {i: f"{t} ({y})" if isinstance(y, str) else t
               for i, t, y in zip(films["item_id"], films["movie_title"], films["release_year"], strict=True)}
-    return pd.DataFrame({"user": frame["user_id"], "item": frame["item_id"], "timestamp": frame["timestamp"]}), titles
+    return ratings[["user_id", "item_id", "timestamp"]].set_axis(["user", "item", "timestamp"], axis=1), titles
 
 
-def read_csv(path: Path, cfg: DataConfig) -> tuple[pd.DataFrame, dict[str, str]]:
-    if not path.is_file():
-        raise DataError(f"data file {path} does not exist; set data.source to a CSV of (user, item, timestamp) or "
-                        f"to {MOVIELENS_100K!r}")
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as e:
-        raise DataError(f"cannot read {path} as CSV: {e}") from None
+def read_own(path: Path, cfg: DataConfig) -> tuple[pd.DataFrame, dict[str, str]]:
+    """The interactions (user, item, timestamp as text) of a CSV / TSV / JSON-lines file, and titles if given."""
+    frame = read_text_table(path, f"a CSV of (user, item, timestamp), or to {MOVIELENS_100K!r}")
     wanted = [cfg.user_column, cfg.item_column, cfg.time_column]
-    missing = [c for c in wanted if c not in frame.columns]
-    if missing:
-        raise DataError(f"{path} has no column {', '.join(map(repr, missing))}; its columns are "
-                        f"{', '.join(map(repr, frame.columns))}. Set data.user_column, data.item_column and "
-                        "data.time_column to the right ones")
-    frame = frame[wanted].set_axis(["user", "item", "timestamp"], axis=1)
+    check_columns(frame, wanted, path, "Set data.user_column, data.item_column and data.time_column to the right ones")
+    frame = frame[wanted].astype(str).set_axis(["user", "item", "timestamp"], axis=1)
     blank = frame.index[(frame["user"].str.strip() == "") | (frame["item"].str.strip() == "")]
     if len(blank):
         raise DataError(f"{path}: row {blank[0] + 2} (counting the header as 1) has an empty user or item")
@@ -75,14 +70,9 @@ def read_csv(path: Path, cfg: DataConfig) -> tuple[pd.DataFrame, dict[str, str]]
 
 
 def read_titles(path: Path, item_column: str) -> dict[str, str]:
-    if not path.is_file():
-        raise DataError(f"titles file {path} does not exist; set data.titles to a CSV with columns "
-                        f"{item_column!r} and 'title', or leave it out")
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    if item_column not in frame.columns or "title" not in frame.columns:
-        raise DataError(f"titles file {path} needs columns {item_column!r} and 'title'; it has "
-                        f"{', '.join(map(repr, frame.columns))}")
-    return dict(zip(frame[item_column], frame["title"], strict=True))
+    titles = read_text_table(path, "(data.titles) a CSV of item ids and titles, or leave data.titles out")
+    check_columns(titles, [item_column, "title"], path, "data.titles needs the item column and a 'title' column")
+    return dict(zip(titles[item_column].astype(str), titles["title"].astype(str), strict=True))
 
 
 def to_interactions(frame: pd.DataFrame, titles: dict[str, str], source: str) -> Interactions:
@@ -105,7 +95,7 @@ def load_interactions(cfg: DataConfig) -> Interactions:
     if cfg.source == MOVIELENS_100K:
         frame, titles = read_movielens_100k()
     else:
-        frame, titles = read_csv(Path(cfg.source), cfg)
+        frame, titles = read_own(Path(cfg.source), cfg)
     if frame.empty:
         raise DataError(f"{cfg.source} has no interactions")
     return to_interactions(frame, titles, cfg.source)

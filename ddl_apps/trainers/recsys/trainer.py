@@ -12,9 +12,9 @@ import torch
 
 from ddl_apps.core import torch_engine
 from ddl_apps.core.dist import Topology
-from ddl_apps.core.rundir import MODEL_DIR
+from ddl_apps.core.rundir import MODEL_DIR, reading_export
 from ddl_apps.core.torch_engine import Batch, ColumnSource, load_weights, save_weights
-from ddl_apps.errors import CheckpointError, DataError
+from ddl_apps.errors import DataError
 from ddl_apps.recipe import Recipe
 from ddl_apps.trainers.recsys import data
 from ddl_apps.trainers.recsys.model import NeuMF
@@ -95,13 +95,10 @@ def build_task(recipe: Recipe, topology: Topology) -> RecommendTask:
 
 
 def load_exported(model_dir: Path) -> tuple[NeuMF, dict, data.SeenItems]:
-    try:
+    with reading_export(model_dir), np.load(model_dir / HISTORY, allow_pickle=False) as history:
         architecture = json.loads((model_dir / ARCHITECTURE).read_text())
         catalogue = json.loads((model_dir / CATALOGUE).read_text())
-        with np.load(model_dir / HISTORY, allow_pickle=False) as history:
-            seen = data.SeenItems(history["users"], history["items"], architecture["num_items"])
-    except (OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"no usable exported model in {model_dir} ({e}); did the run finish?") from None
+        seen = data.SeenItems(history["users"], history["items"], architecture["num_items"])
     model = NeuMF(**architecture, seed=0)
     load_weights(model, model_dir)
     return model.eval(), catalogue, seen
