@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import click
 import yaml
 from rich.console import Console
 
+from ddl_apps.core.launch import Elastic, hostfile_discovery
 from ddl_apps.errors import UserError
 
 console = Console(stderr=True, soft_wrap=True)
@@ -70,29 +72,79 @@ def show(recipe: str, overrides: tuple[str, ...]) -> None:
 @main.command(context_settings={"ignore_unknown_options": True})
 @click.argument("recipe")
 @click.argument("overrides", nargs=-1)
-@click.option("-np", "num_proc", type=click.IntRange(min=1), default=1, show_default=True, help="workers")
+@click.option("-np", "num_proc", type=click.IntRange(min=1), help="workers  [default: 1; --elastic: --max-np]")
 @click.option("-H", "--hosts", help="host1:slots,host2:slots (passed to horovodrun)")
 @click.option("--hostfile", type=click.Path(exists=True, dir_okay=False), help="horovodrun hostfile")
 @click.option("--mpi", "controller", flag_value="mpi", help="use the MPI controller")
 @click.option("--gloo", "controller", flag_value="gloo", help="use the Gloo controller (default)")
 @click.option("--resume", is_flag=True, help="continue the run in run.dir (or the newest) from its checkpoint")
-def train(recipe, overrides, num_proc, hosts, hostfile, controller, resume) -> None:
+@click.option("--elastic", is_flag=True, help="go on when workers fail, take in workers that join (Gloo; PyTorch "
+              "recipes); with --hostfile, editing the file adds or removes hosts")
+@click.option("--min-np", type=click.IntRange(min=1), default=1, show_default=True,
+              help="--elastic: fewest workers to go on with")
+@click.option("--max-np", type=click.IntRange(min=1), help="--elastic: most workers  [default: -np]")
+@click.option("--host-discovery-script", help="--elastic: a command printing the available hosts as host:slots "
+              "lines (instead of -H / --hostfile; default: this machine)")
+def train(recipe, overrides, num_proc, hosts, hostfile, controller, resume, elastic, min_np, max_np,
+          host_discovery_script) -> None:
     """Train RECIPE, on one process or on -np N Horovod workers."""
     from ddl_apps.recipe import load_recipe
 
     config = load_recipe(recipe, list(overrides))
-    if not inside_horovodrun() and (num_proc > 1 or hosts or hostfile):
+    if not inside_horovodrun() and (elastic or (num_proc or 1) > 1 or hosts or hostfile):
         from ddl_apps.core.launch import run_horovod
 
         command = [sys.executable, "-m", "ddl_apps.cli", "train", recipe, *overrides, *(["--resume"] if resume else [])]
-        result = run_horovod(command, num_proc, controller or config.dist.controller, hosts, hostfile)
-        sys.exit(result.returncode)
+        controller = controller or config.dist.controller
+        if not elastic:
+            sys.exit(run_horovod(command, num_proc or 1, controller, hosts, hostfile).returncode)
+        with tempfile.TemporaryDirectory(prefix="ddl-hosts-") as scratch:
+            hosts_path = None if host_discovery_script else Path(hostfile or _write_hosts(hosts, max_np, scratch))
+            job, extra = _elastic_job(config, resume, controller, num_proc, min_np, max_np,
+                                      host_discovery_script or hosts_path)
+            sys.exit(run_horovod(command + extra, num_proc or job.max_np, controller, elastic=job).returncode)
     from ddl_apps.trainers import load_trainer
 
     engine = load_trainer(config.trainer).ENGINE
     run_dir = engine.train(config, resume=resume)
     if not is_quiet_rank():
         console.print(f"run directory: {run_dir}")
+
+
+def _write_hosts(hosts: str | None, max_np: int | None, scratch: str) -> Path:
+    """-H's hosts (default: this machine, --max-np slots) as a hostfile for elastic discovery."""
+    path = Path(scratch) / "hosts"
+    path.write_text("\n".join((hosts or f"localhost:{max_np or 1}").split(",")) + "\n")
+    return path
+
+
+def _elastic_job(config, resume: bool, controller: str, num_proc: int | None, min_np: int, max_np: int | None,
+                 discovery: str | Path):
+    """The elastic settings, and the overrides every worker gets: the run directory (chosen here, as a worker
+    joining later cannot agree on it with the others) and the global batch of --max-np workers. `discovery`: a
+    hostfile (its slots are the default --max-np), or a discovery command."""
+    from ddl_apps.core import hosts, rundir
+
+    listed = None
+    if isinstance(discovery, Path):
+        try:
+            listed = hosts.parse_hostfile(discovery.read_text())
+        except (OSError, ValueError) as e:
+            raise click.UsageError(f"hostfile {discovery}: {e}") from None
+    max_np = max_np or num_proc or (sum(slots for _, slots in listed) if listed else None)
+    if max_np is None:
+        raise click.UsageError("--elastic needs --max-np (the most workers) or -np")
+    if not min_np <= (num_proc or max_np) <= max_np:
+        raise click.UsageError(f"--elastic needs --min-np <= -np <= --max-np (got {min_np}, {num_proc}, {max_np})")
+    if controller != "gloo":
+        raise click.UsageError("--elastic runs on Gloo; leave out --mpi (and dist.controller=mpi)")
+    run_dir = rundir.choose_run_dir(config, resume)
+    rundir.check_new_run(run_dir, resume)
+    extra = [f"run.dir={run_dir}"] + ([] if config.dist.batch_workers else [f"dist.batch_workers={max_np}"])
+    if listed is None:
+        return Elastic(min_np, max_np, str(discovery)), extra
+    local = "lo" if hosts.all_local(listed) else None
+    return Elastic(min_np, max_np, hostfile_discovery(discovery), local), extra
 
 
 def _run_trainer(run_dir: Path):

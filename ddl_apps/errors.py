@@ -15,3 +15,7 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """No usable checkpoint or model file (missing, corrupt or incompatible)."""
+
+
+class TrainingError(UserError):
+    """Training cannot go on as configured (e.g. the loss became NaN)."""

@@ -34,12 +34,17 @@ class OptimConfig(Section):
     warmup_steps: int = Field(0, ge=0)
     schedule: Literal["constant", "linear", "cosine"] = "constant"
     clip_grad_norm: float | None = Field(None, gt=0)
+    nonfinite: Literal["stop", "skip"] = Field("stop", description="a step whose loss or gradients are NaN or "
+                                              "infinite: stop the run naming it, or skip it (PyTorch engine)")
 
 
 class DistConfig(Section):
     compression: Literal["none", "fp16"] = "none"
     controller: Literal["gloo", "mpi"] = "gloo"
     scale_lr: bool = Field(True, description="multiply lr by workers x accumulation")
+    batch_workers: int | None = Field(None, ge=1, description="the global batch is batch_size x this x accumulation; "
+                                      "default: the number of workers. `ddl train --elastic` sets it to --max-np, "
+                                      "so workers leaving or joining change neither the batch nor the lr")
     cycle_time_ms: float = Field(5.0, gt=0, description="how often Horovod's background thread negotiates; "
                                  "longer suits long steps (HOROVOD_CYCLE_TIME in the environment wins)")
 

@@ -61,12 +61,23 @@ def test_ranks_split_each_global_step_without_overlap(size, accumulation):
     n, batch, seed = 1000, 16, 7
     order = sharding.epoch_order(n, seed, epoch=3)
     assert np.array_equal(order, sharding.epoch_order(n, seed, epoch=3))  # the same on every rank
-    steps = sharding.steps_per_epoch(n, batch, size, accumulation)
-    for step in range(steps):
-        parts = [np.concatenate(sharding.rank_step_batches(order, step, batch, r, size, accumulation))
-                 for r in range(size)]
-        global_step = order[step * batch * size * accumulation : (step + 1) * batch * size * accumulation]
-        assert np.array_equal(np.concatenate(parts), global_step)
+    global_batch = batch * size * accumulation
+    micro = sharding.micro_batches_per_step(global_batch, batch, size)
+    assert micro == accumulation
+    for step in range(sharding.steps_per_epoch(n, global_batch)):
+        batches = [sharding.rank_step_batches(order, step, global_batch, r, size, micro) for r in range(size)]
+        assert all(len(b) == batch for rank in batches for b in rank)
+        global_step = order[step * global_batch : (step + 1) * global_batch]
+        assert np.array_equal(np.concatenate([np.concatenate(rank) for rank in batches]), global_step)
+
+
+def test_fewer_workers_share_the_same_global_step():
+    """An elastic run of 4 workers' global batch on 3: the same examples, shares within one of each other."""
+    order, global_batch = sharding.epoch_order(500, 1, epoch=0), 64
+    micro = sharding.micro_batches_per_step(global_batch, 16, 3)
+    batches = [sharding.rank_step_batches(order, 2, global_batch, r, 3, micro) for r in range(3)]
+    assert micro == 2 and {len(b) for rank in batches for b in rank} <= {10, 11}
+    assert np.array_equal(np.concatenate([np.concatenate(rank) for rank in batches]), order[128:192])
 
 
 def test_evaluation_shards_cover_every_example_once():

@@ -6,7 +6,8 @@ Each test runs for the PyTorch and the Keras 3 engine, on scikit-learn's digits 
 import numpy as np
 import pytest
 
-from tests.engine_runs import PROBES, final_weights, summary, train
+from ddl_apps.core import sharding
+from tests.engine_runs import PROBES, ddl, final_weights, summary, train
 
 pytestmark = pytest.mark.distributed
 
@@ -70,3 +71,35 @@ def test_bf16_mixed_precision_trains(engine, reference, tmp_path):
     run = train(tmp_path / "run", "optim.batch_size=64", "run.precision=bf16", recipe=PROBES[engine])
     accuracy = {r: summary(r)["results"]["model (valid)"]["accuracy"] for r in (run, reference)}
     assert abs(accuracy[run] - accuracy[reference]) <= 0.03, accuracy
+
+
+def step_holding(example: int, epoch: int, global_batch: int = 64, seed: int = 0, examples: int = 1536) -> int:
+    """The (1-based) global step in which the probe trains `example` in `epoch`."""
+    position = int(np.flatnonzero(sharding.epoch_order(examples, seed, epoch) == example)[0])
+    return epoch * (examples // global_batch) + position // global_batch + 1
+
+
+def test_a_nan_loss_stops_the_run_naming_its_step(engine, tmp_path):
+    """A NaN in one example's features, trained by one of two ranks: both stop at that step, exit code 2."""
+    run = tmp_path / "run"
+    result = ddl("train", PROBES[engine], f"run.dir={run}", "optim.batch_size=32", "data.nan_examples=[700]",
+                 "-np", "2")
+    assert result.returncode == 2, result.stderr
+    assert f"the loss became NaN or infinite at step {step_holding(700, 0)} (epoch 1)" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and not (run / "model").exists()
+
+
+def test_nan_steps_can_be_skipped(engine, reference, tmp_path):
+    """optim.nonfinite=skip (PyTorch): the two steps holding the NaN example (one per epoch) are left out on
+    both ranks, the run finishes, and it learns as well as the clean run. Keras refuses the setting."""
+    run = tmp_path / "run"
+    result = ddl("train", PROBES[engine], f"run.dir={run}", "optim.batch_size=32", "data.nan_examples=[700]",
+                 "optim.nonfinite=skip", "-np", "2")
+    if engine == "keras":
+        assert result.returncode == 2 and "optim.nonfinite=skip needs the PyTorch engine" in result.stderr
+        return
+    assert result.returncode == 0, result.stderr
+    skipped = [line.split(":")[0] for line in result.stderr.splitlines() if "step skipped" in line]
+    assert skipped == [f"step {step_holding(700, epoch)}" for epoch in (0, 1)], result.stderr
+    accuracy = {r: summary(r)["results"]["model (valid)"]["accuracy"] for r in (run, reference)}
+    assert abs(accuracy[run] - accuracy[reference]) <= 0.02 and np.isfinite(final_weights(run)).all(), accuracy

@@ -71,11 +71,30 @@ def _start(hvd: ModuleType, to_tensor: Callable[[np.ndarray], Any], cycle_time_m
     os.environ.setdefault("HOROVOD_CYCLE_TIME", f"{cycle_time_ms:g}")
     hvd.init()
     _collectives = _Collectives(hvd, to_tensor)
+    return topology()
+
+
+def topology() -> Topology:
+    """This worker's place now (under --elastic it changes when workers leave or join)."""
+    hvd = _active().hvd
     return Topology(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size())
+
+
+def is_elastic() -> bool:
+    """Whether horovodrun started this worker for elastic training."""
+    return os.environ.get("HOROVOD_ELASTIC") == "1"
 
 
 def _cores_per_worker(local_size: int) -> int:
     return max(1, (os.cpu_count() or 1) // local_size)
+
+
+def share_torch_cores(topology: Topology) -> None:
+    """Give this worker its share of the host's cores (unless OMP_NUM_THREADS says otherwise)."""
+    import torch
+
+    if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(_cores_per_worker(topology.local_size))
 
 
 def init_torch(cycle_time_ms: float) -> Topology:
@@ -86,8 +105,7 @@ def init_torch(cycle_time_ms: float) -> Topology:
     topology = _start(hvd, lambda a: torch.from_numpy(np.ascontiguousarray(a)), cycle_time_ms)
     if torch.cuda.is_available():
         torch.cuda.set_device(topology.local_rank)
-    if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(_cores_per_worker(topology.local_size))
+    share_torch_cores(topology)
     return topology
 
 

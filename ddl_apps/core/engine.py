@@ -3,7 +3,9 @@ schedule, logging, checkpoint cadence, resume bookkeeping, exact evaluation acro
 
 A framework engine supplies `run_steps` (train on given global steps of an epoch), `predict_batch`,
 `current_lr`, `weights_bytes`, `parameter_bytes`, and `write_state` / `restore_state` for checkpoints; one whose
-model is partly sharded across ranks also gathers it whole (`gather_state`, `exportable_model`).
+model is partly sharded across ranks also gathers it whole (`gather_state`, `exportable_model`); one that trains
+elastically (workers leaving and joining, core/elastic.py) keeps its state in memory (`memory_state`,
+`load_memory_state`) and reads checkpoints on one rank (`load_checkpoint`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
@@ -22,7 +25,7 @@ import numpy as np
 from ddl_apps.core import checkpoint as ckpt
 from ddl_apps.core import dist, rundir, sharding
 from ddl_apps.core.metrics import RunLog, SilentLog
-from ddl_apps.errors import CheckpointError, DataError
+from ddl_apps.errors import CheckpointError, DataError, RecipeError, TrainingError
 from ddl_apps.recipe import OptimConfig, Recipe
 
 
@@ -97,6 +100,28 @@ class Throughput:
                 "samples_per_s": round(self.samples / self.seconds, 1) if self.seconds else 0.0}
 
 
+class LossWindow:
+    """This rank's losses since the last log line: their sum and count (finite ones), the non-finite count, and
+    the samples trained."""
+
+    def __init__(self):
+        self.loss, self.steps, self.samples, self.started = 0.0, 0, 0, time.perf_counter()
+        self.nonfinite = 0
+
+    def add(self, losses: np.ndarray, samples: int) -> None:
+        finite = np.isfinite(losses)
+        self.loss += float(losses[finite].sum())
+        self.steps += int(finite.sum())
+        self.nonfinite = int((~finite).sum())  # of the last chunk: a stop looks at it at once
+        self.samples += samples
+
+    def totals(self) -> list[float]:
+        return [self.loss, self.steps, self.nonfinite]
+
+    def rate(self) -> float:
+        return self.samples / max(1e-9, time.perf_counter() - self.started)
+
+
 def scaled_lr(optim: OptimConfig, size: int, scale: bool) -> float:
     return optim.lr * (size * optim.accumulation if scale else 1)
 
@@ -111,34 +136,45 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
 
 class Engine(ABC):
     init: Any  # staticmethod: start Horovod for this framework, return the Topology
+    elastic: bool = False  # whether this engine can train under `ddl train --elastic`
 
     def __init__(self, recipe: Recipe, task: Task, topology: dist.Topology, run_dir: Path, training: bool = True):
         """With training=False: only the model (for evaluating an exported one), no optimizer, nothing written."""
         self.recipe, self.task, self.topo, self.run_dir = recipe, task, topology, run_dir
+        self.training = training
         self.log = RunLog(run_dir, recipe.run.progress) if training and topology.is_root else SilentLog()
         optim = recipe.optim
-        self.base_lr = scaled_lr(optim, topology.size, recipe.dist.scale_lr)
-        self.steps_per_epoch = sharding.steps_per_epoch(len(task.train), optim.batch_size, topology.size,
-                                                        optim.accumulation)
+        batch_workers = recipe.dist.batch_workers or topology.size
+        self.global_batch = optim.batch_size * batch_workers * optim.accumulation
+        self.base_lr = scaled_lr(optim, batch_workers, recipe.dist.scale_lr)
+        self.steps_per_epoch = sharding.steps_per_epoch(len(task.train), self.global_batch)
         if self.steps_per_epoch == 0:
             raise DataError(
                 f"the training set ({len(task.train)} examples) is smaller than one global step "
-                f"(batch_size {optim.batch_size} x {topology.size} workers x accumulation {optim.accumulation}); "
+                f"(batch_size {optim.batch_size} x {batch_workers} workers x accumulation {optim.accumulation}); "
                 "lower optim.batch_size or use more data"
             )
         self.total_steps = self.steps_per_epoch * optim.epochs
         self.progress = Progress()
         self.throughput = Throughput()
+        self.skipped_steps: list[int] = []  # steps left out for non-finite gradients (optim.nonfinite=skip)
+        self.commit: Any = lambda: None  # elastic runs: save the state in memory, see core/elastic.py
 
     def lr_factor(self, step: int) -> float:
         optim = self.recipe.optim
         return lr_factor(step, optim.warmup_steps, self.total_steps, optim.schedule)
 
+    def rank_batches(self, order: np.ndarray, step: int) -> list[np.ndarray]:
+        """This rank's micro-batches (example indices) of global step `step` of the epoch whose order is given."""
+        batch_size, size = self.recipe.optim.batch_size, self.topo.size
+        micro = sharding.micro_batches_per_step(self.global_batch, batch_size, size)
+        return sharding.rank_step_batches(order, step, self.global_batch, self.topo.rank, size, micro)
+
     # ---- what each framework supplies -----------------------------------------------------------------
     @abstractmethod
-    def run_steps(self, order: np.ndarray, first: int, count: int) -> float:
-        """Train global steps first..first+count-1 of the epoch whose order is given; return the sum of this
-        rank's per-step mean losses."""
+    def run_steps(self, order: np.ndarray, first: int, count: int) -> list[float]:
+        """Train global steps first..first+count-1 of the epoch whose order is given; return this rank's mean loss
+        of each step (NaN for a step skipped for non-finite gradients)."""
 
     @abstractmethod
     def statistics(self) -> list:
@@ -196,6 +232,26 @@ class Engine(ABC):
     def set_rng_state(self, state: np.ndarray) -> None:
         del state  # nothing to restore where the RNG state lives in the model
 
+    # elastic training (engines with elastic = True)
+    def memory_state(self) -> dict:
+        """A copy in memory of the model, optimizer and schedule state."""
+        raise NotImplementedError
+
+    def load_memory_state(self, state: dict) -> None:
+        raise NotImplementedError
+
+    def load_checkpoint(self, checkpoint: Path) -> None:
+        """Load a checkpoint on this rank alone (no collective)."""
+        raise NotImplementedError
+
+    def resized(self, topology: dist.Topology) -> None:
+        """After workers left or joined: the new rank and size; a rank that became rank 0 starts writing the log."""
+        self.topo = topology
+        if self.training and topology.is_root and type(self.log) is SilentLog:
+            self.log = RunLog(self.run_dir, self.recipe.run.progress)
+            self.log.start(self.total_steps, self.progress.step)
+        self.log.message(f"workers changed: training goes on with {topology.size} from step {self.progress.step}")
+
     # ---- the loop -------------------------------------------------------------------------------------
     def _next_event(self) -> int:
         """Steps until the next log line, checkpoint, max_steps or the end of the epoch."""
@@ -208,49 +264,77 @@ class Engine(ABC):
         return max(1, min(bounds))
 
     def fit(self) -> dict[str, dict[str, float]]:
+        """Train to the end (or run.max_steps), evaluate and export; under `--elastic`, across workers leaving
+        and joining."""
+        if not dist.is_elastic():
+            return self.train_loop()
+        from ddl_apps.core import elastic
+
+        return elastic.run(self)
+
+    def train_loop(self) -> dict[str, dict[str, float]]:
         run, optim = self.recipe.run, self.recipe.optim
         self.log.start(self.total_steps, self.progress.step)
-        global_batch = optim.batch_size * optim.accumulation * self.topo.size
-        window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+        window = LossWindow()
         stopped = False
         while self.progress.epoch < optim.epochs and not stopped:
-            order = self.epoch_order(global_batch)
+            order = self.epoch_order()
             while self.progress.step_in_epoch < self.steps_per_epoch:
                 count = self._next_event()
                 started = time.perf_counter()
-                window_loss += self.run_steps(order, self.progress.step_in_epoch, count)
+                losses = np.asarray(self.run_steps(order, self.progress.step_in_epoch, count), dtype=np.float64)
                 self.average_statistics()
-                self.throughput.add(count * global_batch, time.perf_counter() - started)
-                window_steps += count
+                self.throughput.add(count * self.global_batch, time.perf_counter() - started)
+                window.add(losses, count * self.global_batch)
+                loss_sum, finite_steps, nonfinite = dist.allreduce_sum(window.totals())
+                if nonfinite and optim.nonfinite == "stop":
+                    self._stop_at_nonfinite(losses)
+                self._report_skipped()
                 self.progress.step_in_epoch += count
                 self.progress.step += count
                 self.log.advance(count)
                 if self.progress.step % run.log_every == 0:
-                    loss_sum, steps = dist.allreduce_sum([window_loss, window_steps])
-                    elapsed = time.perf_counter() - window_start
-                    self.log.step(self.progress.step, {"loss": loss_sum / steps, "lr": self.current_lr(),
-                                                       "samples_per_s": window_steps * global_batch / elapsed})
-                    window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+                    self.log.step(self.progress.step, {"loss": loss_sum / finite_steps if finite_steps else math.nan,
+                                                       "lr": self.current_lr(), "samples_per_s": window.rate()})
+                    window = LossWindow()
                 if run.checkpoint_every and self.progress.step % run.checkpoint_every == 0:
                     self.save_checkpoint()
                 if run.max_steps and self.progress.step >= run.max_steps:
                     stopped = True
                     break
+                self.commit()
             if not stopped:
                 self.progress.epoch += 1
                 self.progress.step_in_epoch = 0
                 if run.eval_every_epoch:
                     self.log.record("valid", self.progress.step, self.evaluate(self.task.valid)[0])
             self.save_checkpoint()
+            self.commit()
         return self.finish(complete=not stopped)
 
-    def epoch_order(self, global_batch: int) -> np.ndarray:
+    def _stop_at_nonfinite(self, losses: np.ndarray) -> None:
+        """Collective: raise on every rank, naming the first step whose loss was NaN or infinite on any rank."""
+        bad = np.flatnonzero(~np.isfinite(losses))
+        mine = self.progress.step + 1 + bad[0] if len(bad) else np.iinfo(np.int64).max
+        first = int(dist.allgather_array(np.array([mine], dtype=np.int64)).min())
+        raise TrainingError(
+            f"the loss became NaN or infinite at step {first} (epoch {self.progress.epoch + 1}); the last checkpoint "
+            f"is in {self.run_dir / rundir.CHECKPOINTS}. Lower optim.lr, set optim.clip_grad_norm, look for "
+            "NaN/Inf in the data, or set optim.nonfinite=skip to leave such steps out"
+        )
+
+    def _report_skipped(self) -> None:
+        for step in self.skipped_steps:
+            self.log.message(f"step {step}: non-finite gradients, step skipped (optim.nonfinite=skip)")
+        self.skipped_steps.clear()
+
+    def epoch_order(self) -> np.ndarray:
         """This epoch's order of training examples; bucketed by length when the source has `lengths`."""
         train, seed, epoch = self.task.train, self.recipe.run.seed, self.progress.epoch
         lengths = getattr(train, "lengths", None)
         if lengths is None:
             return sharding.epoch_order(len(train), seed, epoch)
-        return sharding.bucketed_order(np.asarray(lengths), seed, epoch, global_batch)
+        return sharding.bucketed_order(np.asarray(lengths), seed, epoch, self.global_batch)
 
     # ---- evaluation -----------------------------------------------------------------------------------
     def predict_split(self, source: BatchSource) -> dict[str, np.ndarray]:
@@ -299,7 +383,16 @@ class Engine(ABC):
         return str(found), {**saved, "rng": ckpt.load_state(found, "rng")["by_rank"]}
 
     def restore(self) -> None:
-        """Continue from the newest good checkpoint: state, progress, and (same worker count) RNG."""
+        """Continue from the newest good checkpoint: state, progress, and (same worker count) RNG. Under --elastic
+        rank 0 reads it alone (a worker joining later must not meet a collective here); the elastic start hands
+        its state to the others."""
+        if dist.is_elastic():
+            if self.topo.is_root:
+                path, saved = self._find_checkpoint()
+                self.load_checkpoint(Path(path))
+                self.progress = Progress(**{k: v for k, v in saved.items() if k in ("epoch", "step_in_epoch", "step")})
+                self.log.message(f"resumed from {path} at step {self.progress.step}")
+            return
         path, saved = dist.on_root(self._find_checkpoint)
         self.restore_state(Path(path) if self.topo.is_root else None)
         rng = saved.pop("rng")
@@ -350,11 +443,20 @@ def run_training(recipe: Recipe, resume: bool, engine_class: type[Engine]) -> Pa
     """Start Horovod, build the trainer's task, prepare the run directory, train; returns the run directory."""
     from ddl_apps.trainers import load_trainer
 
+    os.umask(0o077)  # everything a run writes (metrics, checkpoints, the model) is private to the user
     topology = engine_class.init(recipe.dist.cycle_time_ms)
+    elastic = dist.is_elastic()
+    if elastic and not engine_class.elastic:
+        raise RecipeError(f"--elastic needs the PyTorch engine; {recipe.name} trains with {engine_class.__name__}")
     dist.seed_everything(recipe.run.seed + topology.rank)
-    run_dir = dist.on_root(rundir.choose_run_dir, recipe, resume)
+    # An elastic run gets run.dir from `ddl train` and makes no collective before training starts: a worker that
+    # joins later runs this while the others are already training.
+    run_dir = rundir.choose_run_dir(recipe, resume) if elastic else dist.on_root(rundir.choose_run_dir, recipe, resume)
     task = load_trainer(recipe.trainer).build_task(recipe, topology)  # bad data fails here, before any file
-    dist.on_root(rundir.prepare_run_dir, run_dir, recipe, resume)
+    if not elastic:
+        dist.on_root(rundir.prepare_run_dir, run_dir, recipe, resume)
+    elif topology.is_root and not (run_dir / rundir.CONFIG_FILE).exists():
+        rundir.prepare_run_dir(run_dir, recipe, resume)
     engine = engine_class(recipe, task, topology, run_dir)
     if resume:
         engine.restore()

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 CONTROLLERS = ("gloo", "mpi")
@@ -23,14 +25,30 @@ def horovodrun_executable() -> str:
     return found
 
 
+@dataclass(frozen=True)
+class Elastic:
+    """An elastic job: between min_np and max_np workers, on the hosts a discovery command prints."""
+
+    min_np: int
+    max_np: int
+    discovery: str  # a shell command printing `host:slots` lines
+    network_interface: str | None = None  # else Horovod waits for two hosts to find their common interfaces
+
+
+def hostfile_discovery(hostfile: Path) -> str:
+    """A discovery command that reads `hostfile` each time it runs (see core/hosts.py)."""
+    return shlex.join([sys.executable, "-m", "ddl_apps.core.hosts", str(hostfile.resolve())])
+
+
 def horovodrun_command(
     command: list[str],
     np: int,
     controller: str | None = None,
     hosts: str | None = None,
     hostfile: str | None = None,
+    elastic: Elastic | None = None,
 ) -> list[str]:
-    """`horovodrun -np N [--gloo|--mpi] [-H ...|--hostfile ...] COMMAND`."""
+    """`horovodrun -np N [--gloo|--mpi] [-H ...|--hostfile ...|elastic arguments] COMMAND`."""
     if controller is not None and controller not in CONTROLLERS:
         raise ValueError(f"controller must be one of {CONTROLLERS}, not {controller!r}")
     argv = [horovodrun_executable(), "-np", str(np)]
@@ -40,6 +58,11 @@ def horovodrun_command(
         argv += ["-H", hosts]
     if hostfile:
         argv += ["--hostfile", hostfile]
+    if elastic:
+        argv += ["--min-np", str(elastic.min_np), "--max-np", str(elastic.max_np),
+                 "--host-discovery-script", elastic.discovery]
+        if elastic.network_interface:
+            argv += ["--network-interface", elastic.network_interface]
     return argv + command  # for MPI, horovodrun itself passes --allow-run-as-root
 
 
@@ -60,13 +83,16 @@ def run_horovod(
     env: dict[str, str] | None = None,
     timeout: float | None = None,
     capture: bool = False,
+    elastic: Elastic | None = None,
 ) -> subprocess.CompletedProcess:
     """Launch COMMAND on N Horovod workers and wait for it: output captured, or shown on stderr.
 
     When shown: when a worker fails, its own message is what the user needs, so horovodrun's Python traceback
     about it is left out, and the exit code is the worker's (2 for an error in the user's input)."""
-    argv = horovodrun_command(command, np, controller, hosts, hostfile)
+    argv = horovodrun_command(command, np, controller, hosts, hostfile, elastic)
     full_env = {**os.environ, **(env or {})}
+    if elastic:  # a worker replacing a dead one starts (imports, data) while the others wait for it: Horovod's 30 s
+        full_env.setdefault("HOROVOD_GLOO_TIMEOUT_SECONDS", "120")  # is short for that on a busy host
     if capture:
         return subprocess.run(argv, env=full_env, timeout=timeout, text=True, capture_output=True, check=False)
     launcher_traceback: list[str] = []

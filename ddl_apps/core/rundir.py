@@ -31,12 +31,17 @@ def choose_run_dir(recipe: Recipe, resume: bool) -> Path:
     return Path("runs") / f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool) -> None:
-    """Create the run directory (private to the user) and write the resolved config; rank 0 only."""
+def check_new_run(run_dir: Path, resume: bool) -> None:
+    """A new run (not --resume) must not write into an earlier run's directory."""
     if not resume and (run_dir / CHECKPOINTS).exists():
         raise RecipeError(
             f"run directory {run_dir} already holds a run; continue it with --resume or choose another run.dir"
         )
+
+
+def prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool) -> None:
+    """Create the run directory (private to the user) and write the resolved config; rank 0 only."""
+    check_new_run(run_dir, resume)
     run_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(run_dir, 0o700)
     resolved = recipe.model_dump(mode="json")

@@ -1,10 +1,11 @@
 """Which examples each rank sees, step by step.
 
 Every rank draws the same permutation of the training set for an epoch (seeded by the run seed and the epoch),
-cuts it into global steps of `batch_size x size x accumulation` examples, and takes its own contiguous slice of
-each. So np=2 with batch B visits exactly the examples np=1 with batch 2B visits, in the same steps, and a run
-resumed at (epoch, step-in-epoch) continues with exactly the examples it would have seen. The last incomplete
-global step is dropped so that all ranks always do the same number of steps.
+cuts it into global steps of `batch_size x workers x accumulation` examples, and takes its own contiguous slice
+of each (`workers` is the number of workers, or an elastic run's --max-np whatever the number now). So np=2 with
+batch B visits exactly the examples np=1 with batch 2B visits, in the same steps, and a run resumed at (epoch,
+step-in-epoch) continues with exactly the examples it would have seen. The last incomplete global step is dropped
+so that all ranks always do the same number of steps.
 """
 
 from __future__ import annotations
@@ -31,18 +32,22 @@ def bucketed_order(lengths: np.ndarray, seed: int, epoch: int, global_batch: int
     return np.concatenate([batches.reshape(-1), order[full:]])
 
 
-def steps_per_epoch(num_examples: int, batch_size: int, size: int, accumulation: int) -> int:
-    return num_examples // (batch_size * size * accumulation)
+def steps_per_epoch(num_examples: int, global_batch: int) -> int:
+    return num_examples // global_batch
 
 
-def rank_step_batches(
-    order: np.ndarray, step: int, batch_size: int, rank: int, size: int, accumulation: int
-) -> list[np.ndarray]:
-    """The micro-batches (index arrays) rank `rank` runs in global step `step` of an epoch."""
-    per_rank = batch_size * accumulation
-    start = step * per_rank * size + rank * per_rank
-    mine = order[start : start + per_rank]
-    return [mine[i * batch_size : (i + 1) * batch_size] for i in range(accumulation)]
+def micro_batches_per_step(global_batch: int, batch_size: int, size: int) -> int:
+    """How many micro-batches each of `size` ranks runs per step, none larger than `batch_size`."""
+    return -(-global_batch // (size * batch_size))
+
+
+def rank_step_batches(order: np.ndarray, step: int, global_batch: int, rank: int, size: int,
+                      micro_batches: int) -> list[np.ndarray]:
+    """The micro-batches (index arrays) rank `rank` runs in global step `step` of an epoch: its contiguous share
+    of the step's examples, cut in `micro_batches` parts. When `size` does not divide the global batch (an elastic
+    run that lost a worker), shares and parts differ by at most one example."""
+    examples = order[step * global_batch : (step + 1) * global_batch]
+    return np.array_split(np.array_split(examples, size)[rank], micro_batches)
 
 
 def eval_shard(num_examples: int, rank: int, size: int) -> np.ndarray:

@@ -15,10 +15,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from ddl_apps.core import dist, sharding
+from ddl_apps.core import dist
 from ddl_apps.core.engine import ColumnSource, Engine, evaluate_exported, run_training
 from ddl_apps.core.rundir import MODEL_DIR
-from ddl_apps.errors import CheckpointError
+from ddl_apps.errors import CheckpointError, RecipeError
 from ddl_apps.recipe import OptimConfig, Recipe
 
 KERAS_WEIGHTS = "model.weights.h5"
@@ -50,6 +50,21 @@ def make_optimizer(optim: OptimConfig, learning_rate) -> keras.optimizers.Optimi
     return keras.optimizers.AdamW(weight_decay=optim.weight_decay, **common)
 
 
+class BatchLosses(keras.callbacks.Callback):
+    """Each batch's loss in a fit (Keras reports the running mean of the epoch so far)."""
+
+    def on_train_begin(self, logs=None):
+        self.means: list[float] = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.means.append(float(logs["loss"]))
+
+    @property
+    def values(self) -> np.ndarray:
+        totals = np.asarray(self.means) * np.arange(1, len(self.means) + 1)
+        return np.diff(totals, prepend=0.0)
+
+
 class KerasEngine(Engine):
     init = staticmethod(dist.init_tf)
 
@@ -68,6 +83,9 @@ class KerasEngine(Engine):
         import horovod.tensorflow.keras as hvd_keras
 
         optim = recipe.optim
+        if optim.nonfinite == "skip":
+            raise RecipeError("optim.nonfinite=skip needs the PyTorch engine; with Keras a non-finite loss stops the "
+                              "run (optim.nonfinite=stop)")
         factors = [self.lr_factor(step) for step in range(self.total_steps + 1)]
         self.schedule = TableSchedule(self.base_lr, factors, optim.accumulation)
         compression = hvd_keras.Compression.fp16 if recipe.dist.compression == "fp16" else hvd_keras.Compression.none
@@ -80,21 +98,19 @@ class KerasEngine(Engine):
         self._first_fit_callbacks = [hvd_keras.callbacks.BroadcastGlobalVariablesCallback(0)]
 
     # ---- training -------------------------------------------------------------------------------------
-    def run_steps(self, order: np.ndarray, first: int, count: int) -> float:
-        optim, topo = self.recipe.optim, self.topo
-        indices = np.concatenate([
-            np.concatenate(sharding.rank_step_batches(order, step, optim.batch_size, topo.rank, topo.size,
-                                                      optim.accumulation))
-            for step in range(first, first + count)
-        ])
+    def run_steps(self, order: np.ndarray, first: int, count: int) -> list[float]:
+        optim = self.recipe.optim
+        steps = range(first, first + count)
+        indices = np.concatenate([np.concatenate(self.rank_batches(order, step)) for step in steps])
         batch = self.task.train.take(indices)
         dataset = tf.data.Dataset.from_tensor_slices((batch["x"], batch["y"])).batch(optim.batch_size)
         if self._augment is not None:  # the trainer's random augmentation, per batch
             dataset = dataset.map(self._augment, num_parallel_calls=tf.data.AUTOTUNE)
         dataset = dataset.prefetch(tf.data.AUTOTUNE)
         callbacks, self._first_fit_callbacks = self._first_fit_callbacks, []
-        history = self.model.fit(dataset, epochs=1, verbose=0, shuffle=False, callbacks=callbacks)
-        return float(history.history["loss"][-1]) * count
+        losses = BatchLosses()
+        self.model.fit(dataset, epochs=1, verbose=0, shuffle=False, callbacks=[*callbacks, losses])
+        return np.mean(np.reshape(losses.values, (count, optim.accumulation)), axis=1).tolist()
 
     def _statistic_weights(self) -> list:
         return [w for w in self.model.non_trainable_weights if w.dtype.startswith("float")]

@@ -3,6 +3,7 @@ clipping and mixed precision; weights and optimizer state checkpointed as safete
 
 from __future__ import annotations
 
+import copy
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -11,10 +12,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ddl_apps.core import checkpoint as ckpt
-from ddl_apps.core import dist, sharding
+from ddl_apps.core import dist
 from ddl_apps.core.engine import ColumnSource, Engine, evaluate_exported, run_training
 from ddl_apps.core.parallel import embedding as parallel
-from ddl_apps.errors import CheckpointError
+from ddl_apps.errors import CheckpointError, RecipeError
 from ddl_apps.recipe import OptimConfig, Recipe
 
 Batch = dict[str, torch.Tensor]
@@ -50,6 +51,7 @@ def load_weights(model: torch.nn.Module, folder: Path) -> None:
 
 class TorchEngine(Engine):
     init = staticmethod(dist.init_torch)
+    elastic = True
 
     def __init__(self, recipe: Recipe, task, topology: dist.Topology, run_dir: Path, training: bool = True):
         super().__init__(recipe, task, topology, run_dir, training)
@@ -65,7 +67,13 @@ class TorchEngine(Engine):
 
         optim = recipe.optim
         shards = parallel.sharded_keys(self.model)  # each rank's own rows: neither broadcast nor allreduced
-        hvd.broadcast_parameters({k: v for k, v in self.model.state_dict().items() if k not in shards}, root_rank=0)
+        if dist.is_elastic():
+            if shards:
+                raise RecipeError("--elastic cannot re-shard embedding tables across a changing number of workers; "
+                                  "train this recipe without --elastic, or with model.model_parallel=false")
+        else:  # (an elastic run broadcasts its whole state when training starts)
+            hvd.broadcast_parameters({k: v for k, v in self.model.state_dict().items() if k not in shards},
+                                     root_rank=0)
         compression = hvd.Compression.fp16 if recipe.dist.compression == "fp16" else hvd.Compression.none
         self.optimizer = hvd.DistributedOptimizer(
             make_optimizer(optim, self.model.parameters(), self.base_lr),
@@ -86,37 +94,45 @@ class TorchEngine(Engine):
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     # ---- training -------------------------------------------------------------------------------------
-    def run_steps(self, order: np.ndarray, first: int, count: int) -> float:
-        optim, topo = self.recipe.optim, self.topo
-        return sum(self.train_step(sharding.rank_step_batches(order, step, optim.batch_size, topo.rank, topo.size,
-                                                               optim.accumulation))
-                   for step in range(first, first + count))
+    def run_steps(self, order: np.ndarray, first: int, count: int) -> list[float]:
+        return [self.train_step(self.rank_batches(order, step), self.progress.step + 1 + step - first)
+                for step in range(first, first + count)]
 
-    def train_step(self, micro_batches: list[np.ndarray]) -> float:
-        """One optimizer step over this rank's micro-batches; returns the rank's mean loss."""
+    def train_step(self, micro_batches: list[np.ndarray], step: int) -> float:
+        """Optimizer step `step` over this rank's micro-batches; returns the rank's mean loss (NaN if skipped).
+
+        Each micro-batch's loss is weighted by its share of the global batch, so the averaged gradient is the
+        global batch's mean gradient even when ranks' shares differ (an elastic run with fewer workers)."""
         self.model.train()
+        if len(micro_batches) != self.optimizer.backward_passes_per_step:
+            self.optimizer.set_backward_passes_per_step(len(micro_batches))
         self.optimizer.zero_grad()
         total = 0.0
         for indices in micro_batches:
             with self._autocast():
                 loss = self.task.loss(self.model, self._to_device(self.task.train.take(indices)))
-            scaled = loss / len(micro_batches)
+            scaled = loss * (len(indices) * self.topo.size / self.global_batch)
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-            total += float(loss.detach())
-        clip = self.recipe.optim.clip_grad_norm
-        if clip or self.scaler:
+            total += float(loss.detach()) * len(indices)
+        optim = self.recipe.optim
+        skip_nonfinite = optim.nonfinite == "skip" and not self.scaler  # (the fp16 scaler skips such steps itself)
+        if optim.clip_grad_norm or self.scaler or skip_nonfinite:
             self.optimizer.synchronize()  # gradients are allreduced here, then unscaled and clipped locally
             if self.scaler:
                 self.scaler.unscale_(self.optimizer)
-            if clip:
-                torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), clip,
-                                                     parallel.global_grad_norm(self.model))
+            norm = parallel.global_grad_norm(self.model) if optim.clip_grad_norm or skip_nonfinite else None
+            if skip_nonfinite and not torch.isfinite(norm):  # the same on every rank: gradients are averaged
+                self.skipped_steps.append(step)
+                self.schedule.step()
+                return float("nan")
+            if optim.clip_grad_norm:
+                torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), optim.clip_grad_norm, norm)
             with self.optimizer.skip_synchronize():
                 self._optimizer_step()
         else:
             self._optimizer_step()
         self.schedule.step()
-        return total / len(micro_batches)
+        return total / sum(len(indices) for indices in micro_batches)
 
     def _optimizer_step(self) -> None:
         if self.scaler:
@@ -175,12 +191,18 @@ class TorchEngine(Engine):
             "scaler": self.scaler.state_dict() if self.scaler else {},
         })
 
-    def restore_state(self, checkpoint: Path | None) -> None:
-        def read() -> dict:
-            return {"model": load_file(str(checkpoint / WEIGHTS)),
-                    "training": ckpt.load_state(checkpoint, "training")}
+    @staticmethod
+    def _read_checkpoint(checkpoint: Path) -> dict:
+        return {"model": load_file(str(checkpoint / WEIGHTS)), "training": ckpt.load_state(checkpoint, "training")}
 
-        state = dist.on_root(read)  # rank 0 reads; every rank gets the same state and keeps its own rows
+    def restore_state(self, checkpoint: Path | None) -> None:
+        # rank 0 reads; every rank gets the same state and keeps its own rows
+        self._apply_checkpoint(dist.on_root(self._read_checkpoint, checkpoint))
+
+    def load_checkpoint(self, checkpoint: Path) -> None:
+        self._apply_checkpoint(self._read_checkpoint(checkpoint))
+
+    def _apply_checkpoint(self, state: dict) -> None:
         parallel.load_replicated_state(self.model, state["model"])
         training = state["training"]
         parallel.load_replicated_optimizer_state(self.optimizer, self.model, training["optimizer"])
@@ -190,6 +212,23 @@ class TorchEngine(Engine):
 
     def load_exported(self, model_dir: Path) -> None:
         load_weights(self.model, model_dir)
+
+    # ---- elastic training -----------------------------------------------------------------------------
+    def memory_state(self) -> dict:
+        return copy.deepcopy({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                              "schedule": self.schedule.state_dict(),
+                              "scaler": self.scaler.state_dict() if self.scaler else {}})
+
+    def load_memory_state(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])  # (Horovod's also drops pending allreduces)
+        self.schedule.load_state_dict(state["schedule"])
+        if self.scaler and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+
+    def resized(self, topology: dist.Topology) -> None:
+        super().resized(topology)
+        dist.share_torch_cores(topology)
 
 
 def train(recipe: Recipe, resume: bool = False) -> Path:

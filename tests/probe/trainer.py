@@ -17,6 +17,7 @@ def digits(recipe) -> tuple[dict, dict]:
 
     x, y = load_digits(return_X_y=True)
     x, n = (x / 16.0).astype(np.float32), recipe.data.train_examples
+    x[recipe.data.nan_examples] = np.nan
     return {"x": x[:n], "y": y[:n]}, {"x": x[n:], "y": y[n:]}
 
 

@@ -1,13 +1,5 @@
-"""The Keras probe trainer for the engine tests: the same digits and MLP as tests/probe, in Keras 3."""
+"""The Keras probe takes the PyTorch probe's data and model settings."""
 
-from pydantic import Field
+from tests.probe.config import DataConfig, ModelConfig
 
-from ddl_apps.recipe import Section
-
-
-class DataConfig(Section):
-    train_examples: int = Field(1536, gt=0)
-
-
-class ModelConfig(Section):
-    hidden: int = 32
+__all__ = ["DataConfig", "ModelConfig"]

@@ -1,0 +1,109 @@
+"""Issue 11: elastic training. A worker is SIGKILLed mid-epoch; the job goes on from the last commit (with the
+survivor alone when its host is gone, or with a new worker when the machine is still there) and ends with the
+weights of an undisturbed run: the global batch stays that of --max-np workers whatever their number."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ddl_apps.core.hosts import all_local, parse_hostfile
+from tests.engine_runs import PROBE, REPO, ddl, final_weights, summary, train
+
+LONG = ("optim.epochs=20",)  # 480 steps of the probe: a few seconds, long enough to kill a worker mid-run
+
+
+def test_hostfile_forms_and_errors():
+    assert parse_hostfile("# cluster\nnode1 slots=4\nnode2:2\nnode3  # one slot\n\n") == [
+        ("node1", 4), ("node2", 2), ("node3", 1)]
+    with pytest.raises(ValueError, match="line 2"):
+        parse_hostfile("node1:2\nnode2:two\n")
+    assert all_local([("localhost", 2), ("127.0.0.1", 1)])
+    assert not all_local([("host.invalid", 1)])
+
+
+@pytest.mark.parametrize("args,message", [
+    (("--elastic", "--min-np", "3", "--max-np", "2"), "--min-np <= -np <= --max-np"),
+    (("--elastic", "--max-np", "2", "--mpi"), "runs on Gloo"),
+    (("--elastic", "--host-discovery-script", "true"), "needs --max-np"),
+])
+def test_bad_elastic_options_are_refused(tmp_path, args, message):
+    result = ddl("train", PROBE, f"run.dir={tmp_path / 'run'}", *args)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_elastic_refuses_a_keras_recipe(tmp_path):
+    result = ddl("train", "tests/probe_keras/digits.yaml", f"run.dir={tmp_path / 'run'}", "--elastic", "--max-np", "2")
+    assert result.returncode == 2 and "--elastic needs the PyTorch engine" in result.stderr, result.stderr
+
+
+def worker_pids(rank: int) -> list[int]:
+    """Processes of `ddl train` workers with this Horovod rank."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline, environ = (proc / "cmdline").read_bytes(), (proc / "environ").read_bytes().split(b"\0")
+        except OSError:  # not a process, or gone
+            continue
+        if b"ddl_apps.cli\0train" in cmdline and f"HOROVOD_RANK={rank}".encode() in environ:
+            found.append(int(proc.name))
+    return found
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [row["step"] for row in map(json.loads, filter(None, lines)) if row["split"] == "train"]
+
+
+def train_and_kill_rank_1(run_dir: Path, kill_after: int, *flags: str) -> tuple[subprocess.CompletedProcess, int]:
+    """Start an elastic run, SIGKILL rank 1 once step `kill_after` is logged; the run's result and the last step
+    logged before the kill."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "ddl_apps.cli", "train", PROBE, f"run.dir={run_dir}", *LONG, "--elastic", *flags]
+    with subprocess.Popen(command, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, start_new_session=True) as job:
+        deadline = time.monotonic() + 240
+        while max(logged_steps(run_dir), default=0) < kill_after and time.monotonic() < deadline:
+            time.sleep(0.02)
+        victims = worker_pids(1)
+        last_logged = max(logged_steps(run_dir), default=0)
+        assert victims and last_logged < 480, f"no rank 1 to kill at step {last_logged}"
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+        output, _ = job.communicate(timeout=300)
+    return subprocess.CompletedProcess(command, job.returncode, output), last_logged
+
+
+@pytest.fixture(scope="module")
+def undisturbed(tmp_path_factory):
+    return train(tmp_path_factory.mktemp("np2") / "run", *LONG, "optim.batch_size=32", np=2)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("hosts,workers_after", [
+    (("-H", "localhost:1,127.0.0.1:1"), 1),  # two 'hosts': rank 1's host is gone, the survivor goes on alone
+    (("--max-np", "2"), 2),  # one machine: the dead worker's slot is started again and rejoins
+])
+def test_a_killed_worker_loses_no_committed_step(tmp_path, undisturbed, hosts, workers_after):
+    kill_after = random.Random().randrange(60, 300, 10)
+    result, last_logged = train_and_kill_rank_1(tmp_path / "run", kill_after, *hosts)
+    note = f"killed rank 1 after step {last_logged}:\n{result.stdout[-4000:]}"
+    assert result.returncode == 0, note
+    resumed = [line for line in result.stdout.splitlines() if "workers changed" in line]
+    assert resumed and f"goes on with {workers_after} from step" in resumed[0], note
+    from_step = int(resumed[0].rsplit(" ", 1)[1])
+    assert last_logged - 10 <= from_step <= last_logged + 10, note  # commits come with each log line (every 10)
+    done = summary(tmp_path / "run")
+    assert done["steps"] == 480 and done["workers"] == workers_after, note
+    np.testing.assert_allclose(final_weights(tmp_path / "run"), final_weights(undisturbed), rtol=0, atol=1e-6)
