@@ -29,6 +29,27 @@ def train(run_dir: Path, *overrides: str, np: int = 1, recipe: str = PROBE, flag
     return run_dir
 
 
+def start_training(run_dir: Path, recipe: str, *args: str) -> subprocess.Popen:
+    """`ddl train RECIPE` in the background (output captured), for tests that kill it."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "ddl_apps.cli", "train", recipe, f"run.dir={run_dir}", *args]
+    return subprocess.Popen(command, cwd=REPO,
+                            env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def training_processes(run_dir: Path, rank: int | None = None) -> list[int]:
+    """The launcher and workers of the `ddl train` of `run_dir` (only the worker of `rank`, if given)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline, environ = (proc / "cmdline").read_bytes(), (proc / "environ").read_bytes().split(b"\0")
+        except OSError:  # not a process, or gone
+            continue
+        if f"run.dir={run_dir}".encode() in cmdline and (rank is None or f"HOROVOD_RANK={rank}".encode() in environ):
+            found.append(int(proc.name))
+    return found
+
+
 def final_weights(run_dir: Path) -> np.ndarray:
     """The exported weights as one float64 vector (PyTorch: safetensors; Keras: .weights.h5)."""
     torch_weights = run_dir / "model" / "model.safetensors"

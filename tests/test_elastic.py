@@ -9,7 +9,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import numpy as np
 import pytest
 
 from ddl_apps.core.hosts import all_local, parse_hostfile
-from tests.engine_runs import PROBE, REPO, ddl, final_weights, summary, train
+from tests.engine_runs import PROBE, ddl, final_weights, start_training, summary, train, training_processes
 
 LONG = ("optim.epochs=20",)  # 480 steps of the probe: a few seconds, long enough to kill a worker mid-run
 
@@ -47,19 +46,6 @@ def test_elastic_refuses_a_keras_recipe(tmp_path):
     assert result.returncode == 2 and "--elastic needs the PyTorch engine" in result.stderr, result.stderr
 
 
-def worker_pids(rank: int) -> list[int]:
-    """Processes of `ddl train` workers with this Horovod rank."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            cmdline, environ = (proc / "cmdline").read_bytes(), (proc / "environ").read_bytes().split(b"\0")
-        except OSError:  # not a process, or gone
-            continue
-        if b"ddl_apps.cli\0train" in cmdline and f"HOROVOD_RANK={rank}".encode() in environ:
-            found.append(int(proc.name))
-    return found
-
-
 def logged_steps(run_dir: Path) -> list[int]:
     path = run_dir / "metrics.jsonl"
     lines = path.read_text().splitlines() if path.exists() else []
@@ -69,20 +55,17 @@ def logged_steps(run_dir: Path) -> list[int]:
 def train_and_kill_rank_1(run_dir: Path, kill_after: int, *flags: str) -> tuple[subprocess.CompletedProcess, int]:
     """Start an elastic run, SIGKILL rank 1 once step `kill_after` is logged; the run's result and the last step
     logged before the kill."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "ddl_apps.cli", "train", PROBE, f"run.dir={run_dir}", *LONG, "--elastic", *flags]
-    with subprocess.Popen(command, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, start_new_session=True) as job:
+    with start_training(run_dir, PROBE, *LONG, "--elastic", *flags) as job:
         deadline = time.monotonic() + 240
         while max(logged_steps(run_dir), default=0) < kill_after and time.monotonic() < deadline:
             time.sleep(0.02)
-        victims = worker_pids(1)
+        victims = training_processes(run_dir, rank=1)
         last_logged = max(logged_steps(run_dir), default=0)
         assert victims and last_logged < 480, f"no rank 1 to kill at step {last_logged}"
         for pid in victims:
             os.kill(pid, signal.SIGKILL)
         output, _ = job.communicate(timeout=300)
-    return subprocess.CompletedProcess(command, job.returncode, output), last_logged
+    return subprocess.CompletedProcess(job.args, job.returncode, output), last_logged
 
 
 @pytest.fixture(scope="module")

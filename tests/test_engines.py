@@ -3,11 +3,17 @@
 Each test runs for the PyTorch and the Keras 3 engine, on scikit-learn's digits with the same small MLP.
 """
 
+import os
+import random
+import signal
+import time
+
 import numpy as np
 import pytest
 
 from ddl_apps.core import sharding
-from tests.engine_runs import PROBES, ddl, final_weights, summary, train
+from ddl_apps.core.checkpoint import list_checkpoints
+from tests.engine_runs import PROBES, ddl, final_weights, start_training, summary, train, training_processes
 
 pytestmark = pytest.mark.distributed
 
@@ -64,6 +70,38 @@ def test_stop_and_resume_gives_the_uninterrupted_weights(engine, two_workers, tm
     assert not (run / "model").exists()
     train(run, "optim.batch_size=32", np=2, flags=(controller, "--resume"), recipe=recipe)
     np.testing.assert_allclose(final_weights(run), final_weights(two_workers), rtol=0, atol=1e-6)
+
+
+KILLABLE = ("optim.batch_size=32", "optim.epochs=6", "run.checkpoint_every=7")  # 144 steps, a checkpoint every 7
+
+
+@pytest.fixture(scope="module")
+def killable_reference(engine, tmp_path_factory):
+    return train(tmp_path_factory.mktemp(f"{engine}-long") / "run", *KILLABLE, np=2, recipe=PROBES[engine])
+
+
+def test_a_job_killed_at_a_random_step_resumes_exactly(engine, killable_reference, tmp_path):
+    """SIGKILL the launcher and both workers once a random checkpoint exists, truncate the newest checkpoint (as a
+    crash in the middle of writing one would on a file system without atomic renames), resume: the corrupt one is
+    named and skipped, and the run ends with the uninterrupted run's weights."""
+    run, kill_at = tmp_path / "run", random.Random().randrange(14, 126)
+    with start_training(run, PROBES[engine], *KILLABLE, "-np", "2") as job:
+        deadline = time.monotonic() + 300
+        while (not list_checkpoints(run / "checkpoints") or list_checkpoints(run / "checkpoints")[-1].name <
+               f"step-{kill_at:08d}") and time.monotonic() < deadline and job.poll() is None:
+            time.sleep(0.01)
+        for pid in training_processes(run):
+            os.kill(pid, signal.SIGKILL)
+        job.wait(timeout=60)
+    checkpoints = list_checkpoints(run / "checkpoints")
+    assert len(checkpoints) >= 2 and not (run / "model").exists(), f"killed after {checkpoints[-1:]}"
+    newest = max((p for p in checkpoints[-1].iterdir() if p.name != "manifest.json"), key=lambda p: p.stat().st_size)
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    result = ddl("train", PROBES[engine], f"run.dir={run}", *KILLABLE, "-np", "2", "--resume")
+    assert result.returncode == 0, result.stderr
+    assert f"checkpoint {checkpoints[-1]} is unusable: {newest.name} does not match its checksum" in result.stderr
+    assert f"resumed from {checkpoints[-2]}" in result.stderr, result.stderr
+    np.testing.assert_allclose(final_weights(run), final_weights(killable_reference), rtol=0, atol=1e-6)
 
 
 def test_bf16_mixed_precision_trains(engine, reference, tmp_path):

@@ -35,7 +35,7 @@ class RunLog(SilentLog):
         from torch.utils.tensorboard import SummaryWriter
 
         self.run_dir = run_dir
-        self.console = Console(stderr=True)
+        self.console = Console(stderr=True, soft_wrap=True)  # whole lines: paths in messages stay greppable
         self._jsonl = (run_dir / METRICS_FILE).open("a", buffering=1)
         self._tb = SummaryWriter(str(run_dir / "tensorboard"))
         self._show_progress = show_progress and self.console.is_terminal
