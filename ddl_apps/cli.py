@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 import yaml
 from rich.console import Console
+from rich.markup import escape
 
 from ddl_apps.core.launch import Elastic, hostfile_discovery
 from ddl_apps.errors import UserError
@@ -27,9 +28,12 @@ def inside_horovodrun() -> bool:
     return "HOROVOD_RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ
 
 
+# Where launchers put a worker's rank: horovodrun, mpirun, and srun (before MPI starts, only SLURM / PMIx know it).
+RANK_VARIABLES = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
+
+
 def is_quiet_rank() -> bool:
-    rank = os.environ.get("HOROVOD_RANK") or os.environ.get("OMPI_COMM_WORLD_RANK") or "0"
-    return rank != "0"
+    return next((os.environ[v] for v in RANK_VARIABLES if v in os.environ), "0") != "0"
 
 
 class UserErrorsExit2(click.Group):
@@ -40,7 +44,7 @@ class UserErrorsExit2(click.Group):
             return super().invoke(ctx)
         except UserError as e:
             if not is_quiet_rank():
-                console.print(f"[bold red]error:[/] {e}", highlight=False)
+                console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
             sys.exit(2)
 
 
@@ -63,16 +67,18 @@ def recipes() -> None:
 @click.argument("overrides", nargs=-1)
 def show(recipe: str, overrides: tuple[str, ...]) -> None:
     """Print the resolved config of RECIPE with OVERRIDES (section.key=value)."""
+    from ddl_apps.core.redact import redact
     from ddl_apps.recipe import load_recipe
 
     config = load_recipe(recipe, list(overrides))
-    click.echo(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), nl=False)
+    click.echo(yaml.safe_dump(redact(config.model_dump(mode="json")), sort_keys=False), nl=False)
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
 @click.argument("recipe")
 @click.argument("overrides", nargs=-1)
-@click.option("-np", "num_proc", type=click.IntRange(min=1), help="workers  [default: 1; --elastic: --max-np]")
+@click.option("-np", "num_proc", type=click.IntRange(min=1),
+              help="workers  [default: the slots of -H / --hostfile, else 1; --elastic: --max-np]")
 @click.option("-H", "--hosts", help="host1:slots,host2:slots (passed to horovodrun)")
 @click.option("--hostfile", type=click.Path(exists=True, dir_okay=False), help="horovodrun hostfile")
 @click.option("--mpi", "controller", flag_value="mpi", help="use the MPI controller")
@@ -97,7 +103,8 @@ def train(recipe, overrides, num_proc, hosts, hostfile, controller, resume, elas
         command = [sys.executable, "-m", "ddl_apps.cli", "train", recipe, *overrides, *(["--resume"] if resume else [])]
         controller = controller or config.dist.controller
         if not elastic:
-            sys.exit(run_horovod(command, num_proc or 1, controller, hosts, hostfile).returncode)
+            num_proc = num_proc or _total_slots(hosts, hostfile)
+            sys.exit(run_horovod(command, num_proc, controller, hosts, hostfile).returncode)
         with tempfile.TemporaryDirectory(prefix="ddl-hosts-") as scratch:
             hosts_path = None if host_discovery_script else Path(hostfile or _write_hosts(hosts, max_np, scratch))
             job, extra = _elastic_job(config, resume, controller, num_proc, min_np, max_np,
@@ -109,6 +116,17 @@ def train(recipe, overrides, num_proc, hosts, hostfile, controller, resume, elas
     run_dir = engine.train(config, resume=resume)
     if not is_quiet_rank():
         console.print(f"run directory: {run_dir}")
+
+
+def _total_slots(hosts: str | None, hostfile: str | None) -> int:
+    """The slots -H or --hostfile lists (1 without either)."""
+    from ddl_apps.core.hosts import parse_hostfile
+
+    try:
+        listed = parse_hostfile(Path(hostfile).read_text() if hostfile else "\n".join((hosts or "").split(",")))
+    except (OSError, ValueError) as e:
+        raise click.UsageError(f"hosts {hostfile or hosts!r}: {e}") from None
+    return sum(slots for _, slots in listed) or 1
 
 
 def _write_hosts(hosts: str | None, max_np: int | None, scratch: str) -> Path:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import reprlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,7 +21,8 @@ RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # No inf or nan: the run directory's config.yaml (read back by eval and predict) could not hold them.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class OptimConfig(Section):
@@ -86,6 +88,10 @@ def _suggest(word: str, choices) -> str:
     return f" (did you mean {close[0]!r}?)" if close else f"; known: {', '.join(sorted(choices))}"
 
 
+_SHORT = reprlib.Repr()  # a bad value as an error shows it: long text, lists and nesting cut short
+_SHORT.maxstring = _SHORT.maxother = 60
+
+
 def _describe(error: ValidationError, prefix: str, model: type[BaseModel]) -> str:
     """One line per problem, with the dotted key and, for unknown keys, the closest known one."""
     lines = []
@@ -98,8 +104,10 @@ def _describe(error: ValidationError, prefix: str, model: type[BaseModel]) -> st
                 parent = field.annotation if field and isinstance(field.annotation, type) else parent
             known = parent.model_fields if hasattr(parent, "model_fields") else {}
             lines.append(f"  - {where}: unknown key{_suggest(str(e['loc'][-1]), known)}")
+        elif e["type"] == "missing":
+            lines.append(f"  - {where}: {e['msg']}")
         else:
-            lines.append(f"  - {where}: {e['msg']} (got {e.get('input')!r})")
+            lines.append(f"  - {where}: {e['msg']} (got {_SHORT.repr(e.get('input'))})")
     return "\n".join(lines)
 
 
@@ -162,6 +170,10 @@ def read_yaml(path: Path) -> dict[str, Any]:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise RecipeError(f"recipe {path} is not valid YAML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"recipe {path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+    except RecursionError:
+        raise RecipeError(f"recipe {path} is nested too deeply to be a recipe; check its brackets") from None
     except OSError as e:
         raise RecipeError(f"cannot read recipe {path}: {e.strerror}") from None
     if not isinstance(raw, dict):

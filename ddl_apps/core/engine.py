@@ -122,6 +122,20 @@ class LossWindow:
         return self.samples / max(1e-9, time.perf_counter() - self.started)
 
 
+def epoch_steps(recipe: Recipe, train_examples: int, size: int) -> tuple[int, int]:
+    """The global batch and the optimizer steps per epoch; a clear error when not even one step fits."""
+    optim, workers = recipe.optim, recipe.dist.batch_workers or size
+    global_batch = optim.batch_size * workers * optim.accumulation
+    steps = sharding.steps_per_epoch(train_examples, global_batch)
+    if steps == 0:
+        raise DataError(
+            f"the training set ({train_examples} examples) is smaller than one global step "
+            f"(batch_size {optim.batch_size} x {workers} workers x accumulation {optim.accumulation}); "
+            "lower optim.batch_size or use more data"
+        )
+    return global_batch, steps
+
+
 def scaled_lr(optim: OptimConfig, size: int, scale: bool) -> float:
     return optim.lr * (size * optim.accumulation if scale else 1)
 
@@ -144,16 +158,8 @@ class Engine(ABC):
         self.training = training
         self.log = RunLog(run_dir, recipe.run.progress) if training and topology.is_root else SilentLog()
         optim = recipe.optim
-        batch_workers = recipe.dist.batch_workers or topology.size
-        self.global_batch = optim.batch_size * batch_workers * optim.accumulation
-        self.base_lr = scaled_lr(optim, batch_workers, recipe.dist.scale_lr)
-        self.steps_per_epoch = sharding.steps_per_epoch(len(task.train), self.global_batch)
-        if self.steps_per_epoch == 0:
-            raise DataError(
-                f"the training set ({len(task.train)} examples) is smaller than one global step "
-                f"(batch_size {optim.batch_size} x {batch_workers} workers x accumulation {optim.accumulation}); "
-                "lower optim.batch_size or use more data"
-            )
+        self.global_batch, self.steps_per_epoch = epoch_steps(recipe, len(task.train), topology.size)
+        self.base_lr = scaled_lr(optim, recipe.dist.batch_workers or topology.size, recipe.dist.scale_lr)
         self.total_steps = self.steps_per_epoch * optim.epochs
         self.progress = Progress()
         self.throughput = Throughput()
@@ -453,6 +459,7 @@ def run_training(recipe: Recipe, resume: bool, engine_class: type[Engine]) -> Pa
     # joins later runs this while the others are already training.
     run_dir = rundir.choose_run_dir(recipe, resume) if elastic else dist.on_root(rundir.choose_run_dir, recipe, resume)
     task = load_trainer(recipe.trainer).build_task(recipe, topology)  # bad data fails here, before any file
+    epoch_steps(recipe, len(task.train), topology.size)
     if not elastic:
         dist.on_root(rundir.prepare_run_dir, run_dir, recipe, resume)
     elif topology.is_root and not (run_dir / rundir.CONFIG_FILE).exists():

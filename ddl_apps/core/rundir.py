@@ -10,6 +10,7 @@ from pathlib import Path
 
 import yaml
 
+from ddl_apps.core.redact import redact
 from ddl_apps.errors import CheckpointError, RecipeError
 from ddl_apps.recipe import Recipe
 
@@ -46,7 +47,7 @@ def prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool) -> None:
     os.chmod(run_dir, 0o700)
     resolved = recipe.model_dump(mode="json")
     resolved["run"]["dir"] = str(run_dir)
-    (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(resolved, sort_keys=False))
+    (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(redact(resolved), sort_keys=False))
 
 
 def load_run_recipe(run_dir: Path) -> Recipe:

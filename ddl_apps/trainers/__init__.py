@@ -26,7 +26,7 @@ def trainer_package(name: str) -> str | None:
     if "." in name:
         try:
             return name if importlib.util.find_spec(f"{name}.trainer") else None
-        except ModuleNotFoundError:
+        except (ImportError, ValueError):  # no such module, or not a module name at all ('.x')
             return None
     return None
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from ddl_apps.errors import DataError
@@ -30,6 +31,11 @@ def read_text_table(path: Path, source_hint: str) -> pd.DataFrame:
         raise DataError(f"cannot read {path} as {kind}: {e}") from None
 
 
+def as_strings(column: pd.Series) -> pd.Series:
+    """Cells as stripped text; missing cells (NaN, None, null) become ''."""
+    return column.map(lambda v: "" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v).strip())
+
+
 def check_columns(frame: pd.DataFrame, wanted: list[str], source: object, fix: str) -> None:
     """One DataError naming every missing column (with the closest one the data has), the data's columns (the
     first 20), and `fix`: which recipe settings choose the columns."""
@@ -42,7 +48,8 @@ def check_columns(frame: pd.DataFrame, wanted: list[str], source: object, fix: s
         close = difflib.get_close_matches(column, columns, 1)
         named.append(f"{column!r} (did you mean {close[0]!r}?)" if close else repr(column))
     listed = ", ".join(map(repr, columns[:20])) + (f", ... ({len(columns)} in all)" if len(columns) > 20 else "")
-    raise DataError(f"{source} has no column {', '.join(named)}; its columns are {listed}. {fix}")
+    has = f"its columns are {listed}" if columns else "it has no columns at all (is it empty?)"
+    raise DataError(f"{source} has no column {', '.join(named)}; {has}. {fix}")
 
 
 def existing_files(inputs: list[str], kind: str) -> list[Path]:

@@ -22,17 +22,23 @@ def resample(audio: np.ndarray, rate: int) -> np.ndarray:
     return resample_poly(audio, SAMPLE_RATE // common, rate // common).astype(np.float32)
 
 
-def load_audio(path: Path) -> np.ndarray:
-    """16 kHz mono float32 samples of an audio file, or a DataError naming the file and what is wrong."""
+def read_samples(path: Path) -> tuple[np.ndarray, int]:
+    """Mono float32 samples of an audio file at its own rate, and the rate; or a DataError naming the file and what
+    is wrong (unreadable, corrupt, shorter than 50 ms, NaN or infinite samples)."""
     try:
         audio, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, OSError) as e:
         raise DataError(f"cannot read audio file {path}: {e}. Is it a WAV/FLAC/OGG file? Re-export or remove it "
                         "from the manifest.") from None
-    if len(audio) < MIN_SAMPLES * rate // SAMPLE_RATE:
+    if len(audio) * SAMPLE_RATE < MIN_SAMPLES * rate:  # shorter than 50 ms at its own rate
         raise DataError(f"audio file {path} is empty or shorter than 50 ms ({len(audio)} samples at {rate} Hz); "
                         "remove it from the manifest")
-    audio = resample(audio.mean(axis=1), rate)
+    audio = audio.mean(axis=1)
     if not np.isfinite(audio).all():
         raise DataError(f"audio file {path} holds NaN or infinite samples; re-export it")
-    return audio
+    return audio, rate
+
+
+def load_audio(path: Path) -> np.ndarray:
+    """16 kHz mono float32 samples of an audio file, or a DataError (see read_samples)."""
+    return resample(*read_samples(path))

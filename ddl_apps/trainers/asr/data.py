@@ -1,9 +1,10 @@
 """Manifests, text, features and batches for the speech trainer.
 
-A manifest is JSON lines with `audio_filepath` (absolute, or relative to the manifest's folder), `text` and
-optionally `duration` (seconds), the format NeMo and other ASR toolkits use, so LibriSpeech- or
-Common-Voice-style manifests work as they are. Audio is read lazily, batch by batch, so corpora larger than
-memory train too; every file's header is checked before training starts.
+A manifest is JSON lines with `audio_filepath` (absolute, or relative to the manifest's folder) and `text`
+(other fields, such as `duration`, are ignored), the format NeMo and other ASR toolkits use, so LibriSpeech- or
+Common-Voice-style manifests work as they are. Every file is decoded once before training starts (which measures
+its duration), so a broken one stops the run before it writes anything; then audio is read lazily, batch by
+batch, so corpora larger than memory train too.
 """
 
 from __future__ import annotations
@@ -14,14 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 import torch
 import torchaudio
 
 from ddl_apps.cache import cache_dir
 from ddl_apps.errors import DataError
 from ddl_apps.trainers.asr import corpus
-from ddl_apps.trainers.asr.audio import SAMPLE_RATE, load_audio
+from ddl_apps.trainers.asr.audio import SAMPLE_RATE, load_audio, read_samples
 from ddl_apps.trainers.asr.config import ASR_COMMANDS, DataConfig
 
 BLANK = 0
@@ -55,20 +55,21 @@ def read_manifest(path: Path, limit: int | None = None) -> Manifest:
     """Read and check a manifest: every line parses, names a readable audio file, and has a text."""
     if not path.is_file():
         raise DataError(f"manifest {path} does not exist")
-    paths, texts, durations = [], [], []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    paths, texts = [], []
+    for number, line in enumerate(manifest_lines(path), 1):
         if not line.strip():
             continue
         try:
             entry = json.loads(line)
-            audio, text = Path(entry["audio_filepath"]), str(entry["text"])
+            audio, text = Path(entry["audio_filepath"]), entry["text"]
         except (ValueError, KeyError, TypeError) as e:
             raise DataError(f"{path}, line {number}: not a manifest entry ({e!r}); each line must be a JSON object "
                             'with "audio_filepath" and "text"') from None
-        audio = audio if audio.is_absolute() else path.parent / audio
-        paths.append(audio)
+        if not isinstance(text, str):
+            raise DataError(f'{path}, line {number}: "text" must be the transcript as a string, not '
+                            f"{type(text).__name__}")
+        paths.append(audio if audio.is_absolute() else path.parent / audio)
         texts.append(normalise(text))
-        durations.append(entry.get("duration"))
         if limit and len(paths) == limit:
             break
     if not paths:
@@ -76,19 +77,21 @@ def read_manifest(path: Path, limit: int | None = None) -> Manifest:
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise DataError(f"{path}: {len(missing)} audio file(s) missing, e.g. {', '.join(missing[:3])}")
-    headers = [_check_header(audio) for audio in paths]
-    durations = [d if d is not None else h.duration for d, h in zip(durations, headers, strict=True)]
-    return Manifest(paths, texts, np.asarray(durations, dtype=np.float64))
+    return Manifest(paths, texts, np.asarray([seconds(audio) for audio in paths], dtype=np.float64))
 
 
-def _check_header(audio: Path) -> sf._SoundFileInfo:
+def manifest_lines(path: Path) -> list[str]:
+    """Lines split at newlines only: a JSON string may hold U+2028 and the like, where str.splitlines splits too."""
     try:
-        info = sf.info(str(audio))
-    except (sf.LibsndfileError, RuntimeError, OSError) as e:
-        raise DataError(f"cannot read audio file {audio}: {e}. Re-export it or remove it from the manifest") from None
-    if info.frames == 0:
-        raise DataError(f"audio file {audio} is empty; remove it from the manifest")
-    return info
+        return path.read_text().split("\n")
+    except UnicodeDecodeError as e:
+        raise DataError(f"manifest {path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+
+
+def seconds(audio: Path) -> float:
+    """The duration of an audio file, decoding all of it: a corrupt or empty file fails here, before training."""
+    samples, rate = read_samples(audio)
+    return len(samples) / rate
 
 
 def corpus_folder(cfg: DataConfig) -> Path:

@@ -71,13 +71,29 @@ def feature_columns(cfg: DataConfig, frame: pd.DataFrame) -> tuple[list[str], li
     numeric = cfg.numeric if cfg.numeric is not None else [
         c for c in frame.columns if c not in reserved and c not in cfg.categorical
     ]
+    if not numeric and not cfg.categorical:
+        raise DataError(f"{cfg.source} has no feature columns besides the label, time and id columns; add some, "
+                        "or name them in data.numeric and data.categorical")
     check_columns(frame, [*numeric, *cfg.categorical], cfg.source, COLUMNS_FIX)
+    check_numbers(frame, numeric, cfg.source, "list them under data.categorical in the recipe")
+    return numeric, list(cfg.categorical)
+
+
+def numbers(frame: pd.DataFrame, columns: list[str]) -> np.ndarray:
+    """The columns as float64, missing values (NaN, or pandas' NA in nullable columns) as NaN."""
+    return frame[columns].to_numpy(np.float64, na_value=np.nan)
+
+
+def check_numbers(frame: pd.DataFrame, numeric: list[str], source: object, text_fix: str) -> None:
+    """The numeric columns hold numbers or missing values (which are imputed), nothing infinite; `text_fix` says
+    what to do about a column of text."""
     not_numbers = [c for c in numeric if not pd.api.types.is_numeric_dtype(frame[c])]
     if not_numbers:
-        raise DataError(
-            f"columns {not_numbers} hold text, not numbers; list them under data.categorical in the recipe"
-        )
-    return numeric, list(cfg.categorical)
+        raise DataError(f"{source}: columns {not_numbers} hold text, not numbers; {text_fix}")
+    infinite = [c for c in numeric if np.isinf(numbers(frame, [c])).any()]
+    if infinite:
+        raise DataError(f"{source}: columns {infinite} hold infinite values; replace them with numbers, or leave "
+                        "those cells empty (missing values are imputed with the training median)")
 
 
 def labels(frame: pd.DataFrame, cfg: DataConfig) -> np.ndarray:
@@ -121,7 +137,7 @@ def category_strings(series: pd.Series) -> pd.Series:
     """Category values as strings, with 404 and 404.0 the same value (CSV readers differ on this); NaN stays NaN."""
     if pd.api.types.is_numeric_dtype(series):
         values = series.astype("float64")
-        whole = values.notna() & (values % 1 == 0)
+        whole = values.notna() & (values % 1 == 0) & (values.abs() < 2**53)  # larger ones are no exact integers
         text = values.astype(str).where(~whole, values.where(whole).astype("Int64").astype(str))
         return text.where(values.notna())
     return series.astype("string").astype(object).where(series.notna())
@@ -154,18 +170,20 @@ class Preprocessor:
         from sklearn.impute import SimpleImputer
         from sklearn.preprocessing import StandardScaler
 
-        raw = signed_log(frame[numeric].to_numpy(np.float64))
-        imputer = SimpleImputer(strategy="median", add_indicator=True, keep_empty_features=True).fit(raw)
-        indicator = imputer.indicator_.features_ if imputer.indicator_ is not None else []
-        scaler = StandardScaler().fit(imputer.transform(raw)[:, : len(numeric)])
+        medians, indicator, means, scales = [], [], [], []
+        if numeric:  # scikit-learn refuses zero columns; a table may have categorical features only
+            raw = signed_log(numbers(frame, numeric))
+            imputer = SimpleImputer(strategy="median", add_indicator=True, keep_empty_features=True).fit(raw)
+            indicator = imputer.indicator_.features_ if imputer.indicator_ is not None else []
+            scaler = StandardScaler().fit(imputer.transform(raw)[:, : len(numeric)])
+            medians, means, scales = imputer.statistics_.tolist(), scaler.mean_.tolist(), scaler.scale_.tolist()
         vocabularies, counts = {}, {}
         for column in categorical:
             frequent = category_strings(frame[column]).value_counts()
             frequent = frequent[frequent >= cfg.min_category_count].iloc[: cfg.max_categories]
             vocabularies[column] = [str(v) for v in frequent.index]
             counts[column] = [int(c) for c in frequent.to_numpy()]
-        return cls(numeric, imputer.statistics_.tolist(), [numeric[i] for i in indicator],
-                   scaler.mean_.tolist(), scaler.scale_.tolist(), vocabularies, counts, len(frame))
+        return cls(numeric, medians, [numeric[i] for i in indicator], means, scales, vocabularies, counts, len(frame))
 
     @property
     def num_features(self) -> int:
@@ -179,7 +197,8 @@ class Preprocessor:
         """(numeric features float32 [n, num_features], category indices int64 [n, columns])."""
         check_columns(frame, [*self.numeric, *self.vocabularies], "the data",
                       "Score a table with the columns the model was trained on")
-        raw = signed_log(frame[self.numeric].to_numpy(np.float64))
+        check_numbers(frame, self.numeric, "the data", "score a table with the columns the model was trained on")
+        raw = signed_log(numbers(frame, self.numeric))
         missing = np.isnan(raw)
         filled = np.where(missing, np.asarray(self.medians), raw)
         scaled = (filled - np.asarray(self.means)) / np.asarray(self.scales)

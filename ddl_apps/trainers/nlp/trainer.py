@@ -97,7 +97,7 @@ class TextTask:
 def build_task(recipe: Recipe, topology: Topology) -> TextTask:
     """Every rank reads the data and tokenises it the same way (cheap next to training), so nothing is shipped
     between ranks; a bad model folder or data file fails here, before the run directory is made."""
-    folder = model.model_folder(recipe.model.source)
+    folder = model.model_folder(recipe.model.source, weights=recipe.model.pretrained)
     return TextTask(recipe, data.load_splits(recipe.data), folder)
 
 

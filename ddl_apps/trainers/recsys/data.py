@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 
 from ddl_apps.errors import DataError
-from ddl_apps.trainers.file_inputs import check_columns, read_text_table
+from ddl_apps.trainers.file_inputs import as_strings, check_columns, read_text_table
 from ddl_apps.trainers.packaged import packaged_file
 from ddl_apps.trainers.recsys.config import MOVIELENS_100K, DataConfig
 
@@ -62,8 +62,8 @@ def read_own(path: Path, cfg: DataConfig) -> tuple[pd.DataFrame, dict[str, str]]
     frame = read_text_table(path, f"a CSV of (user, item, timestamp), or to {MOVIELENS_100K!r}")
     wanted = [cfg.user_column, cfg.item_column, cfg.time_column]
     check_columns(frame, wanted, path, "Set data.user_column, data.item_column and data.time_column to the right ones")
-    frame = frame[wanted].astype(str).set_axis(["user", "item", "timestamp"], axis=1)
-    blank = frame.index[(frame["user"].str.strip() == "") | (frame["item"].str.strip() == "")]
+    frame = frame[wanted].apply(as_strings).set_axis(["user", "item", "timestamp"], axis=1)
+    blank = frame.index[(frame["user"] == "") | (frame["item"] == "")]
     if len(blank):
         raise DataError(f"{path}: row {blank[0] + 2} (counting the header as 1) has an empty user or item")
     return frame, read_titles(Path(cfg.titles), cfg.item_column) if cfg.titles else {}
@@ -119,6 +119,9 @@ def leave_one_out(data: Interactions, valid_item: str, seed: int) -> LeaveOneOut
     count = np.bincount(users, minlength=data.num_users)
     from_end = np.cumsum(count)[users] - 1 - np.arange(len(users))  # 0 = the user's last interaction
     evaluated = count[users] >= 3
+    if not evaluated.any():
+        raise DataError("no user has 3 or more interactions, so there is nothing to hold out for validation and "
+                        "test; leave-one-out needs users with a history")
     test = evaluated & (from_end == 0)
     if valid_item == "previous":
         valid = evaluated & (from_end == 1)
@@ -129,11 +132,7 @@ def leave_one_out(data: Interactions, valid_item: str, seed: int) -> LeaveOneOut
         last_of_user = np.r_[users[by_user][1:] != users[by_user][:-1], True]
         valid = np.zeros(len(users), dtype=bool)
         valid[by_user[last_of_user]] = True
-    split = LeaveOneOut(train=np.sort(order[~test & ~valid]), valid=np.sort(order[valid]), test=np.sort(order[test]))
-    if len(split.test) == 0:
-        raise DataError("no user has 3 or more interactions, so there is nothing to hold out for validation and "
-                        "test; leave-one-out needs users with a history")
-    return split
+    return LeaveOneOut(train=np.sort(order[~test & ~valid]), valid=np.sort(order[valid]), test=np.sort(order[test]))
 
 
 class SeenItems:
