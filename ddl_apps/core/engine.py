@@ -101,22 +101,16 @@ class Throughput:
 
 
 class LossWindow:
-    """This rank's losses since the last log line: their sum and count (finite ones), the non-finite count, and
-    the samples trained."""
+    """This rank's losses since the last log line (the sum and count of the finite ones) and the samples trained."""
 
     def __init__(self):
         self.loss, self.steps, self.samples, self.started = 0.0, 0, 0, time.perf_counter()
-        self.nonfinite = 0
 
     def add(self, losses: np.ndarray, samples: int) -> None:
         finite = np.isfinite(losses)
         self.loss += float(losses[finite].sum())
         self.steps += int(finite.sum())
-        self.nonfinite = int((~finite).sum())  # of the last chunk: a stop looks at it at once
         self.samples += samples
-
-    def totals(self) -> list[float]:
-        return [self.loss, self.steps, self.nonfinite]
 
     def rate(self) -> float:
         return self.samples / max(1e-9, time.perf_counter() - self.started)
@@ -292,7 +286,8 @@ class Engine(ABC):
                 self.average_statistics()
                 self.throughput.add(count * self.global_batch, time.perf_counter() - started)
                 window.add(losses, count * self.global_batch)
-                loss_sum, finite_steps, nonfinite = dist.allreduce_sum(window.totals())
+                loss_sum, finite_steps, nonfinite = dist.allreduce_sum(
+                    [window.loss, window.steps, (~np.isfinite(losses)).sum()])
                 if nonfinite and optim.nonfinite == "stop":
                     self._stop_at_nonfinite(losses)
                 self._report_skipped()
@@ -393,18 +388,16 @@ class Engine(ABC):
         rank 0 reads it alone (a worker joining later must not meet a collective here); the elastic start hands
         its state to the others."""
         if dist.is_elastic():
-            if self.topo.is_root:
-                path, saved = self._find_checkpoint()
-                self.load_checkpoint(Path(path))
-                self.progress = Progress(**{k: v for k, v in saved.items() if k in ("epoch", "step_in_epoch", "step")})
-                self.log.message(f"resumed from {path} at step {self.progress.step}")
-            return
-        path, saved = dist.on_root(self._find_checkpoint)
-        self.restore_state(Path(path) if self.topo.is_root else None)
-        rng = saved.pop("rng")
-        if saved.pop("size") == self.topo.size and len(rng):
-            self.set_rng_state(np.asarray(rng[self.topo.rank]))
-        self.progress = Progress(**saved)
+            if not self.topo.is_root:
+                return
+            path, saved = self._find_checkpoint()
+            self.load_checkpoint(Path(path))
+        else:
+            path, saved = dist.on_root(self._find_checkpoint)
+            self.restore_state(Path(path) if self.topo.is_root else None)
+            if saved["size"] == self.topo.size and len(saved["rng"]):
+                self.set_rng_state(np.asarray(saved["rng"][self.topo.rank]))
+        self.progress = Progress(saved["epoch"], saved["step_in_epoch"], saved["step"])
         self.log.message(f"resumed from {path} at step {self.progress.step}")
 
     # ---- the end of a run -----------------------------------------------------------------------------
