@@ -102,14 +102,16 @@ def train(recipe, overrides, num_proc, hosts, hostfile, controller, resume, elas
 
         command = [sys.executable, "-m", "ddl_apps.cli", "train", recipe, *overrides, *(["--resume"] if resume else [])]
         controller = controller or config.dist.controller
+        listed = _listed_hosts(hosts, hostfile)
         if not elastic:
-            num_proc = num_proc or _total_slots(hosts, hostfile)
+            num_proc = num_proc or sum(slots for _, slots in listed) or 1
             sys.exit(run_horovod(command, num_proc, controller, hosts, hostfile).returncode)
+        max_np, extra = _elastic_run(config, resume, controller, num_proc, min_np, max_np,
+                                     None if host_discovery_script else listed)
         with tempfile.TemporaryDirectory(prefix="ddl-hosts-") as scratch:
-            hosts_path = None if host_discovery_script else Path(hostfile or _write_hosts(hosts, max_np, scratch))
-            job, extra = _elastic_job(config, resume, controller, num_proc, min_np, max_np,
-                                      host_discovery_script or hosts_path)
-            sys.exit(run_horovod(command + extra, num_proc or job.max_np, controller, elastic=job).returncode)
+            job = (Elastic(min_np, max_np, host_discovery_script) if host_discovery_script else
+                   _hostfile_job(min_np, max_np, listed or [("localhost", max_np)], hostfile, Path(scratch)))
+            sys.exit(run_horovod(command + extra, num_proc or max_np, controller, elastic=job).returncode)
     from ddl_apps.trainers import load_trainer
 
     engine = load_trainer(config.trainer).ENGINE
@@ -118,39 +120,25 @@ def train(recipe, overrides, num_proc, hosts, hostfile, controller, resume, elas
         console.print(f"run directory: {run_dir}")
 
 
-def _total_slots(hosts: str | None, hostfile: str | None) -> int:
-    """The slots -H or --hostfile lists (1 without either)."""
+def _listed_hosts(hosts: str | None, hostfile: str | None) -> list[tuple[str, int]]:
+    """The hosts and their slots that -H or --hostfile give (none without either)."""
     from ddl_apps.core.hosts import parse_hostfile
 
     try:
-        listed = parse_hostfile(Path(hostfile).read_text() if hostfile else "\n".join((hosts or "").split(",")))
+        return parse_hostfile(Path(hostfile).read_text() if hostfile else "\n".join((hosts or "").split(",")))
     except (OSError, ValueError) as e:
         raise click.UsageError(f"hosts {hostfile or hosts!r}: {e}") from None
-    return sum(slots for _, slots in listed) or 1
 
 
-def _write_hosts(hosts: str | None, max_np: int | None, scratch: str) -> Path:
-    """-H's hosts (default: this machine, --max-np slots) as a hostfile for elastic discovery."""
-    path = Path(scratch) / "hosts"
-    path.write_text("\n".join((hosts or f"localhost:{max_np or 1}").split(",")) + "\n")
-    return path
+def _elastic_run(config, resume: bool, controller: str, num_proc: int | None, min_np: int, max_np: int | None,
+                 listed: list[tuple[str, int]] | None) -> tuple[int, list[str]]:
+    """--max-np (default: -np, or the listed hosts' slots), and the overrides every worker gets: the run directory
+    (chosen here, as a worker joining later cannot agree on it with the others) and the global batch of --max-np
+    workers."""
+    from ddl_apps.core import rundir
 
-
-def _elastic_job(config, resume: bool, controller: str, num_proc: int | None, min_np: int, max_np: int | None,
-                 discovery: str | Path):
-    """The elastic settings, and the overrides every worker gets: the run directory (chosen here, as a worker
-    joining later cannot agree on it with the others) and the global batch of --max-np workers. `discovery`: a
-    hostfile (its slots are the default --max-np), or a discovery command."""
-    from ddl_apps.core import hosts, rundir
-
-    listed = None
-    if isinstance(discovery, Path):
-        try:
-            listed = hosts.parse_hostfile(discovery.read_text())
-        except (OSError, ValueError) as e:
-            raise click.UsageError(f"hostfile {discovery}: {e}") from None
-    max_np = max_np or num_proc or (sum(slots for _, slots in listed) if listed else None)
-    if max_np is None:
+    max_np = max_np or num_proc or sum(slots for _, slots in listed or [])
+    if not max_np:
         raise click.UsageError("--elastic needs --max-np (the most workers) or -np")
     if not min_np <= (num_proc or max_np) <= max_np:
         raise click.UsageError(f"--elastic needs --min-np <= -np <= --max-np (got {min_np}, {num_proc}, {max_np})")
@@ -158,11 +146,18 @@ def _elastic_job(config, resume: bool, controller: str, num_proc: int | None, mi
         raise click.UsageError("--elastic runs on Gloo; leave out --mpi (and dist.controller=mpi)")
     run_dir = rundir.choose_run_dir(config, resume)
     rundir.check_new_run(run_dir, resume)
-    extra = [f"run.dir={run_dir}"] + ([] if config.dist.batch_workers else [f"dist.batch_workers={max_np}"])
-    if listed is None:
-        return Elastic(min_np, max_np, str(discovery)), extra
-    local = "lo" if hosts.all_local(listed) else None
-    return Elastic(min_np, max_np, hostfile_discovery(discovery), local), extra
+    return max_np, [f"run.dir={run_dir}"] + ([] if config.dist.batch_workers else [f"dist.batch_workers={max_np}"])
+
+
+def _hostfile_job(min_np: int, max_np: int, listed: list[tuple[str, int]], hostfile: str | None,
+                  scratch: Path) -> Elastic:
+    """Discovery from the user's hostfile (re-read while the job runs), else from these hosts written to one."""
+    from ddl_apps.core.hosts import all_local
+
+    path = Path(hostfile) if hostfile else scratch / "hosts"
+    if not hostfile:
+        path.write_text("".join(f"{host}:{slots}\n" for host, slots in listed))
+    return Elastic(min_np, max_np, hostfile_discovery(path), "lo" if all_local(listed) else None)
 
 
 def _run_trainer(run_dir: Path):

@@ -4,7 +4,6 @@ weights of an undisturbed run: the global batch stays that of --max-np workers w
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 
 from ddl_apps.core.hosts import all_local, parse_hostfile
+from ddl_apps.core.metrics import read_metrics
 from tests.engine_runs import PROBE, ddl, final_weights, start_training, summary, train, training_processes
 
 LONG = ("optim.epochs=20",)  # 480 steps of the probe: a few seconds, long enough to kill a worker mid-run
@@ -47,9 +47,7 @@ def test_elastic_refuses_a_keras_recipe(tmp_path):
 
 
 def logged_steps(run_dir: Path) -> list[int]:
-    path = run_dir / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
-    return [row["step"] for row in map(json.loads, filter(None, lines)) if row["split"] == "train"]
+    return [row["step"] for row in read_metrics(run_dir) if row["split"] == "train"]
 
 
 def train_and_kill_rank_1(run_dir: Path, kill_after: int, *flags: str) -> tuple[subprocess.CompletedProcess, int]:
