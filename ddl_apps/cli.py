@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -18,7 +19,7 @@ import yaml
 from rich.console import Console
 from rich.markup import escape
 
-from ddl_apps.core.launch import Elastic, hostfile_discovery
+from ddl_apps.core.launch import Elastic, choose_controller, hostfile_discovery
 from ddl_apps.errors import UserError
 
 console = Console(stderr=True, soft_wrap=True)
@@ -81,8 +82,9 @@ def show(recipe: str, overrides: tuple[str, ...]) -> None:
               help="workers  [default: the slots of -H / --hostfile, else 1; --elastic: --max-np]")
 @click.option("-H", "--hosts", help="host1:slots,host2:slots (passed to horovodrun)")
 @click.option("--hostfile", type=click.Path(exists=True, dir_okay=False), help="horovodrun hostfile")
-@click.option("--mpi", "controller", flag_value="mpi", help="use the MPI controller")
-@click.option("--gloo", "controller", flag_value="gloo", help="use the Gloo controller (default)")
+@click.option("--mpi", "controller", flag_value="mpi", help="use the MPI controller  [default on one host]")
+@click.option("--gloo", "controller", flag_value="gloo",
+              help="use the Gloo controller  [default across hosts and with --elastic]")
 @click.option("--resume", is_flag=True, help="continue the run in run.dir (or the newest) from its checkpoint")
 @click.option("--elastic", is_flag=True, help="go on when workers fail, take in workers that join (Gloo; PyTorch "
               "recipes); with --hostfile, editing the file adds or removes hosts")
@@ -101,8 +103,8 @@ def train(recipe, overrides, num_proc, hosts, hostfile, controller, resume, elas
         from ddl_apps.core.launch import run_horovod
 
         command = [sys.executable, "-m", "ddl_apps.cli", "train", recipe, *overrides, *(["--resume"] if resume else [])]
-        controller = controller or config.dist.controller
         listed = _listed_hosts(hosts, hostfile)
+        controller = controller or choose_controller(config.dist.controller, elastic, listed)
         if not elastic:
             num_proc = num_proc or sum(slots for _, slots in listed) or 1
             sys.exit(run_horovod(command, num_proc, controller, hosts, hostfile).returncode)
@@ -184,6 +186,19 @@ def _predict(run_dir: Path, inputs: tuple[str, ...], output: Path | None) -> Non
 RUN_DIR = click.argument("run_dir", type=click.Path(path_type=Path))
 INPUTS = click.argument("inputs", nargs=-1, required=True)
 OUTPUT = click.option("-o", "--output", type=click.Path(path_type=Path), help="also write the results to this file")
+
+
+BENCHMARK_PARTS = ("allreduce", "scaling", "overhead", "peer", "report")
+
+
+@main.command()
+@click.argument("parts", nargs=-1, type=click.Choice(BENCHMARK_PARTS))
+def bench(parts: tuple[str, ...]) -> None:
+    """Run the benchmarks (all, or the PARTS named; `report` only rebuilds) and rebuild BENCHMARKS.md."""
+    runner = Path(__file__).resolve().parent.parent / "benchmarks" / "run.py"
+    if not runner.exists():
+        raise click.UsageError(f"ddl bench runs from a source checkout; {runner} is missing")
+    sys.exit(subprocess.run([sys.executable, str(runner), *parts], check=False).returncode)
 
 
 @main.command()

@@ -42,7 +42,12 @@ class OptimConfig(Section):
 
 class DistConfig(Section):
     compression: Literal["none", "fp16"] = "none"
-    controller: Literal["gloo", "mpi"] = "gloo"
+    controller: Literal["auto", "gloo", "mpi"] = Field(
+        "auto", description="auto: MPI on one host (shared memory; see BENCHMARKS.md), Gloo across hosts and "
+        "for --elastic")
+    gradient_groups: int = Field(1, ge=0, description="PyTorch engine: gradients are allreduced in this many fused "
+                                 "groups, each once all its gradients are ready; 0: each tensor as soon as it is "
+                                 "ready (Horovod's default: more negotiation rounds, more overlap)")
     scale_lr: bool = Field(True, description="multiply lr by workers x accumulation")
     batch_workers: int | None = Field(None, ge=1, description="the global batch is batch_size x this x accumulation; "
                                       "default: the number of workers. `ddl train --elastic` sets it to --max-np, "

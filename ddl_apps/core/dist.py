@@ -119,8 +119,10 @@ def init_tf(cycle_time_ms: float) -> Topology:
     if gpus:
         tf.config.experimental.set_memory_growth(gpus[topology.local_rank], True)
         tf.config.set_visible_devices(gpus[topology.local_rank], "GPU")
-    elif "OMP_NUM_THREADS" not in os.environ:
-        tf.config.threading.set_intra_op_parallelism_threads(_cores_per_worker(topology.local_size))
+    else:  # TensorFlow's own pool ignores OMP_NUM_THREADS, so honour it here as PyTorch does
+        threads = os.environ.get("OMP_NUM_THREADS", "")
+        cores = int(threads) if threads.isdigit() and int(threads) > 0 else _cores_per_worker(topology.local_size)
+        tf.config.threading.set_intra_op_parallelism_threads(cores)
         tf.config.threading.set_inter_op_parallelism_threads(1)
     return topology
 

@@ -14,6 +14,18 @@ from pathlib import Path
 CONTROLLERS = ("gloo", "mpi")
 
 
+def choose_controller(configured: str, elastic: bool, hosts: list[tuple[str, int]]) -> str:
+    """The recipe's dist.controller, with `auto` resolved: MPI when every worker is on this host (Open MPI's
+    shared-memory transport: at np=2 on 2 cores its allreduce beat torch.distributed's Gloo at every size from 4 KB
+    to 256 MB, where Horovod's Gloo path lost below 1 MB; BENCHMARKS.md), Gloo across hosts and for --elastic
+    (Horovod's elastic mode runs on Gloo only)."""
+    from ddl_apps.core.hosts import all_local
+
+    if configured != "auto":
+        return configured
+    return "gloo" if elastic or (hosts and not all_local(hosts)) else "mpi"
+
+
 def horovodrun_executable() -> str:
     """The horovodrun beside the running interpreter (the project's venv), else the one on PATH."""
     beside = Path(sys.executable).with_name("horovodrun")
@@ -66,6 +78,16 @@ def horovodrun_command(
     return argv + command  # for MPI, horovodrun itself passes --allow-run-as-root
 
 
+def worker_env(controller: str | None, elastic: bool, env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for horovodrun: ours (os.environ and `env`) wins over the settings the core ships."""
+    shipped = {}
+    if controller != "gloo":  # Open MPI busy-polls while it waits for the other ranks; on a host with as many
+        shipped["OMPI_MCA_mpi_yield_when_idle"] = "1"  # workers as cores that took the CPU from compute
+    if elastic:  # a worker replacing a dead one starts (imports, data) while the others wait for it: Horovod's 30 s
+        shipped["HOROVOD_GLOO_TIMEOUT_SECONDS"] = "120"  # is short for that on a busy host
+    return {**shipped, **os.environ, **(env or {})}
+
+
 # horovodrun tags every line with its rank ("[0]<stderr>:" with Gloo, "[1,0]<stderr>:" with MPI). Only rank 0
 # prints in normal operation, so its tag is noise; other ranks' lines (errors) keep theirs.
 RANK_TAG = re.compile(r"^\[(?:\d+,)?\d+\]<std(?:out|err)>:")
@@ -90,9 +112,7 @@ def run_horovod(
     When shown: when a worker fails, its own message is what the user needs, so horovodrun's Python traceback
     about it is left out, and the exit code is the worker's (2 for an error in the user's input)."""
     argv = horovodrun_command(command, np, controller, hosts, hostfile, elastic)
-    full_env = {**os.environ, **(env or {})}
-    if elastic:  # a worker replacing a dead one starts (imports, data) while the others wait for it: Horovod's 30 s
-        full_env.setdefault("HOROVOD_GLOO_TIMEOUT_SECONDS", "120")  # is short for that on a busy host
+    full_env = worker_env(controller, elastic is not None, env)
     if capture:
         return subprocess.run(argv, env=full_env, timeout=timeout, text=True, capture_output=True, check=False)
     launcher_traceback: list[str] = []

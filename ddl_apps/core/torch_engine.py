@@ -81,6 +81,7 @@ class TorchEngine(Engine):
             compression=compression,
             backward_passes_per_step=optim.accumulation,
             local_parameters=parallel.sharded_parameters(self.model),
+            groups=recipe.dist.gradient_groups or None,
         )
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
         self.scaler = torch.amp.GradScaler(self.device.type) if recipe.run.precision == "fp16" else None
