@@ -4,7 +4,7 @@ export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: setup demo test test-fast lint
+.PHONY: setup demo test test-fast lint bench
 
 setup:
 	bash scripts/setup.sh
@@ -20,6 +20,10 @@ test: setup
 
 test-fast: setup
 	$(VENV)/bin/pytest -q -m "not distributed"
+
+# The benchmarks (about 25 minutes on 2 cores): results in benchmarks/results/, tables and charts in BENCHMARKS.md.
+bench: setup
+	$(VENV)/bin/ddl bench
 
 lint:
 	$(VENV)/bin/ruff check .

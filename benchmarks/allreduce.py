@@ -1,25 +1,38 @@
 """Allreduce at np=2 on one host: the ddl_apps core (Horovod with the settings the core ships) against
 torch.distributed with Gloo, fp32 tensors from 4 KB to 256 MB. Each size is timed `--repeats` times after two
-warm-up calls, every call between barriers; the report gives the median, the spread (min-max) and the ratio
-torch.distributed / ddl_apps (above 1: the core is faster). Writes benchmarks/results/allreduce.json.
+warm-up calls, every call between barriers; the report gives the median, the spread (min-max), the algorithm
+bandwidth and the ratio torch.distributed / ddl_apps (above 1: the core is faster). `--controller` adds the core
+with the other controller; `--autotune` adds the core under Horovod's autotuner and reports the parameters it
+settled on. Writes results/allreduce.json.
 
-    .venv/bin/python benchmarks/allreduce.py [--repeats 10] [--max-mb 256]
+    .venv/bin/python benchmarks/allreduce.py [--repeats 10] [--max-mb 256] [--controller mpi] [--autotune]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import csv
 import os
-import statistics
-import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-RESULTS = Path(__file__).resolve().parent / "results" / "allreduce.json"
+from benchmarks.common import (  # noqa: E402
+    VENV_BIN,
+    launch_horovod,
+    launch_workers,
+    report,
+    shipped_controller,
+    spread,
+    write_result,
+)
+from ddl_apps.recipe import DistConfig  # noqa: E402
+
+PEER = "torch.distributed (Gloo)"
+SHIPPED_CONTROLLER = shipped_controller()
 
 
 def sizes_bytes(max_mb: float) -> list[int]:
@@ -31,6 +44,8 @@ def sizes_bytes(max_mb: float) -> list[int]:
 
 
 def time_calls(allreduce, barrier, size: int, repeats: int) -> list[float]:
+    import torch
+
     tensor = torch.ones(size // 4, dtype=torch.float32)
     for _ in range(2):
         allreduce(tensor)
@@ -45,20 +60,21 @@ def time_calls(allreduce, barrier, size: int, repeats: int) -> list[float]:
 
 def horovod_worker(sizes: list[int], repeats: int) -> dict[int, list[float]]:
     import horovod.torch as hvd
+    import torch
 
     from ddl_apps.core import dist
-    from ddl_apps.recipe import DistConfig
 
     dist.init_torch(DistConfig().cycle_time_ms)  # what every recipe gets unless it sets its own
 
     def barrier():
         hvd.allreduce(torch.zeros(1), name="bench.barrier")
 
-    return {size: time_calls(lambda t: hvd.allreduce(t, op=hvd.Sum, name=f"bench.{t.numel()}"), barrier, size,
+    return {size: time_calls(lambda t: hvd.allreduce_(t, op=hvd.Sum, name=f"bench.{t.numel()}"), barrier, size,
                              repeats) for size in sizes}
 
 
 def torch_worker(sizes: list[int], repeats: int) -> dict[int, list[float]]:
+    import torch
     import torch.distributed as td
 
     td.init_process_group("gloo")
@@ -68,59 +84,68 @@ def torch_worker(sizes: list[int], repeats: int) -> dict[int, list[float]]:
     return timings
 
 
-def run_worker(kind: str, sizes: list[int], repeats: int) -> None:
-    timings = (horovod_worker if kind == "ddl_apps" else torch_worker)(sizes, repeats)
-    rank = int(os.environ.get("HOROVOD_RANK", os.environ.get("RANK", "0")))
-    if rank == 0:
-        print("RESULT " + json.dumps({str(k): v for k, v in timings.items()}), flush=True)
+def launch(runner: str, sizes: list[int], repeats: int, env: dict[str, str] | None = None) -> dict[int, list[float]]:
+    """Seconds per call for each size; runner: torch, or a Horovod controller (gloo / mpi)."""
+    worker = [str(Path(__file__).resolve()), "--worker", "torch" if runner == "torch" else "horovod",
+              "--repeats", str(repeats), "--sizes", ",".join(map(str, sizes))]
+    if runner == "torch":
+        timings = launch_workers([str(VENV_BIN / "torchrun"), "--nproc_per_node=2", *worker], env)
+    else:
+        timings = launch_horovod(worker, runner, env)
+    return {int(k): v for k, v in timings.items()}
 
 
-def launch(kind: str, sizes: list[int], repeats: int) -> dict[int, list[float]]:
-    worker = [__file__, "--worker", kind, "--repeats", str(repeats), "--sizes", ",".join(map(str, sizes))]
-    if kind == "ddl_apps":
-        from ddl_apps.core.launch import run_horovod
-
-        result = run_horovod([sys.executable, *worker], 2, "gloo", capture=True, timeout=1800)
-    else:  # torchrun runs the script with its own Python
-        torchrun = Path(sys.executable).with_name("torchrun")
-        result = subprocess.run([str(torchrun), "--nproc_per_node=2", *worker], capture_output=True, text=True,
-                                timeout=1800)
-    output = result.stdout + result.stderr
-    if result.returncode != 0:
-        raise SystemExit(f"{kind} workers failed:\n{output[-3000:]}")
-    line = next(x for x in output.splitlines() if "RESULT " in x)
-    return {int(k): v for k, v in json.loads(line.split("RESULT ", 1)[1]).items()}
+def autotuned(sizes: list[int], repeats: int) -> tuple[dict[int, list[float]], dict[str, str]]:
+    """The sweep under HOROVOD_AUTOTUNE=1, and the parameters the tuner logged last (its best)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        log = Path(scratch) / "autotune.csv"
+        timings = launch(SHIPPED_CONTROLLER, sizes, repeats,
+                         {"HOROVOD_AUTOTUNE": "1", "HOROVOD_AUTOTUNE_LOG": str(log)})
+        rows = list(csv.DictReader(log.read_text().splitlines())) if log.exists() else []
+    best = {k.strip(): v.strip() for k, v in rows[-1].items()} if rows else {"note": "the tuner logged nothing"}
+    return timings, best
 
 
 def summarise(seconds: list[float], size: int) -> dict[str, float]:
-    median = statistics.median(seconds)
-    return {"median_ms": round(median * 1e3, 3), "min_ms": round(min(seconds) * 1e3, 3),
-            "max_ms": round(max(seconds) * 1e3, 3), "algbw_gb_s": round(size / median / 1e9, 3)}
+    ms = spread([s * 1e3 for s in seconds])
+    return {"median_ms": ms["median"], "min_ms": ms["min"], "max_ms": ms["max"],
+            "algbw_gb_s": round(size / (ms["median"] / 1e3) / 1e9, 3)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--max-mb", type=float, default=256)
-    parser.add_argument("--worker", choices=["ddl_apps", "torch"], help=argparse.SUPPRESS)
+    parser.add_argument("--controller", choices=["gloo", "mpi"], help="also the core with this controller")
+    parser.add_argument("--autotune", action="store_true", help="also the core under Horovod's autotuner")
+    parser.add_argument("--worker", choices=["horovod", "torch"], help=argparse.SUPPRESS)
     parser.add_argument("--sizes", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        run_worker(args.worker, [int(s) for s in args.sizes.split(",")], args.repeats)
+        sizes = [int(s) for s in args.sizes.split(",")]
+        timings = (horovod_worker if args.worker == "horovod" else torch_worker)(sizes, args.repeats)
+        report(timings)
         return
     sizes = sizes_bytes(args.max_mb)
-    measured = {kind: launch(kind, sizes, args.repeats) for kind in ("ddl_apps", "torch")}
+    shipped = DistConfig()
+    ours = f"ddl_apps ({SHIPPED_CONTROLLER})"
+    measured = {ours: launch(SHIPPED_CONTROLLER, sizes, args.repeats), PEER: launch("torch", sizes, args.repeats)}
+    if args.controller and args.controller != SHIPPED_CONTROLLER:
+        measured[f"ddl_apps ({args.controller})"] = launch(args.controller, sizes, args.repeats)
+    tuned = None
+    if args.autotune:
+        measured[f"ddl_apps ({SHIPPED_CONTROLLER}, autotune)"], tuned = autotuned(sizes, args.repeats)
     rows = []
     for size in sizes:
-        ours, peer = summarise(measured["ddl_apps"][size], size), summarise(measured["torch"][size], size)
-        rows.append({"bytes": size, "ddl_apps": ours, "torch_distributed_gloo": peer,
-                     "ratio": round(peer["median_ms"] / ours["median_ms"], 3)})
-        print(f"{size / 1024:>10,.0f} KB  ddl_apps {ours['median_ms']:>9.3f} ms  torch.distributed "
-              f"{peer['median_ms']:>9.3f} ms  ratio {rows[-1]['ratio']:.2f}")
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps({"workers": 2, "cpu_count": os.cpu_count(), "repeats": args.repeats,
-                                   "torch": torch.__version__, "results": rows}, indent=1))
-    print(f"wrote {RESULTS}")
+        runners = {name: summarise(timings[size], size) for name, timings in measured.items()}
+        ratios = {name: round(runners[PEER]["median_ms"] / r["median_ms"], 3) for name, r in runners.items()
+                  if name != PEER}
+        rows.append({"bytes": size, "runners": runners, "ratio_vs_peer": ratios})
+        print(f"{size / 1024:>10,.0f} KB  " + "  ".join(f"{name} {r['median_ms']:.3f} ms" for name, r in
+                                                       runners.items()) + f"  ratio {ratios[ours]:.2f}", flush=True)
+    write_result("allreduce", {"workers": 2, "repeats": args.repeats, "shipped": ours, "peer": PEER,
+                               "settings": {"controller": SHIPPED_CONTROLLER, "cycle_time_ms": shipped.cycle_time_ms},
+                               "autotune_best": tuned, "rows": rows})
 
 
 if __name__ == "__main__":
