@@ -19,6 +19,7 @@ import os
 import sys
 import tempfile
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -61,14 +62,17 @@ def engine_class(trainer):
     return trainer.ENGINE.KerasEngine if is_keras(trainer) else trainer.ENGINE.TorchEngine
 
 
-def rank_indices(recipe, task, topology, step: int) -> np.ndarray:
-    """This rank's examples of global step `step`, as the engine picks them (first epoch's order)."""
+def step_batches(recipe, task, topology) -> list[np.ndarray]:
+    """This rank's examples for each measured step, as the engine picks them (first epoch's order), computed once
+    so that the timed loops only train."""
     from ddl_apps.core import sharding
     from ddl_apps.core.engine import epoch_steps
 
     global_batch, _ = epoch_steps(recipe, len(task.train), topology.size)
     order = sharding.epoch_order(len(task.train), recipe.run.seed, 0)
-    return np.concatenate(sharding.rank_step_batches(order, step, global_batch, topology.rank, topology.size, 1))
+    steps, windows = PLAN[recipe.name]
+    return [np.concatenate(sharding.rank_step_batches(order, step, global_batch, topology.rank, topology.size, 1))
+            for step in range(steps * windows)]
 
 
 def timed_windows(step_fn, steps: int, windows: int, samples_per_step: int) -> list[float]:
@@ -93,18 +97,25 @@ def engine_rates(recipe, trainer, task, topology) -> list[float]:
 
 
 # ---- hand-written loops ---------------------------------------------------------------------------------------
-def torch_step(model, optimizer, task, indices: np.ndarray, clip: float | None, synchronized) -> None:
-    """One plain PyTorch step; `synchronized` wraps the optimizer step once gradients are averaged (Horovod needs
-    optimizer.synchronize() before clipping and skip_synchronize() around step(); DDP has averaged them already)."""
+def torch_loop_rates(recipe, task, topology, model, optimizer, averaged) -> list[float]:
+    """A plain PyTorch loop over the measured steps; `averaged()` surrounds clipping and the optimizer step once the
+    gradients are averaged (Horovod: synchronize() first, skip_synchronize() around step(); DDP: already done)."""
     import torch
 
-    model.train()
-    optimizer.zero_grad()
-    task.loss(model, task.train.take(indices)).backward()
-    with synchronized():
-        if clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        optimizer.step()
+    clip = recipe.optim.clip_grad_norm
+    batches = step_batches(recipe, task, topology)
+
+    def step(i: int) -> None:
+        model.train()
+        optimizer.zero_grad()
+        task.loss(model, task.train.take(batches[i])).backward()
+        with averaged():
+            if clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            optimizer.step()
+
+    steps, windows = PLAN[recipe.name]
+    return timed_windows(step, steps, windows, recipe.optim.batch_size * topology.size)
 
 
 def horovod_torch_rates(recipe, task, topology) -> list[float]:
@@ -120,21 +131,16 @@ def horovod_torch_rates(recipe, task, topology) -> list[float]:
                                          named_parameters=model.named_parameters())
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
 
-    class Synchronized:
-        def __enter__(self):
-            if optim.clip_grad_norm:
-                optimizer.synchronize()
-            self.skip = optimizer.skip_synchronize() if optim.clip_grad_norm else None
-            return self.skip.__enter__() if self.skip else None
+    @contextmanager
+    def averaged():
+        if optim.clip_grad_norm:  # clipping needs the averaged gradients before step()
+            optimizer.synchronize()
+            with optimizer.skip_synchronize():
+                yield
+        else:
+            yield
 
-        def __exit__(self, *exc):
-            return self.skip.__exit__(*exc) if self.skip else None
-
-    steps, windows = PLAN[recipe.name]
-    return timed_windows(
-        lambda step: torch_step(model, optimizer, task, rank_indices(recipe, task, topology, step),
-                                optim.clip_grad_norm, Synchronized),
-        steps, windows, optim.batch_size * topology.size)
+    return torch_loop_rates(recipe, task, topology, model, optimizer, averaged)
 
 
 def horovod_keras_rates(recipe, task, topology) -> list[float]:
@@ -151,8 +157,7 @@ def horovod_keras_rates(recipe, task, topology) -> list[float]:
     model = task.build_model()
     model.compile(optimizer=hvd.DistributedOptimizer(make_optimizer(optim, optim.lr * topology.size)),
                   loss=task.loss)
-    batch = task.train.take(np.concatenate([rank_indices(recipe, task, topology, step)
-                                            for step in range(steps * windows)]))
+    batch = task.train.take(np.concatenate(step_batches(recipe, task, topology)))
     dataset = tf.data.Dataset.from_tensor_slices((batch["x"], batch["y"])).batch(optim.batch_size)
     if getattr(task, "augment", None) is not None:
         dataset = dataset.map(task.augment, num_parallel_calls=tf.data.AUTOTUNE)
@@ -178,23 +183,10 @@ def ddp_rates(recipe, task, topology) -> list[float]:
 
     from ddl_apps.core.torch_engine import make_optimizer
 
-    optim = recipe.optim
     torch.manual_seed(recipe.run.seed)
     model = DistributedDataParallel(task.build_model())  # broadcasts rank 0's weights
-    optimizer = make_optimizer(optim, model.parameters(), optim.lr * topology.size)
-    steps, windows = PLAN[recipe.name]
-
-    class Averaged:  # DDP averaged the gradients during backward
-        def __enter__(self):
-            return None
-
-        def __exit__(self, *exc):
-            return None
-
-    return timed_windows(
-        lambda step: torch_step(model, optimizer, task, rank_indices(recipe, task, topology, step),
-                                optim.clip_grad_norm, Averaged),
-        steps, windows, optim.batch_size * topology.size)
+    optimizer = make_optimizer(recipe.optim, model.parameters(), recipe.optim.lr * topology.size)
+    return torch_loop_rates(recipe, task, topology, model, optimizer, nullcontext)  # DDP averages in backward
 
 
 # ---- workers -------------------------------------------------------------------------------------------------
@@ -204,8 +196,8 @@ def horovod_worker(recipe_name: str, runs: int, hand_written: bool = True) -> di
     from ddl_apps.recipe import load_recipe
     from ddl_apps.trainers import load_trainer
 
-    trainer = load_trainer(load_recipe(recipe_name).trainer)
-    topology = engine_class(trainer).init(load_recipe(recipe_name).dist.cycle_time_ms)
+    shipped = load_recipe(recipe_name)
+    topology = engine_class(load_trainer(shipped.trainer)).init(shipped.dist.cycle_time_ms)
     recipe, trainer, task = load(recipe_name, topology)
     hand = horovod_keras_rates if is_keras(trainer) else horovod_torch_rates
     rates: dict[str, list[float]] = {"engine": [], "hand": []}
@@ -243,30 +235,35 @@ def launch(kind: str, recipe: str, runs: int) -> dict[str, list[float]]:
     return launch_workers([str(VENV_BIN / "torchrun"), "--nproc_per_node=2", *worker])
 
 
-def overhead(recipes: list[str], runs: int) -> list[dict]:
+def compare(recipes: list[str], measure, peer_name: str, keys: tuple[str, str], ratio_key: str,
+            step_time: bool) -> list[dict]:
+    """One row per recipe: ours and the peer's samples/s (`measure(recipe)` gives both lists of window rates) and
+    their ratio: peer / ours as a step-time ratio (step_time), else ours / peer as a throughput ratio."""
     rows = []
     for recipe in recipes:
-        rates = launch("horovod", recipe, runs)
-        engine, hand = spread(rates["engine"], 1), spread(rates["hand"], 1)
-        ratio = hand["median"] / engine["median"]
-        print(f"{recipe:>14}: engine {engine['median']:>9,.1f}/s  hand-written {hand['median']:>9,.1f}/s  "
-              f"step-time ratio {ratio:.3f}", flush=True)
-        rows.append({"recipe": recipe, "engine_samples_per_s": engine, "hand_samples_per_s": hand,
-                     "step_time_ratio": round(ratio, 3)})
+        ours, peer = (spread(rates, 1) for rates in measure(recipe))
+        ratio = peer["median"] / ours["median"] if step_time else ours["median"] / peer["median"]
+        print(f"{recipe:>14}: ddl_apps {ours['median']:>9,.1f}/s  {peer_name} {peer['median']:>9,.1f}/s  "
+              f"{ratio_key} {ratio:.3f}", flush=True)
+        rows.append({"recipe": recipe, keys[0]: ours, keys[1]: peer, ratio_key: round(ratio, 3)})
     return rows
+
+
+def overhead(recipes: list[str], runs: int) -> list[dict]:
+    def measure(recipe: str) -> tuple[list[float], list[float]]:
+        rates = launch("horovod", recipe, runs)
+        return rates["engine"], rates["hand"]
+
+    return compare(recipes, measure, "hand-written", ("engine_samples_per_s", "hand_samples_per_s"),
+                   "step_time_ratio", step_time=True)
 
 
 def peer(recipes: list[str], runs: int) -> list[dict]:
-    rows = []
-    for recipe in recipes:
-        ours = spread(launch("engine", recipe, runs)["engine"], 1)
-        ddp = spread(launch("ddp", recipe, runs)["ddp"], 1)
-        ratio = ours["median"] / ddp["median"]
-        print(f"{recipe:>14}: ddl_apps {ours['median']:>9,.1f}/s  DDP {ddp['median']:>9,.1f}/s  "
-              f"ratio {ratio:.3f}", flush=True)
-        rows.append({"recipe": recipe, "ddl_apps_samples_per_s": ours, "ddp_samples_per_s": ddp,
-                     "throughput_ratio": round(ratio, 3)})
-    return rows
+    def measure(recipe: str) -> tuple[list[float], list[float]]:
+        return launch("engine", recipe, runs)["engine"], launch("ddp", recipe, runs)["ddp"]
+
+    return compare(recipes, measure, "DDP", ("ddl_apps_samples_per_s", "ddp_samples_per_s"), "throughput_ratio",
+                   step_time=False)
 
 
 def main() -> None:
