@@ -39,7 +39,7 @@ class BatchSource(Protocol):
 
 class ColumnSource:
     """Equal-length columns (numpy arrays or torch tensors) served by index: the fast path for tabular and
-    fixed-size data. For a Keras task, columns `x` and `y` feed model.fit."""
+    fixed-size data. For a Keras task, columns `x` and `y` feed the tf.data pipeline."""
 
     def __init__(self, **columns: Any):
         lengths = {len(c) for c in columns.values()}

@@ -1,1 +1,1 @@
-"""Image recognition: a small Keras 3 ResNet trained with model.fit on the shared Horovod core."""
+"""Image recognition: a small Keras 3 ResNet trained on the shared Horovod core's Keras engine."""
