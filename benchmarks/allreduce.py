@@ -2,19 +2,17 @@
 torch.distributed with Gloo, fp32 tensors from 4 KB to 256 MB. Each size is timed `--repeats` times after two
 warm-up calls, every call between barriers; the report gives the median, the spread (min-max), the algorithm
 bandwidth and the ratio torch.distributed / ddl_apps (above 1: the core is faster). `--controller` adds the core
-with the other controller; `--autotune` adds the core under Horovod's autotuner and reports the parameters it
-settled on. Writes results/allreduce.json.
+with the other controller. (Horovod's autotuner is measured on training, in scaling.py: it scores a sample every
+10 executions of the same tensors, which a sweep of single calls never gives it.) Writes results/allreduce.json.
 
-    .venv/bin/python benchmarks/allreduce.py [--repeats 10] [--max-mb 256] [--controller mpi] [--autotune]
+    .venv/bin/python benchmarks/allreduce.py [--repeats 10] [--max-mb 256] [--controller mpi]
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -84,26 +82,15 @@ def torch_worker(sizes: list[int], repeats: int) -> dict[int, list[float]]:
     return timings
 
 
-def launch(runner: str, sizes: list[int], repeats: int, env: dict[str, str] | None = None) -> dict[int, list[float]]:
+def launch(runner: str, sizes: list[int], repeats: int) -> dict[int, list[float]]:
     """Seconds per call for each size; runner: torch, or a Horovod controller (gloo / mpi)."""
     worker = [str(Path(__file__).resolve()), "--worker", "torch" if runner == "torch" else "horovod",
               "--repeats", str(repeats), "--sizes", ",".join(map(str, sizes))]
     if runner == "torch":
-        timings = launch_workers([str(VENV_BIN / "torchrun"), "--nproc_per_node=2", *worker], env)
+        timings = launch_workers([str(VENV_BIN / "torchrun"), "--nproc_per_node=2", *worker])
     else:
-        timings = launch_horovod(worker, runner, env)
+        timings = launch_horovod(worker, runner)
     return {int(k): v for k, v in timings.items()}
-
-
-def autotuned(sizes: list[int], repeats: int) -> tuple[dict[int, list[float]], dict[str, str]]:
-    """The sweep under HOROVOD_AUTOTUNE=1, and the parameters the tuner logged last (its best)."""
-    with tempfile.TemporaryDirectory() as scratch:
-        log = Path(scratch) / "autotune.csv"
-        timings = launch(SHIPPED_CONTROLLER, sizes, repeats,
-                         {"HOROVOD_AUTOTUNE": "1", "HOROVOD_AUTOTUNE_LOG": str(log)})
-        rows = list(csv.DictReader(log.read_text().splitlines())) if log.exists() else []
-    best = {k.strip(): v.strip() for k, v in rows[-1].items()} if rows else {"note": "the tuner logged nothing"}
-    return timings, best
 
 
 def summarise(seconds: list[float], size: int) -> dict[str, float]:
@@ -117,7 +104,6 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--max-mb", type=float, default=256)
     parser.add_argument("--controller", choices=["gloo", "mpi"], help="also the core with this controller")
-    parser.add_argument("--autotune", action="store_true", help="also the core under Horovod's autotuner")
     parser.add_argument("--worker", choices=["horovod", "torch"], help=argparse.SUPPRESS)
     parser.add_argument("--sizes", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -132,9 +118,6 @@ def main() -> None:
     measured = {ours: launch(SHIPPED_CONTROLLER, sizes, args.repeats), PEER: launch("torch", sizes, args.repeats)}
     if args.controller and args.controller != SHIPPED_CONTROLLER:
         measured[f"ddl_apps ({args.controller})"] = launch(args.controller, sizes, args.repeats)
-    tuned = None
-    if args.autotune:
-        measured[f"ddl_apps ({SHIPPED_CONTROLLER}, autotune)"], tuned = autotuned(sizes, args.repeats)
     rows = []
     for size in sizes:
         runners = {name: summarise(timings[size], size) for name, timings in measured.items()}
@@ -145,7 +128,7 @@ def main() -> None:
                                                        runners.items()) + f"  ratio {ratios[ours]:.2f}", flush=True)
     write_result("allreduce", {"workers": 2, "repeats": args.repeats, "shipped": ours, "peer": PEER,
                                "settings": {"controller": SHIPPED_CONTROLLER, "cycle_time_ms": shipped.cycle_time_ms},
-                               "autotune_best": tuned, "rows": rows})
+                               "rows": rows})
 
 
 if __name__ == "__main__":

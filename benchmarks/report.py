@@ -104,9 +104,6 @@ def allreduce_section(result: dict) -> tuple[list[str], list[tuple]]:
         cells = [f"{fmt(r['median_ms'])} ({fmt(r['min_ms'])}-{fmt(r['max_ms'])})" for r in row["runners"].values()]
         lines.append(f"| {row['bytes'] / 1024:,.0f} KB | " + " | ".join(cells) +
                      f" | {row['runners'][ours]['algbw_gb_s']} | {row['ratio_vs_peer'][ours]:.2f} |")
-    if result.get("autotune_best"):
-        best = ", ".join(f"{k} {v}" for k, v in result["autotune_best"].items())
-        lines += ["", f"Horovod's autotuner (`--autotune`, HOROVOD_AUTOTUNE=1 over the same sweep) settled on: {best}."]
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
     sizes = [row["bytes"] / 1024 for row in rows]
     for runner in runners:
@@ -125,22 +122,40 @@ def allreduce_section(result: dict) -> tuple[list[str], list[tuple]]:
 
 
 def scaling_section(result: dict) -> tuple[list[str], list[tuple]]:
-    lines = ["## 2. Scaling, np=1 -> np=2, one compute thread per worker", machine_line(result),
-             "Training samples/s of `ddl train RECIPE` (log windows after the first); efficiency = "
-             "np2 / (2 x np1). Step time: global batch / samples/s; the difference is what a step at np=2 spends "
-             "beyond its compute (gradient allreduce and waiting for the other worker).", "",
-             "| recipe | np=1 samples/s | np=2 samples/s | efficiency | step ms np=1 | step ms np=2 |",
-             "|---|---|---|---|---|---|"]
+    lines = ["## 2. Scaling, np=1 -> np=2, one core per worker", machine_line(result),
+             "Training samples/s of `ddl train RECIPE` (log windows after the first), each job on exactly np cores "
+             "(`taskset`) with one compute thread per worker; efficiency = np2 / (2 x np1). Beside: np=1 with the "
+             "second core idle (its helper threads run there for free) and the efficiency against that. Step time: "
+             "global batch / samples/s. From a Horovod timeline of another np=2 run, per step (mean): its step time "
+             "(writing the timeline slows it), the collectives' execution (fusion-buffer copies and the MPI "
+             "operation) and their negotiation (waiting until both workers have submitted).", "",
+             "| recipe | np=1 samples/s | np=2 samples/s | efficiency | np=1, spare core | efficiency vs it "
+             "| step ms np=1 | step ms np=2 | timeline: step ms | collectives ms | negotiation ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     summaries = []
     for row in result["rows"]:
+        tl = row["timeline_np2"]
         lines.append(f"| {row['recipe']} | {with_spread(row['np1_samples_per_s'])} | "
                      f"{with_spread(row['np2_samples_per_s'])} | {row['efficiency']:.2f} | "
-                     f"{row.get('step_ms_np1', '')} | {row.get('step_ms_np2', '')} |")
+                     f"{with_spread(row['np1_spare_core_samples_per_s'])} | {row['efficiency_vs_spare_core']:.2f} | "
+                     f"{row['step_ms_np1']} | {row['step_ms_np2']} | {tl['step_ms']} | {tl['collectives_ms']} | "
+                     f"{tl['negotiation_ms']} |")
         summaries.append((f"scaling efficiency, {row['recipe']}", f">= {TARGETS['scaling']}",
                           f"{row['efficiency']:.2f}", verdict(row["efficiency"], TARGETS["scaling"])))
     chart = bar_chart("scaling", [r["recipe"] for r in result["rows"]], [r["efficiency"] for r in result["rows"]],
                       TARGETS["scaling"], "scaling efficiency")
-    return lines + ["", chart, ""], summaries
+    return lines + ["", chart, "", *autotune_lines(result.get("autotune"))], summaries
+
+
+def autotune_lines(tuned: dict | None) -> list[str]:
+    if not tuned:
+        return []
+    found = (", ".join(f"{k} {v}" for k, v in tuned["best"].items() if k != "score") if tuned["best"]
+             else "nothing: tuning had not ended")
+    return [f"Horovod's autotuner (`HOROVOD_AUTOTUNE=1`) on `{tuned['recipe']}` at np=2, {tuned['steps']:,} steps: "
+            f"{tuned['samples_scored']} samples scored; it settled on {found}. Samples/s over the last third of the "
+            f"run: {tuned['tuned_samples_per_s']:,} tuned against {tuned['shipped_samples_per_s']:,} with the shipped "
+            "settings.", ""]
 
 
 def comparison_section(name: str, result: dict, title: str, intro: str, columns: tuple[str, str, str],

@@ -13,8 +13,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 PARTS = {
-    "allreduce": ["allreduce.py", "--controller", "gloo", "--autotune"],
-    "scaling": ["scaling.py"],
+    "allreduce": ["allreduce.py", "--controller", "gloo"],
+    "scaling": ["scaling.py", "--autotune"],
     "overhead": ["loops.py", "overhead"],
     "peer": ["loops.py", "peer"],
 }

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import common, report
+from benchmarks import common, report, timeline
 from tests.engine_runs import ddl
 
 REPO = Path(__file__).resolve().parent.parent
@@ -52,12 +52,17 @@ def report_peer() -> str:
 
 def test_report_states_every_ratio_and_verdict(results, tmp_path):
     write(results, "allreduce", {"repeats": 3, "shipped": "ddl_apps (mpi)", "settings": {"cycle_time_ms": 5},
-                                 "autotune_best": {"cycle_time_ms": "2.5"},
                                  "rows": [allreduce_row(4096, 1.0, 0.5),  # below 64 KB: not judged
                                           allreduce_row(65536, 1.0, 2.0), allreduce_row(1 << 20, 2.0, 1.9)]})
-    write(results, "scaling", {"rows": [{"recipe": "fraud_mlp", "np1_samples_per_s": spread(100.0),
-                                         "np2_samples_per_s": spread(190.0), "efficiency": 0.95,
-                                         "step_ms_np1": 10.0, "step_ms_np2": 10.5}]})
+    write(results, "scaling", {
+        "rows": [{"recipe": "fraud_mlp", "np1_samples_per_s": spread(100.0), "np2_samples_per_s": spread(190.0),
+                  "efficiency": 0.95, "np1_spare_core_samples_per_s": spread(105.0),
+                  "efficiency_vs_spare_core": 0.905, "step_ms_np1": 10.0, "step_ms_np2": 10.5,
+                  "timeline_np2": {"step_ms": 12.0, "collectives_ms": 0.4, "negotiation_ms": 0.1,
+                                   "steps": 80}}],
+        "autotune": {"recipe": "fraud_mlp", "steps": 2400, "samples_scored": 30, "tuned_samples_per_s": 180.0,
+                     "shipped_samples_per_s": 190.0,
+                     "best": {"cycle_time_ms": "2.5", "tensor_fusion_threshold": "8", "score": "1e9"}}})
     write(results, "overhead", {"rows": [{"recipe": "image_resnet", "engine_samples_per_s": spread(90.0),
                                           "hand_samples_per_s": spread(99.0), "step_time_ratio": 1.1}]})
     write(results, "peer", {"rows": [{"recipe": "nlp_minilm", "ddl_apps_samples_per_s": spread(50.0),
@@ -67,9 +72,35 @@ def test_report_states_every_ratio_and_verdict(results, tmp_path):
     assert "| scaling efficiency, fraud_mlp | >= 0.9 | 0.95 | met |" in text
     assert "| engine overhead, image_resnet | <= 1.03x | 1.100x | **missed** |" in text
     assert "| throughput vs DDP, nlp_minilm | >= 1.0x | 1.250x | met |" in text
-    assert "cycle_time_ms 2.5" in text and "Machine: test cpu, 2 cores" in text
+    assert "| fraud_mlp | 100.0 (90.0-110.0) | 190.0 (171.0-209.0) | 0.95 | 105.0 (94.5-115.5) | 0.91 |" in text
+    assert "settled on cycle_time_ms 2.5, tensor_fusion_threshold 8." in text
+    assert "180.0 tuned against 190.0" in text and "Machine: test cpu, 2 cores" in text
     for chart in ("allreduce", "scaling", "overhead", "peer"):
         assert (tmp_path / "charts" / f"{chart}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def phase(pid: int, name: str, start: int, end: int, inner: str | None = None) -> list[dict]:
+    nested = [{"ph": "B", "name": inner, "ts": start + 1, "pid": pid}, {"ph": "E", "ts": end - 1, "pid": pid}]
+    return [{"ph": "B", "name": name, "ts": start, "pid": pid}, *(nested if inner else []),
+            {"ph": "E", "ts": end, "pid": pid}]
+
+
+def test_timeline_gives_each_steps_collectives_and_waiting(tmp_path):
+    """Two gradients fused into one allreduce per step (overlapping rows count once), a loss allreduced once
+    (not a per-step tensor), step 0 skipped; Horovod leaves the JSON array open with a trailing comma."""
+    events = [{"name": "process_name", "ph": "M", "pid": 1, "args": {"name": "grad.a"}}]
+    for step, (wait, run) in enumerate([(5000, 9000), (1000, 2000), (3000, 4000)]):
+        t0 = step * 100_000
+        for pid in (1, 2):
+            events += phase(pid, "NEGOTIATE_ALLREDUCE", t0, t0 + wait)
+            events += phase(pid, "ALLREDUCE", t0 + wait + 10 * (pid - 1), t0 + wait + run, inner="MPI_ALLREDUCE")
+    events += phase(3, "NEGOTIATE_ALLREDUCE", 0, 50_000) + phase(3, "ALLREDUCE", 50_000, 90_000)
+    trace = tmp_path / "timeline.json"
+    trace.write_text("[\n" + ",\n".join(json.dumps(e) for e in events) + ",\n")
+    assert timeline.per_step_ms(trace, skip=1) == {"step_ms": 100.0, "collectives_ms": 3.0, "negotiation_ms": 2.0,
+                                                    "steps": 2}
+    with pytest.raises(ValueError, match="no collective repeated on more than 3 steps"):
+        timeline.per_step_ms(trace, skip=3)
 
 
 def test_report_names_what_was_not_measured(results):
