@@ -136,12 +136,12 @@ def scaling_section(result: dict) -> tuple[list[str], list[tuple]]:
     for row in result["rows"]:
         tl = row["timeline_np2"]
         lines.append(f"| {row['recipe']} | {with_spread(row['np1_samples_per_s'])} | "
-                     f"{with_spread(row['np2_samples_per_s'])} | {row['efficiency']:.2f} | "
-                     f"{with_spread(row['np1_spare_core_samples_per_s'])} | {row['efficiency_vs_spare_core']:.2f} | "
+                     f"{with_spread(row['np2_samples_per_s'])} | {row['efficiency']:.3f} | "
+                     f"{with_spread(row['np1_spare_core_samples_per_s'])} | {row['efficiency_vs_spare_core']:.3f} | "
                      f"{row['step_ms_np1']} | {row['step_ms_np2']} | {tl['step_ms']} | {tl['collectives_ms']} | "
                      f"{tl['negotiation_ms']} |")
         summaries.append((f"scaling efficiency, {row['recipe']}", f">= {TARGETS['scaling']}",
-                          f"{row['efficiency']:.2f}", verdict(row["efficiency"], TARGETS["scaling"])))
+                          f"{row['efficiency']:.3f}", verdict(row["efficiency"], TARGETS["scaling"])))
     chart = bar_chart("scaling", [r["recipe"] for r in result["rows"]], [r["efficiency"] for r in result["rows"]],
                       TARGETS["scaling"], "scaling efficiency")
     return lines + ["", chart, "", *autotune_lines(result.get("autotune"))], summaries
@@ -150,11 +150,12 @@ def scaling_section(result: dict) -> tuple[list[str], list[tuple]]:
 def autotune_lines(tuned: dict | None) -> list[str]:
     if not tuned:
         return []
-    found = (", ".join(f"{k} {v}" for k, v in tuned["best"].items() if k != "score") if tuned["best"]
-             else "nothing: tuning had not ended")
+    best = tuned["best"]
+    found = ", ".join(f"{k} {v}" for k, v in best.items() if k != "score") if best else "none"
+    state = "its search ended on" if tuned["finished"] else "its search had not ended; the best-scored sample so far:"
     return [f"Horovod's autotuner (`HOROVOD_AUTOTUNE=1`) on `{tuned['recipe']}` at np=2, {tuned['steps']:,} steps: "
-            f"{tuned['samples_scored']} samples scored; it settled on {found}. Samples/s over the last third of the "
-            f"run: {tuned['tuned_samples_per_s']:,} tuned against {tuned['shipped_samples_per_s']:,} with the shipped "
+            f"{tuned['samples_scored']} samples scored; {state} {found}. Samples/s over the last third of the run: "
+            f"{tuned['tuned_samples_per_s']:,} tuned against {tuned['shipped_samples_per_s']:,} with the shipped "
             "settings.", ""]
 
 

@@ -61,7 +61,7 @@ def test_report_states_every_ratio_and_verdict(results, tmp_path):
                   "timeline_np2": {"step_ms": 12.0, "collectives_ms": 0.4, "negotiation_ms": 0.1,
                                    "steps": 80}}],
         "autotune": {"recipe": "fraud_mlp", "steps": 2400, "samples_scored": 30, "tuned_samples_per_s": 180.0,
-                     "shipped_samples_per_s": 190.0,
+                     "shipped_samples_per_s": 190.0, "finished": False,
                      "best": {"cycle_time_ms": "2.5", "tensor_fusion_threshold": "8", "score": "1e9"}}})
     write(results, "overhead", {"rows": [{"recipe": "image_resnet", "engine_samples_per_s": spread(90.0),
                                           "hand_samples_per_s": spread(99.0), "step_time_ratio": 1.1}]})
@@ -69,11 +69,11 @@ def test_report_states_every_ratio_and_verdict(results, tmp_path):
                                       "ddp_samples_per_s": spread(40.0), "throughput_ratio": 1.25}]})
     text = report.build().read_text()
     assert "| allreduce vs torch.distributed, 64 KB-256 MB | >= 1.0x | 0.95x at worst (1,024 KB) | **missed** |" in text
-    assert "| scaling efficiency, fraud_mlp | >= 0.9 | 0.95 | met |" in text
+    assert "| scaling efficiency, fraud_mlp | >= 0.9 | 0.950 | met |" in text
     assert "| engine overhead, image_resnet | <= 1.03x | 1.100x | **missed** |" in text
     assert "| throughput vs DDP, nlp_minilm | >= 1.0x | 1.250x | met |" in text
-    assert "| fraud_mlp | 100.0 (90.0-110.0) | 190.0 (171.0-209.0) | 0.95 | 105.0 (94.5-115.5) | 0.91 |" in text
-    assert "settled on cycle_time_ms 2.5, tensor_fusion_threshold 8." in text
+    assert "| fraud_mlp | 100.0 (90.0-110.0) | 190.0 (171.0-209.0) | 0.950 | 105.0 (94.5-115.5) | 0.905 |" in text
+    assert "not ended; the best-scored sample so far: cycle_time_ms 2.5, tensor_fusion_threshold 8." in text
     assert "180.0 tuned against 190.0" in text and "Machine: test cpu, 2 cores" in text
     for chart in ("allreduce", "scaling", "overhead", "peer"):
         assert (tmp_path / "charts" / f"{chart}.png").read_bytes()[:4] == b"\x89PNG"
