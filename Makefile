@@ -21,7 +21,7 @@ test: setup
 test-fast: setup
 	$(VENV)/bin/pytest -q -m "not distributed"
 
-# The benchmarks (about 25 minutes on 2 cores): results in benchmarks/results/, tables and charts in BENCHMARKS.md.
+# The benchmarks (13 minutes on a 2-core Intel Xeon, about 25 on a slower 2-core machine): results in benchmarks/results/, tables and charts in BENCHMARKS.md.
 bench: setup
 	$(VENV)/bin/ddl bench
 

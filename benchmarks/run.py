@@ -1,4 +1,4 @@
-"""`make bench` / `ddl bench [PART ...]`: run the benchmarks (all by default, about 25 minutes on 2 cores), then
+"""`make bench` / `ddl bench [PART ...]`: run the benchmarks (all by default, 13-25 minutes on 2 cores), then
 rebuild BENCHMARKS.md and its charts from benchmarks/results/.
 
     .venv/bin/python benchmarks/run.py [allreduce] [scaling] [overhead] [peer] [report]
