@@ -2,8 +2,9 @@
 torch.distributed with Gloo, fp32 tensors from 4 KB to 256 MB. Each size is timed `--repeats` times after two
 warm-up calls, every call between barriers; the report gives the median, the spread (min-max), the algorithm
 bandwidth and the ratio torch.distributed / ddl_apps (above 1: the core is faster). `--controller` adds the core
-with the other controller. (Horovod's autotuner is measured on training, in scaling.py: it scores a sample every
-10 executions of the same tensors, which a sweep of single calls never gives it.) Writes results/allreduce.json.
+with the other controller. (Horovod's autotuner is measured on training, in scaling.py: it scores a sample only
+after the same tensors ran many times, about 55 training steps, which a sweep of single calls never gives it.)
+Writes results/allreduce.json.
 
     .venv/bin/python benchmarks/allreduce.py [--repeats 10] [--max-mb 256] [--controller mpi]
 """

@@ -1,7 +1,7 @@
 """Scaling: every recipe's training throughput at np=1 and np=2 with one core per worker, through `ddl train` as
 users run it. Each job runs on exactly `np` cores (`taskset`), one compute thread per worker (OMP_NUM_THREADS=1):
 a worker alone on a 2-core machine otherwise gets the idle core for its helper threads (tf.data, Horovod's
-background thread) for free, which flatters np=1 (4 % on the image recipe); that figure is reported beside.
+background thread) for free, which flatters np=1 (up to 13 %, recommendation); that figure is reported beside.
 A run trains `windows` log windows of `steps` steps; the first window (start-up, graph tracing) is left out and
 the figure is the median of the others' samples/s over all runs. Scaling efficiency = throughput(np=2) /
 (2 x throughput(np=1)).
@@ -39,7 +39,7 @@ PLAN = {
     "nlp_minilm": (3, 7),
     "recsys_neumf": (60, 7),
 }
-TIMELINE_WINDOWS = 3  # the timeline run: enough steps for a median, fewer than the timed runs
+TIMELINE_WINDOWS = 3  # the timeline run: the first window skipped, the other two averaged
 # The tuner scores a sample every ~55 steps; its whole search (21 Bayesian samples of cycle time and fusion
 # threshold for each combination of 4 on/off settings, ~336 samples) would take ~18,000 steps: 3,000 steps (more
 # than the recipe's 3 epochs) show where it heads, and the report says whether it ended.
@@ -59,11 +59,6 @@ def train(recipe: str, np: int, steps: int, windows: int, overrides: list[str], 
     return rates[1:]
 
 
-def step_ms(recipe: str, overrides: list[str], np: int, samples_per_s: float) -> float:
-    optim = load_recipe(recipe, overrides).optim
-    return round(optim.batch_size * optim.accumulation * np / samples_per_s * 1e3, 1)
-
-
 def measure(recipe: str, runs: int, overrides: list[str]) -> dict:
     steps, windows = PLAN[recipe]
     rates: dict[str, list[float]] = {"np1": [], "np1_spare_core": [], "np2": []}
@@ -77,6 +72,9 @@ def measure(recipe: str, runs: int, overrides: list[str]) -> dict:
         breakdown = timeline.per_step_ms(trace, skip=steps)
     one, spare, two = (spread(rates[k], 1) for k in ("np1", "np1_spare_core", "np2"))
     efficiency = two["median"] / (2 * one["median"])
+    optim = load_recipe(recipe, overrides).optim
+    step_ms = {np: round(optim.batch_size * optim.accumulation * np / rate["median"] * 1e3, 1)
+               for np, rate in ((1, one), (2, two))}
     print(f"{recipe:>14}: np=1 {one['median']:>9,.1f}/s  np=2 {two['median']:>9,.1f}/s  efficiency "
           f"{efficiency:.2f} (np=1 with a spare core {spare['median']:,.1f}/s)  timeline at np=2: step "
           f"{breakdown['step_ms']} ms, collectives {breakdown['collectives_ms']} ms, negotiation "
@@ -85,8 +83,7 @@ def measure(recipe: str, runs: int, overrides: list[str]) -> dict:
             "np1_samples_per_s": one, "np1_spare_core_samples_per_s": spare, "np2_samples_per_s": two,
             "efficiency": round(efficiency, 3),
             "efficiency_vs_spare_core": round(two["median"] / (2 * spare["median"]), 3),
-            "step_ms_np1": step_ms(recipe, overrides, 1, one["median"]),
-            "step_ms_np2": step_ms(recipe, overrides, 2, two["median"]), "timeline_np2": breakdown}
+            "step_ms_np1": step_ms[1], "step_ms_np2": step_ms[2], "timeline_np2": breakdown}
 
 
 def autotuned(overrides: list[str]) -> dict:

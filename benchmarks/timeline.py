@@ -66,6 +66,6 @@ def per_step_ms(path: Path, skip: int) -> dict[str, float]:
         return round(statistics.mean(spans) / 1e3, 2)
 
     starts = [min(negotiations[pid][k][1] for pid in per_step) for k in range(skip, steps)]
-    step = statistics.mean(b - a for a, b in zip(starts[:-1], starts[1:], strict=True)) if len(starts) > 1 else 0.0
+    step = (starts[-1] - starts[0]) / (len(starts) - 1) if len(starts) > 1 else 0.0
     return {"step_ms": round(step / 1e3, 2), "collectives_ms": mean_ms(executions),
             "negotiation_ms": mean_ms(negotiations), "steps": steps - skip}

@@ -91,7 +91,7 @@ class KerasEngine(Engine):
         self.optimizer.build(self.model.trainable_variables)
         self._broadcast_from_root()
         self.model.make_train_function()  # model.train_function: one compiled step on the next batch
-        self._stream: tuple[int, int, Any] | None = None  # (epoch, next step, iterator) of the epoch's pipeline
+        self._stream: tuple[tuple[int, int], Any] | None = None  # ((epoch, next step), the epoch's iterator)
 
     def _broadcast_from_root(self) -> None:
         """Collective: every rank takes rank 0's weights and optimizer state."""
@@ -101,27 +101,27 @@ class KerasEngine(Engine):
         hvd.broadcast_variables(self.optimizer.variables, root_rank=0)
 
     # ---- training -------------------------------------------------------------------------------------
-    def _batches(self, order: np.ndarray, first: int):
-        """An iterator over this rank's micro-batches from global step `first` to the end of the epoch: the one
-        the previous run_steps left off, or a new tf.data pipeline (at an epoch's start, or after a resume)."""
-        epoch = self.progress.epoch
-        if self._stream is not None and self._stream[:2] == (epoch, first):
-            return self._stream[2]
-        steps = range(first, self.steps_per_epoch)
-        batch = self.task.train.take(np.concatenate([np.concatenate(self.rank_batches(order, s)) for s in steps]))
-        dataset = tf.data.Dataset.from_tensor_slices((batch["x"], batch["y"])).batch(self.recipe.optim.batch_size)
-        if self._augment is not None:  # the trainer's random augmentation, per batch
-            dataset = dataset.map(self._augment, num_parallel_calls=tf.data.AUTOTUNE)
-        iterator = iter(dataset.prefetch(tf.data.AUTOTUNE))
-        self._stream = (epoch, first, iterator)
+    def _batches(self, order: np.ndarray, first: int, count: int):
+        """An iterator over this rank's micro-batches from global step `first` on, which the caller trains `count`
+        steps of: the epoch's pipeline where the last call left it, or a new one from `first` to the end of the
+        epoch (at an epoch's start, or after a resume)."""
+        position = (self.progress.epoch, first)
+        if self._stream is None or self._stream[0] != position:
+            steps = range(first, self.steps_per_epoch)
+            batch = self.task.train.take(np.concatenate([np.concatenate(self.rank_batches(order, s)) for s in steps]))
+            dataset = tf.data.Dataset.from_tensor_slices((batch["x"], batch["y"])).batch(self.recipe.optim.batch_size)
+            if self._augment is not None:  # the trainer's random augmentation, per batch
+                dataset = dataset.map(self._augment, num_parallel_calls=tf.data.AUTOTUNE)
+            self._stream = (position, iter(dataset.prefetch(tf.data.AUTOTUNE)))
+        iterator = self._stream[1]
+        self._stream = ((self.progress.epoch, first + count), iterator)
         return iterator
 
     def run_steps(self, order: np.ndarray, first: int, count: int) -> list[float]:
         accumulation = self.recipe.optim.accumulation
-        batches = self._batches(order, first)
+        batches = self._batches(order, first, count)
         self.model.reset_metrics()
         means = [float(self.model.train_function(batches)["loss"]) for _ in range(count * accumulation)]
-        self._stream = (self.progress.epoch, first + count, batches)
         return np.mean(np.reshape(step_losses(means), (count, accumulation)), axis=1).tolist()
 
     def _statistic_weights(self) -> list:
