@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import numpy as np
@@ -29,12 +32,20 @@ def train(run_dir: Path, *overrides: str, np: int = 1, recipe: str = PROBE, flag
     return run_dir
 
 
-def start_training(run_dir: Path, recipe: str, *args: str) -> subprocess.Popen:
-    """`ddl train RECIPE` in the background (output captured), for tests that kill it."""
+@contextmanager
+def start_training(run_dir: Path, recipe: str, *args: str) -> Iterator[subprocess.Popen]:
+    """`ddl train RECIPE` in the background (output captured), for tests that kill it. Whatever is left of it
+    (launcher and workers) is killed on the way out, so a run that hangs fails its test instead of hanging it."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "ddl_apps.cli", "train", recipe, f"run.dir={run_dir}", *args]
-    return subprocess.Popen(command, cwd=REPO,
-                            env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    with subprocess.Popen(command, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT) as job:
+        try:
+            yield job
+        finally:
+            for pid in training_processes(run_dir):
+                with suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
 
 def training_processes(run_dir: Path, rank: int | None = None) -> list[int]:
