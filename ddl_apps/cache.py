@@ -1,6 +1,8 @@
 """Where prepared data lives between runs (never in the repository): $DDL_CACHE or ~/.cache/ddl_apps."""
 
+import fcntl
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -10,3 +12,17 @@ def cache_dir(*parts: str) -> Path:
     path = root.joinpath(*parts)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def build_once(target: Path, build: Callable[[], None]) -> Path:
+    """`target` (a file or folder in the cache), made by `build()` if it is missing. The workers of a run (and
+    concurrent runs) on one host take turns on a lock file beside it: the first builds, the others wait and find
+    it built. No collective, so a worker joining an elastic run mid-training can call it too. `build` must create
+    `target` atomically (write elsewhere, then rename)."""
+    if target.exists():
+        return target
+    with open(target.with_name(f".{target.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also when the process dies
+        if not target.exists():
+            build()
+    return target

@@ -136,7 +136,7 @@ def _elastic_run(config, resume: bool, controller: str, num_proc: int | None, mi
                  listed: list[tuple[str, int]] | None) -> tuple[int, list[str]]:
     """--max-np (default: -np, or the listed hosts' slots), and the overrides every worker gets: the run directory
     (chosen here, as a worker joining later cannot agree on it with the others) and the global batch of --max-np
-    workers."""
+    workers (with --resume, the one the run was trained with)."""
     from ddl_apps.core import rundir
 
     max_np = max_np or num_proc or sum(slots for _, slots in listed or [])
@@ -148,7 +148,11 @@ def _elastic_run(config, resume: bool, controller: str, num_proc: int | None, mi
         raise click.UsageError("--elastic runs on Gloo; leave out --mpi (and dist.controller=mpi)")
     run_dir = rundir.choose_run_dir(config, resume)
     rundir.check_new_run(run_dir, resume)
-    return max_np, [f"run.dir={run_dir}"] + ([] if config.dist.batch_workers else [f"dist.batch_workers={max_np}"])
+    if resume:  # the global batch the run was trained with, which its workers cannot agree on among themselves
+        from ddl_apps.core.engine import keep_trained_batch, trained_batch
+
+        keep_trained_batch(config, trained_batch(run_dir / rundir.CHECKPOINTS))
+    return max_np, [f"run.dir={run_dir}", f"dist.batch_workers={config.dist.batch_workers or max_np}"]
 
 
 def _hostfile_job(min_np: int, max_np: int, listed: list[tuple[str, int]], hostfile: str | None,

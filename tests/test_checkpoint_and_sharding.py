@@ -83,3 +83,67 @@ def test_fewer_workers_share_the_same_global_step():
 def test_evaluation_shards_cover_every_example_once():
     shards = [sharding.eval_shard(11, r, 3) for r in range(3)]
     assert sorted(np.concatenate(shards).tolist()) == list(range(11))
+
+
+def test_pruning_never_deletes_the_new_checkpoint_for_a_newer_corrupt_one(tmp_path):
+    """Steps 10 and 20, 20 truncated: resume takes 10 and moves 20 aside; writing 15 with keep=1 keeps 15 (it
+    deleted 10 and 15 and left only the corrupt 20)."""
+    write(tmp_path, 10)
+    newest = write(tmp_path, 20)
+    (newest / "model.bin").write_bytes(b"w")
+    warnings = []
+    assert ckpt.latest_valid(tmp_path, warnings.append).name == "step-00000010"
+    assert "moved it to corrupt-step-00000020" in warnings[0]
+    write(tmp_path, 15, keep=1)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-00000015"]
+    assert ckpt.verify(tmp_path / "step-00000015") is None and (tmp_path / "corrupt-step-00000020").is_dir()
+
+
+def test_pruning_leaves_newer_checkpoints_alone(tmp_path):
+    for step in (10, 20):
+        write(tmp_path, step)
+    write(tmp_path, 15, keep=1)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-00000015", "step-00000020"]
+
+
+def test_rewriting_a_step_keeps_the_old_checkpoint_until_the_new_one_is_in_place(tmp_path, monkeypatch):
+    write(tmp_path, 10, payload=b"old")
+    real_rename = ckpt.os.rename
+
+    def rename(source, target):  # the new folder's rename fails (a crash at that moment)
+        if str(source).startswith(str(tmp_path / ".step-00000010.")) and ".old." not in str(source):
+            raise OSError("crash")
+        real_rename(source, target)
+
+    monkeypatch.setattr(ckpt.os, "rename", rename)
+    with pytest.raises(OSError, match="crash"):
+        write(tmp_path, 10, payload=b"new")
+    assert (tmp_path / "step-00000010" / "model.bin").read_bytes() == b"old"
+    assert ckpt.verify(tmp_path / "step-00000010") is None
+    monkeypatch.setattr(ckpt.os, "rename", real_rename)
+    write(tmp_path, 10, payload=b"new")
+    assert (tmp_path / "step-00000010" / "model.bin").read_bytes() == b"new"
+    assert [p.name for p in tmp_path.iterdir()] == ["step-00000010"]
+
+
+def test_bucketed_epochs_drop_random_examples_not_the_longest():
+    """1,000 examples of distinct lengths in global batches of 96: 40 are left out of each epoch. They are a random
+    few (mean length about the middle), not the longest of the last window (which were always the 40 longest)."""
+    lengths, batch = np.arange(1000), 96
+    dropped = []
+    for epoch in range(200):
+        order = sharding.bucketed_order(lengths, seed=0, epoch=epoch, global_batch=batch)
+        assert sorted(order.tolist()) == list(range(1000))
+        steps = order[: len(order) // batch * batch].reshape(-1, batch)
+        assert all(np.ptp(lengths[step]) < 200 for step in steps)  # still bucketed by length
+        dropped.extend(order[len(order) // batch * batch :].tolist())
+    assert 400 < np.mean(lengths[dropped]) < 600
+    assert len(set(dropped)) > 900  # nearly every example is left out of some epoch
+
+
+def test_a_share_smaller_than_the_micro_batches_gets_no_empty_one():
+    """batch_size 1 and a global batch of 3 on 2 workers: 2 micro-batches each, but rank 1 holds one example."""
+    order = np.arange(30)
+    micro = sharding.micro_batches_per_step(3, 1, 2)
+    batches = [sharding.rank_step_batches(order, 4, 3, rank, 2, micro) for rank in range(2)]
+    assert [[b.tolist() for b in rank] for rank in batches] == [[[12], [13]], [[14]]]

@@ -4,11 +4,12 @@ import json
 
 import numpy as np
 import pytest
+import tensorflow as tf
 from PIL import Image
 
 from ddl_apps.core.rundir import load_run_recipe
 from ddl_apps.trainers.image import data
-from tests.engine_runs import ddl, summary, train
+from tests.engine_runs import ddl, final_weights, summary, train
 
 SLICE = ("data.limit=600", "optim.epochs=1", "optim.batch_size=32", "model.width=8", "run.log_every=5")
 
@@ -89,3 +90,31 @@ def test_npz_source_and_its_errors(tmp_path):
     np.savez(tmp_path / "bad.npz", images=x)
     with pytest.raises(data.DataError, match="arrays named 'x'"):
         data.read_images(data.DataConfig(source=str(tmp_path / "bad.npz")))
+
+
+def test_augmented_training_resumes_exactly(tmp_path):
+    """Stopped mid-epoch and resumed, a run with random augmentation and dropout ends with the uninterrupted run's
+    weights: each batch's augmentation is drawn from its position, not from a layer's random state (which lived
+    on the task, outside the checkpoint, and which the prefetching pipeline had advanced past the stop)."""
+    full = train(tmp_path / "full", *SLICE, "optim.epochs=2", recipe="image_resnet")
+    run = train(tmp_path / "run", *SLICE, "optim.epochs=2", "run.max_steps=17", recipe="image_resnet")
+    train(run, *SLICE, "optim.epochs=2", recipe="image_resnet", flags=("--resume",))
+    assert summary(run)["steps"] == summary(full)["steps"]
+    np.testing.assert_allclose(final_weights(run), final_weights(full), rtol=0, atol=1e-6)
+
+
+def test_augmentation_moves_shifts_rotates_and_zooms_within_bounds():
+    from ddl_apps.trainers.image.trainer import random_affine
+
+    square = np.zeros((1, 21, 21, 1), np.float32)
+    square[:, 8:13, 8:13] = 1
+    batch = np.repeat(square, 64, axis=0)
+    seed = tf.constant([3, 4], tf.int64)
+    moved = np.asarray(random_affine(batch, seed, shift=0.1, rotation=0.05, zoom=0.1))
+    assert np.array_equal(moved, np.asarray(random_affine(batch, seed, 0.1, 0.05, 0.1)))  # a seed draws the same
+    assert not np.array_equal(moved, np.asarray(random_affine(batch, tf.constant([3, 5], tf.int64), 0.1, 0.05, 0.1)))
+    centres = [np.argwhere(image[..., 0] > 0.5).mean(0) for image in moved]
+    assert np.abs(np.array(centres) - 10).max() <= 0.1 * 21 + 1  # shifted by at most 10 % (and rounding)
+    assert len({tuple(np.round(c, 1)) for c in centres}) > 32  # and each image its own way
+    still = np.asarray(random_affine(batch, seed, shift=0.0, rotation=0.0, zoom=0.0))
+    np.testing.assert_allclose(still, batch, atol=1e-6)

@@ -25,6 +25,7 @@ from ddl_apps.errors import CheckpointError
 
 MANIFEST = "manifest.json"
 PREFIX = "step-"
+CORRUPT = "corrupt-"  # an unusable checkpoint that resume moved aside
 
 
 def _sha256(path: Path) -> str:
@@ -44,7 +45,11 @@ def _fsync_dir(path: Path) -> None:
 
 
 def write_checkpoint(root: Path, step: int, write_files: Callable[[Path], None], keep: int) -> Path:
-    """Create `root/step-N` atomically: `write_files(tmp_dir)` fills it, then checksums, fsync, rename, prune."""
+    """Create `root/step-N` atomically: `write_files(tmp_dir)` fills it, then checksums, fsync, rename, prune.
+
+    A folder already at step N is replaced by rename-then-delete, so a crash leaves the old one or the new one.
+    Pruning keeps the `keep` newest checkpoints up to this one and never touches a newer one (a newer folder can
+    only be one that resume could not use; set_aside moves those out of the way)."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
@@ -56,16 +61,31 @@ def write_checkpoint(root: Path, step: int, write_files: Callable[[Path], None],
             with path.open("rb") as f:
                 os.fsync(f.fileno())
         os.chmod(tmp, 0o700)
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        _replace(tmp, final)
         _fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in list_checkpoints(root)[:-keep]:
+    older = [p for p in list_checkpoints(root) if p.name < final.name]
+    for old in older[: max(0, len(older) - (keep - 1))]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _replace(new: Path, final: Path) -> None:
+    """Rename `new` to `final`; an existing `final` is renamed away first and deleted only afterwards."""
+    if not final.exists():
+        os.rename(new, final)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=final.parent))
+    os.rename(final, old / final.name)
+    try:
+        os.rename(new, final)
+    except BaseException:
+        os.rename(old / final.name, final)
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -73,6 +93,18 @@ def list_checkpoints(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+
+
+def set_aside(checkpoint: Path) -> Path:
+    """Move an unusable checkpoint out of the list (to `corrupt-step-N`, kept for inspection), so that pruning
+    and the next resume no longer count it."""
+    target = checkpoint.with_name(f"{CORRUPT}{checkpoint.name}")
+    suffix = 1
+    while target.exists():
+        suffix += 1
+        target = checkpoint.with_name(f"{CORRUPT}{checkpoint.name}.{suffix}")
+    os.rename(checkpoint, target)
+    return target
 
 
 def verify(checkpoint: Path) -> str | None:
@@ -91,12 +123,13 @@ def verify(checkpoint: Path) -> str | None:
 
 
 def latest_valid(root: Path, warn: Callable[[str], None] = print) -> Path | None:
-    """The newest checkpoint that verifies; corrupt ones are reported and skipped."""
+    """The newest checkpoint that verifies; newer corrupt ones are reported and moved aside (set_aside)."""
     for checkpoint in reversed(list_checkpoints(root)):
         problem = verify(checkpoint)
         if problem is None:
             return checkpoint
-        warn(f"checkpoint {checkpoint} is unusable: {problem}; trying the previous one")
+        aside = set_aside(checkpoint)
+        warn(f"checkpoint {checkpoint} is unusable: {problem}; moved it to {aside.name} and trying the previous one")
     return None
 
 

@@ -57,7 +57,8 @@ class ColumnSource:
 class Task(Protocol):
     """What a trainer supplies. `predict` returns per-example arrays; `metrics` sees the whole split.
     Besides: for the PyTorch engine, `loss(model, batch)` -> scalar tensor; for the Keras engine, `loss` (a Keras
-    loss), `x` and `y` columns in `train`, and optionally `augment(x, y)` for the tf.data pipeline."""
+    loss), `x` and `y` columns in `train`, and optionally `augment(x, y, seed)` for the tf.data pipeline (random
+    draws from the stateless seed given, a [2] int64 tensor, so a resumed run draws the same)."""
 
     train: BatchSource
     valid: BatchSource
@@ -81,6 +82,39 @@ class Progress:
 
 
 PROGRESS_FILE = "progress.json"
+BATCH_KEYS = ("batch_size", "batch_workers", "accumulation")  # with the progress: the global batch trained
+
+
+def trained_batch(checkpoints: Path) -> dict[str, int] | None:
+    """The batch settings the run's checkpoints were trained with (the same in each; the newest readable one's), or
+    None when there is none (or only checkpoints older than these settings)."""
+    for checkpoint in reversed(ckpt.list_checkpoints(checkpoints)):
+        try:
+            saved = json.loads((checkpoint / PROGRESS_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        if all(isinstance(saved.get(key), int) for key in BATCH_KEYS):
+            return {key: saved[key] for key in BATCH_KEYS}
+    return None
+
+
+def keep_trained_batch(recipe: Recipe, trained: dict[str, int] | None) -> None:
+    """--resume keeps the global batch the checkpoints were trained with, whatever the number of workers now: the
+    workers share it (as under --elastic), so the steps, the examples of each step and the learning rates are those
+    of the run resumed. Another batch_size, accumulation or dist.batch_workers is refused."""
+    if trained is None:
+        return
+    optim, workers = recipe.optim, recipe.dist.batch_workers or trained["batch_workers"]
+    asked = {"batch_size": optim.batch_size, "batch_workers": workers, "accumulation": optim.accumulation}
+    if asked != trained:
+        changed = ", ".join(f"{'dist' if k == 'batch_workers' else 'optim'}.{k}={asked[k]} (trained: {trained[k]})"
+                            for k in BATCH_KEYS if asked[k] != trained[k])
+        raise RecipeError(
+            f"--resume continues a run trained with a global batch of {trained['batch_size']} x "
+            f"{trained['batch_workers']} workers x {trained['accumulation']}, but {changed}; resume with the trained "
+            "values (any number of workers shares that global batch), or start a new run without --resume"
+        )
+    recipe.dist.batch_workers = workers
 
 
 @dataclass
@@ -127,6 +161,10 @@ def epoch_steps(recipe: Recipe, train_examples: int, size: int) -> tuple[int, in
             f"(batch_size {optim.batch_size} x {workers} workers x accumulation {optim.accumulation}); "
             "lower optim.batch_size or use more data"
         )
+    if global_batch < size:
+        raise RecipeError(f"the global batch ({optim.batch_size} x {workers} workers x {optim.accumulation} = "
+                          f"{global_batch} examples) is smaller than the {size} workers, so some would train on "
+                          "nothing; raise dist.batch_workers (or leave it unset) or optim.batch_size")
     return global_batch, steps
 
 
@@ -152,13 +190,19 @@ class Engine(ABC):
         self.training = training
         self.log = RunLog(run_dir, recipe.run.progress) if training and topology.is_root else SilentLog()
         optim = recipe.optim
+        self.batch_workers = recipe.dist.batch_workers or topology.size  # the workers the global batch is sized for
         self.global_batch, self.steps_per_epoch = epoch_steps(recipe, len(task.train), topology.size)
-        self.base_lr = scaled_lr(optim, recipe.dist.batch_workers or topology.size, recipe.dist.scale_lr)
+        self.base_lr = scaled_lr(optim, self.batch_workers, recipe.dist.scale_lr)
         self.total_steps = self.steps_per_epoch * optim.epochs
         self.progress = Progress()
         self.throughput = Throughput()
         self.skipped_steps: list[int] = []  # steps left out for non-finite gradients (optim.nonfinite=skip)
         self.commit: Any = lambda: None  # elastic runs: save the state in memory, see core/elastic.py
+
+    @staticmethod
+    def check_recipe(recipe: Recipe, size: int) -> None:
+        """Settings this engine cannot train (a RecipeError), checked before the run directory is written."""
+        del recipe, size  # every setting the shared loop accepts, the base engine trains
 
     def lr_factor(self, step: int) -> float:
         optim = self.recipe.optim
@@ -276,7 +320,10 @@ class Engine(ABC):
         run, optim = self.recipe.run, self.recipe.optim
         self.log.start(self.total_steps, self.progress.step)
         window = LossWindow()
-        stopped = False
+        stopped = self._max_steps_reached()
+        if stopped:
+            self.log.message(f"run.max_steps={run.max_steps} is reached at step {self.progress.step}: nothing to "
+                             "train; raise run.max_steps (or leave it out) to go on")
         while self.progress.epoch < optim.epochs and not stopped:
             order = self.epoch_order()
             while self.progress.step_in_epoch < self.steps_per_epoch:
@@ -298,11 +345,11 @@ class Engine(ABC):
                     self.log.step(self.progress.step, {"loss": loss_sum / finite_steps if finite_steps else math.nan,
                                                        "lr": self.current_lr(), "samples_per_s": window.rate()})
                     window = LossWindow()
+                stopped = self._max_steps_reached()
+                if stopped or self.progress.step_in_epoch == self.steps_per_epoch:
+                    break  # the checkpoint below, once
                 if run.checkpoint_every and self.progress.step % run.checkpoint_every == 0:
                     self.save_checkpoint()
-                if run.max_steps and self.progress.step >= run.max_steps:
-                    stopped = True
-                    break
                 self.commit()
             if not stopped:
                 self.progress.epoch += 1
@@ -312,6 +359,10 @@ class Engine(ABC):
             self.save_checkpoint()
             self.commit()
         return self.finish(complete=not stopped)
+
+    def _max_steps_reached(self) -> bool:
+        max_steps = self.recipe.run.max_steps
+        return bool(max_steps) and self.progress.step >= max_steps
 
     def _stop_at_nonfinite(self, losses: np.ndarray) -> None:
         """Collective: raise on every rank, naming the first step whose loss was NaN or infinite on any rank."""
@@ -368,7 +419,10 @@ class Engine(ABC):
         def write(folder: Path) -> None:
             self.write_state(folder, gathered)
             ckpt.save_state(folder, "rng", {"by_rank": rng})
-            (folder / PROGRESS_FILE).write_text(json.dumps({**asdict(self.progress), "size": self.topo.size}))
+            optim = self.recipe.optim
+            batch = {"batch_size": optim.batch_size, "batch_workers": self.batch_workers,
+                     "accumulation": optim.accumulation}
+            (folder / PROGRESS_FILE).write_text(json.dumps({**asdict(self.progress), "size": self.topo.size, **batch}))
 
         ckpt.write_checkpoint(self.run_dir / rundir.CHECKPOINTS, self.progress.step, write,
                               self.recipe.run.keep_checkpoints)
@@ -399,6 +453,11 @@ class Engine(ABC):
                 self.set_rng_state(np.asarray(saved["rng"][self.topo.rank]))
         self.progress = Progress(saved["epoch"], saved["step_in_epoch"], saved["step"])
         self.log.message(f"resumed from {path} at step {self.progress.step}")
+        if self.batch_workers != self.topo.size:
+            optim = self.recipe.optim
+            self.log.message(f"the global batch stays {optim.batch_size} x {self.batch_workers} workers x "
+                             f"{optim.accumulation} = {self.global_batch} examples, shared by {self.topo.size} "
+                             "worker(s)")
 
     # ---- the end of a run -----------------------------------------------------------------------------
     def weights_digest_by_rank(self) -> list[str]:
@@ -452,7 +511,10 @@ def run_training(recipe: Recipe, resume: bool, engine_class: type[Engine]) -> Pa
     # joins later runs this while the others are already training.
     run_dir = rundir.choose_run_dir(recipe, resume) if elastic else dist.on_root(rundir.choose_run_dir, recipe, resume)
     task = load_trainer(recipe.trainer).build_task(recipe, topology)  # bad data fails here, before any file
+    if resume and not elastic:  # (`ddl train --elastic` passes the trained batch to every worker)
+        keep_trained_batch(recipe, dist.on_root(trained_batch, run_dir / rundir.CHECKPOINTS))
     epoch_steps(recipe, len(task.train), topology.size)
+    engine_class.check_recipe(recipe, topology.size)
     if not elastic:
         dist.on_root(rundir.prepare_run_dir, run_dir, recipe, resume)
     elif topology.is_root and not (run_dir / rundir.CONFIG_FILE).exists():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,8 +25,11 @@ def choose_run_dir(recipe: Recipe, resume: bool) -> Path:
     """run.dir if given; on --resume the newest runs/<recipe>-*; else a new runs/<recipe>-<time>."""
     if recipe.run.dir:
         return Path(recipe.run.dir)
-    if resume:
-        earlier = sorted(Path("runs").glob(f"{recipe.name}-*"), key=lambda p: p.stat().st_mtime)
+    if resume:  # runs of this recipe only: not those of another whose name starts with this one's
+        this_recipe = re.compile(rf"{re.escape(recipe.name)}-\d{{8}}-\d{{6}}")
+        runs = Path("runs")
+        earlier = sorted((p for p in (runs.iterdir() if runs.is_dir() else []) if this_recipe.fullmatch(p.name)),
+                         key=lambda p: p.stat().st_mtime)
         if not earlier:
             raise RecipeError(f"--resume found no earlier run of {recipe.name!r} under runs/; name one with run.dir=")
         return earlier[-1]

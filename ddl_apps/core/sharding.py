@@ -19,17 +19,18 @@ def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
 
 def bucketed_order(lengths: np.ndarray, seed: int, epoch: int, global_batch: int, window: int = 50) -> np.ndarray:
     """An epoch order whose global steps hold examples of similar length (less padding, and ranks finish their
-    share of a step at about the same time): shuffle, sort each window of `window` global batches by length,
-    cut it into global batches, and shuffle the batches. The same on every rank; every example once."""
+    share of a step at about the same time): shuffle, set aside the examples that do not fill a last global batch
+    (a random few, dropped this epoch), sort each window of `window` global batches by length, cut it into global
+    batches, and shuffle the batches. The same on every rank; every example once, the dropped ones last."""
     rng = np.random.default_rng([seed, epoch, 1])
     order = rng.permutation(len(lengths))
+    full = len(order) // global_batch * global_batch
+    kept, dropped = order[:full], order[full:]
     span = global_batch * window
     sorted_windows = [chunk[np.argsort(lengths[chunk], kind="stable")]
-                      for chunk in (order[i : i + span] for i in range(0, len(order), span))]
-    order = np.concatenate(sorted_windows)
-    full = len(order) // global_batch * global_batch
-    batches = order[:full].reshape(-1, global_batch)[rng.permutation(full // global_batch)]
-    return np.concatenate([batches.reshape(-1), order[full:]])
+                      for chunk in (kept[i : i + span] for i in range(0, full, span))]
+    batches = np.concatenate([*sorted_windows, kept[:0]]).reshape(-1, global_batch)
+    return np.concatenate([batches[rng.permutation(len(batches))].reshape(-1), dropped])
 
 
 def steps_per_epoch(num_examples: int, global_batch: int) -> int:
@@ -45,9 +46,11 @@ def rank_step_batches(order: np.ndarray, step: int, global_batch: int, rank: int
                       micro_batches: int) -> list[np.ndarray]:
     """The micro-batches (index arrays) rank `rank` runs in global step `step` of an epoch: its contiguous share
     of the step's examples, cut in `micro_batches` parts. When `size` does not divide the global batch (an elastic
-    run that lost a worker), shares and parts differ by at most one example."""
+    run that lost a worker), shares and parts differ by at most one example, and a share smaller than
+    `micro_batches` is cut in fewer parts: never an empty one (whose mean loss is NaN)."""
     examples = order[step * global_batch : (step + 1) * global_batch]
-    return np.array_split(np.array_split(examples, size)[rank], micro_batches)
+    share = np.array_split(examples, size)[rank]
+    return np.array_split(share, min(micro_batches, max(1, len(share))))
 
 
 def eval_shard(num_examples: int, rank: int, size: int) -> np.ndarray:

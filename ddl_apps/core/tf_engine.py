@@ -53,6 +53,21 @@ def make_optimizer(optim: OptimConfig, learning_rate) -> keras.optimizers.Optimi
     return keras.optimizers.AdamW(weight_decay=optim.weight_decay, **common)
 
 
+def augmented(dataset: tf.data.Dataset, augment, seed: int, first: int) -> tf.data.Dataset:
+    """`augment(x, y, seed)` on each batch with the seed [seed, index of the batch]: the random draws of a batch
+    depend only on where it is (so a resumed run draws what the uninterrupted one drew), not on a random state that
+    a prefetching pipeline would have advanced by an unknown number of batches. `first`: the index of the first."""
+    def with_seed(index, batch):
+        return augment(*batch, tf.stack([tf.constant(seed, tf.int64), index]))
+
+    return dataset.enumerate(start=first).map(with_seed, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def batch_seed(run_seed: int, rank: int, epoch: int) -> int:
+    """The augmentation seed of one rank's batches in one epoch."""
+    return int(np.random.SeedSequence([run_seed, rank, epoch]).generate_state(1, np.uint64)[0] >> 1)
+
+
 def step_losses(running_means: list[float]) -> np.ndarray:
     """Each step's loss from the running means Keras reports after each step since its metrics were reset."""
     totals = np.asarray(running_means) * np.arange(1, len(running_means) + 1)
@@ -73,13 +88,25 @@ class KerasEngine(Engine):
         if training:
             self._compile(recipe)
 
+    @staticmethod
+    def check_recipe(recipe: Recipe, size: int) -> None:
+        if recipe.optim.nonfinite == "skip":
+            raise RecipeError("optim.nonfinite=skip needs the PyTorch engine; with Keras a non-finite loss stops the "
+                              "run (optim.nonfinite=stop)")
+        workers = recipe.dist.batch_workers
+        if workers not in (None, size):
+            raise RecipeError(
+                f"dist.batch_workers={workers} on {size} worker(s): the Keras engine cannot share a global batch "
+                f"sized for {workers} workers among {size} (Horovod's Keras optimizer aggregates the same number of "
+                f"micro-batches on every worker, and Adam's step count follows them); run on -np {workers} (a run "
+                "resumed with --resume needs the number of workers it was trained on), or leave dist.batch_workers "
+                "unset"
+            )
+
     def _compile(self, recipe: Recipe) -> None:
         import horovod.tensorflow.keras as hvd_keras
 
         optim = recipe.optim
-        if optim.nonfinite == "skip":
-            raise RecipeError("optim.nonfinite=skip needs the PyTorch engine; with Keras a non-finite loss stops the "
-                              "run (optim.nonfinite=stop)")
         factors = [self.lr_factor(step) for step in range(self.total_steps + 1)]
         self.schedule = TableSchedule(self.base_lr, factors, optim.accumulation)
         compression = hvd_keras.Compression.fp16 if recipe.dist.compression == "fp16" else hvd_keras.Compression.none
@@ -111,7 +138,8 @@ class KerasEngine(Engine):
             batch = self.task.train.take(np.concatenate([np.concatenate(self.rank_batches(order, s)) for s in steps]))
             dataset = tf.data.Dataset.from_tensor_slices((batch["x"], batch["y"])).batch(self.recipe.optim.batch_size)
             if self._augment is not None:  # the trainer's random augmentation, per batch
-                dataset = dataset.map(self._augment, num_parallel_calls=tf.data.AUTOTUNE)
+                seed = batch_seed(self.recipe.run.seed, self.topo.rank, self.progress.epoch)
+                dataset = augmented(dataset, self._augment, seed, first * self.recipe.optim.accumulation)
             self._stream = (position, iter(dataset.prefetch(tf.data.AUTOTUNE)))
         iterator = self._stream[1]
         self._stream = ((self.progress.epoch, first + count), iterator)

@@ -49,6 +49,19 @@ def load_weights(model: torch.nn.Module, folder: Path) -> None:
         raise CheckpointError(f"cannot load weights from {folder / WEIGHTS}: {e}") from None
 
 
+def pack_rng_state(cpu: torch.Tensor, cuda: torch.Tensor | None) -> np.ndarray:
+    """One byte array of the CPU generator's state and, on a GPU, the device generator's (dropout, SpecAugment's
+    masks and the like draw on the device there)."""
+    return np.concatenate([cpu.numpy(), cuda.cpu().numpy() if cuda is not None else np.zeros(0, np.uint8)])
+
+
+def unpack_rng_state(state: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What pack_rng_state packed: (CPU state, device state or None)."""
+    cpu_bytes = torch.get_rng_state().numel()
+    state = torch.from_numpy(np.ascontiguousarray(state, dtype=np.uint8))
+    return state[:cpu_bytes].clone(), state[cpu_bytes:].clone() if len(state) > cpu_bytes else None
+
+
 class TorchEngine(Engine):
     init = staticmethod(dist.init_torch)
     elastic = True
@@ -175,10 +188,13 @@ class TorchEngine(Engine):
 
     # ---- checkpoints ----------------------------------------------------------------------------------
     def rng_state(self) -> np.ndarray:
-        return torch.get_rng_state().numpy()
+        return pack_rng_state(torch.get_rng_state(), torch.cuda.get_rng_state() if self.device.type == "cuda" else None)
 
     def set_rng_state(self, state: np.ndarray) -> None:
-        torch.set_rng_state(torch.from_numpy(state.astype(np.uint8)))
+        cpu, cuda = unpack_rng_state(state)
+        torch.set_rng_state(cpu)
+        if cuda is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(cuda)
 
     def gather_state(self) -> dict:
         return {"model": parallel.replicated_state(self.model),

