@@ -85,6 +85,11 @@ def worker_env(controller: str | None, elastic: bool, env: dict[str, str] | None
         shipped["OMPI_MCA_mpi_yield_when_idle"] = "1"  # workers as cores that took the CPU from compute
     if elastic:  # a worker replacing a dead one starts (imports, data) while the others wait for it: Horovod's 30 s
         shipped["HOROVOD_GLOO_TIMEOUT_SECONDS"] = "120"  # is short for that on a busy host
+        # Horovod's response cache outlives an elastic reset in the survivors but starts empty in a newcomer, so
+        # they no longer agree on what a cached name means: the text recipe's state broadcast after a worker was
+        # replaced sent 1,002,884 bytes where the survivor expected 16,512, and Gloo aborted both. No cache: each
+        # collective is negotiated afresh.
+        shipped["HOROVOD_CACHE_CAPACITY"] = "0"
     return {**shipped, **os.environ, **(env or {})}
 
 

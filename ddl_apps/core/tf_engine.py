@@ -176,7 +176,10 @@ class KerasEngine(Engine):
 
     # ---- checkpoints ----------------------------------------------------------------------------------
     def _checkpoint(self) -> tf.train.Checkpoint:
-        return tf.train.Checkpoint(model=self.model, optimizer=self.optimizer)
+        # The random state of dropout (and any random layer) is an integer seed variable of the model that a
+        # checkpoint of the model leaves out; without it a resumed run drew other dropout masks.
+        random_state = [v for v in self.model.non_trainable_variables if not v.dtype.startswith("float")]
+        return tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, random_state=random_state)
 
     def write_state(self, folder: Path, gathered: None) -> None:
         self._checkpoint().write(str(folder / TF_STATE))
