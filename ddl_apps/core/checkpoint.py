@@ -8,7 +8,6 @@ back to the newest good checkpoint. Nothing here unpickles anything.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -21,19 +20,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ddl_apps.cache import file_sha256
 from ddl_apps.errors import CheckpointError
 
 MANIFEST = "manifest.json"
 PREFIX = "step-"
 CORRUPT = "corrupt-"  # an unusable checkpoint that resume moved aside
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -55,7 +47,7 @@ def write_checkpoint(root: Path, step: int, write_files: Callable[[Path], None],
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
     try:
         write_files(tmp)
-        manifest = {"step": step, "files": {p.name: _sha256(p) for p in sorted(tmp.iterdir())}}
+        manifest = {"step": step, "files": {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         for path in tmp.iterdir():
             with path.open("rb") as f:
@@ -117,7 +109,7 @@ def verify(checkpoint: Path) -> str | None:
         path = checkpoint / name
         if not path.is_file():
             return f"{name} is missing"
-        if _sha256(path) != digest:
+        if file_sha256(path) != digest:
             return f"{name} does not match its checksum (truncated or corrupt)"
     return None
 

