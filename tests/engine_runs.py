@@ -33,12 +33,10 @@ def train(run_dir: Path, *overrides: str, np: int = 1, recipe: str = PROBE, flag
 
 
 @contextmanager
-def start_training(run_dir: Path, recipe: str, *args: str, env: dict[str, str] | None = None
-                   ) -> Iterator[subprocess.Popen]:
-    """`ddl train RECIPE` in the background (output captured, `env` added to the environment), for tests that kill
-    it. Whatever is left of it (launcher and workers) is killed on the way out, so a run that hangs fails its test
-    instead of hanging it."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2", "OMP_NUM_THREADS": "1", **(env or {})}
+def start_training(run_dir: Path, recipe: str, *args: str) -> Iterator[subprocess.Popen]:
+    """`ddl train RECIPE` in the background (output captured), for tests that kill it. Whatever is left of it
+    (launcher and workers) is killed on the way out, so a run that hangs fails its test instead of hanging it."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "ddl_apps.cli", "train", recipe, f"run.dir={run_dir}", *args]
     with subprocess.Popen(command, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT) as job:
