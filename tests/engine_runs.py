@@ -19,9 +19,10 @@ PROBE = "tests/probe/digits.yaml"
 PROBES = {"torch": PROBE, "keras": "tests/probe_keras/digits.yaml"}  # the same data and model in each engine
 
 
-def ddl(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run the `ddl` CLI from the repository root (so `tests.probe` imports in every worker)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
+def ddl(*args: str, timeout: float = 600, python_path: tuple[Path, ...] = ()) -> subprocess.CompletedProcess:
+    """Run the `ddl` CLI from the repository root (so `tests.probe` imports in every worker), with `python_path`
+    also importable."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, (REPO, *python_path))), "TF_CPP_MIN_LOG_LEVEL": "2"}
     return subprocess.run([sys.executable, "-m", "ddl_apps.cli", *args], cwd=REPO, env=env, text=True,
                           capture_output=True, timeout=timeout)
 
@@ -33,10 +34,12 @@ def train(run_dir: Path, *overrides: str, np: int = 1, recipe: str = PROBE, flag
 
 
 @contextmanager
-def start_training(run_dir: Path, recipe: str, *args: str) -> Iterator[subprocess.Popen]:
-    """`ddl train RECIPE` in the background (output captured), for tests that kill it. Whatever is left of it
-    (launcher and workers) is killed on the way out, so a run that hangs fails its test instead of hanging it."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2", "OMP_NUM_THREADS": "1"}
+def start_training(run_dir: Path, recipe: str, *args: str, env: dict[str, str] | None = None
+                   ) -> Iterator[subprocess.Popen]:
+    """`ddl train RECIPE` in the background (output captured, `env` added to the environment), for tests that kill
+    it. Whatever is left of it (launcher and workers) is killed on the way out, so a run that hangs fails its test
+    instead of hanging it."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2", "OMP_NUM_THREADS": "1", **(env or {})}
     command = [sys.executable, "-m", "ddl_apps.cli", "train", recipe, f"run.dir={run_dir}", *args]
     with subprocess.Popen(command, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT) as job:

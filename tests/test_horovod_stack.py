@@ -11,8 +11,8 @@ from ddl_apps.core.launch import CONTROLLERS, horovodrun_executable, run_horovod
 WORKERS = Path(__file__).parent / "workers"
 
 
-def launch_worker(script: str, controller: str, np: int = 2) -> str:
-    result = run_horovod([sys.executable, str(WORKERS / script)], np, controller, timeout=300, capture=True)
+def launch_worker(script: str, controller: str, np: int = 2, timeout: float = 300) -> str:
+    result = run_horovod([sys.executable, str(WORKERS / script)], np, controller, timeout=timeout, capture=True)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     return output
@@ -39,3 +39,12 @@ def test_torch_distributed_optimizer_matches_combined_batch(controller):
     output = launch_worker("torch_distributed_optimizer.py", controller)
     for rank in range(2):
         assert f"rank {rank}: identical across 2 ranks" in output
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("controller", CONTROLLERS)
+def test_torch_step_interrupted_while_submitting_a_group_is_undone_by_load_state_dict(controller):
+    """Patch python/0013: without it the interrupted rank's next steps send other collectives and the job hangs."""
+    output = launch_worker("torch_interrupted_step.py", controller, timeout=90)
+    for rank in range(2):
+        assert f"rank {rank}: identical after an interrupted step" in output
