@@ -16,6 +16,8 @@ demo: setup
 
 test: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -d $${TMPDIR:-/tmp}/ddl_apps_site
 	$(VENV)/bin/pytest -q
 
 test-fast: setup

@@ -45,28 +45,24 @@ PEER_RECIPES = ["fraud_mlp", "nlp_minilm"]  # short steps (latency-bound) and 91
 def load(recipe_name: str, topology) -> tuple:
     """The recipe (logging every window, stopping after the windows), its trainer and task."""
     from ddl_apps.recipe import load_recipe
-    from ddl_apps.trainers import load_trainer
+    from ddl_apps.registry import load_trainer
 
     steps, windows = PLAN[recipe_name]
     recipe = load_recipe(recipe_name, [f"run.log_every={steps}", f"run.max_steps={steps * windows}",
                                        "run.eval_every_epoch=false", "run.progress=false"])
     trainer = load_trainer(recipe.trainer)
-    return recipe, trainer, trainer.build_task(recipe, topology)
+    return recipe, trainer, trainer.load_hooks().build_task(recipe, topology)
 
 
 def is_keras(trainer) -> bool:
-    return trainer.ENGINE.__name__.endswith("tf_engine")
-
-
-def engine_class(trainer):
-    return trainer.ENGINE.KerasEngine if is_keras(trainer) else trainer.ENGINE.TorchEngine
+    return trainer.engine == "keras"
 
 
 def step_batches(recipe, task, topology) -> list[np.ndarray]:
     """This rank's examples for each measured step, as the engine picks them (first epoch's order), computed once
     so that the timed loops only train."""
     from ddl_apps.core import sharding
-    from ddl_apps.core.engine import epoch_steps
+    from ddl_apps.core.schedule import epoch_steps
 
     global_batch, _ = epoch_steps(recipe, len(task.train), topology.size)
     order = sharding.epoch_order(len(task.train), recipe.run.seed, 0)
@@ -90,6 +86,7 @@ def timed_windows(step_fn, steps: int, windows: int, samples_per_step: int) -> l
 def engine_rates(recipe, trainer, task, topology) -> list[float]:
     """Window samples/s of the engine's own loop (rank 0's run log; other ranks return nothing)."""
     from ddl_apps.core.metrics import read_metrics
+    from ddl_apps.core.training import engine_class
 
     with tempfile.TemporaryDirectory() as run_dir:
         engine_class(trainer)(recipe, task, topology, Path(run_dir)).train_loop()
@@ -193,8 +190,9 @@ def ddp_rates(recipe, task, topology) -> list[float]:
 def horovod_worker(recipe_name: str, runs: int, hand_written: bool = True) -> dict[str, list[float]]:
     """The engine, and (hand_written) the hand-written Horovod loop taking turns with it in one job."""
     from ddl_apps.core import dist
+    from ddl_apps.core.training import engine_class
     from ddl_apps.recipe import load_recipe
-    from ddl_apps.trainers import load_trainer
+    from ddl_apps.registry import load_trainer
 
     shipped = load_recipe(recipe_name)
     topology = engine_class(load_trainer(shipped.trainer)).init(shipped.dist.cycle_time_ms)

@@ -15,7 +15,7 @@ def cache_dir(*parts: str) -> Path:
     return path
 
 
-def build_once(target: Path, build: Callable[[], None]) -> Path:
+def build_once(target: Path, build: Callable[[], object]) -> Path:
     """`target` (a file or folder in the cache), made by `build()` if it is missing. The workers of a run (and
     concurrent runs) on one host take turns on a lock file beside it: the first builds, the others wait and find
     it built. No collective, so a worker joining an elastic run mid-training can call it too. `build` must create

@@ -56,7 +56,7 @@ def main() -> None:
 
 @main.command()
 def recipes() -> None:
-    """List the shipped recipes."""
+    """List the recipes: the shipped ones and those of installed trainer packages."""
     from ddl_apps.recipe import list_recipes
 
     for name, description in list_recipes().items():
@@ -105,19 +105,20 @@ def train(recipe, overrides, num_proc, hosts, hostfile, controller, resume, elas
         command = [sys.executable, "-m", "ddl_apps.cli", "train", recipe, *overrides, *(["--resume"] if resume else [])]
         listed = _listed_hosts(hosts, hostfile)
         controller = controller or choose_controller(config.dist.controller, elastic, listed)
-        if not elastic:
+        if not elastic:  # the hosts as -H: horovodrun reads only `host slots=N` lines of the forms a hostfile takes
             num_proc = num_proc or sum(slots for _, slots in listed) or 1
-            sys.exit(run_horovod(command, num_proc, controller, hosts, hostfile).returncode)
+            host_list = ",".join(f"{host}:{slots}" for host, slots in listed) or None
+            sys.exit(run_horovod(command, num_proc, controller, host_list).returncode)
         max_np, extra = _elastic_run(config, resume, controller, num_proc, min_np, max_np,
                                      None if host_discovery_script else listed)
         with tempfile.TemporaryDirectory(prefix="ddl-hosts-") as scratch:
             job = (Elastic(min_np, max_np, host_discovery_script) if host_discovery_script else
                    _hostfile_job(min_np, max_np, listed or [("localhost", max_np)], hostfile, Path(scratch)))
             sys.exit(run_horovod(command + extra, num_proc or max_np, controller, elastic=job).returncode)
-    from ddl_apps.trainers import load_trainer
+    from ddl_apps.core.training import run_training
+    from ddl_apps.registry import load_trainer
 
-    engine = load_trainer(config.trainer).ENGINE
-    run_dir = engine.train(config, resume=resume)
+    run_dir = run_training(config, resume, load_trainer(config.trainer))
     if not is_quiet_rank():
         console.print(f"run directory: {run_dir}")
 
@@ -149,7 +150,7 @@ def _elastic_run(config, resume: bool, controller: str, num_proc: int | None, mi
     run_dir = rundir.choose_run_dir(config, resume)
     rundir.check_new_run(run_dir, resume)
     if resume:  # the global batch the run was trained with, which its workers cannot agree on among themselves
-        from ddl_apps.core.engine import keep_trained_batch, trained_batch
+        from ddl_apps.core.checkpointer import keep_trained_batch, trained_batch
 
         keep_trained_batch(config, trained_batch(run_dir / rundir.CHECKPOINTS) or {})
     return max_np, [f"run.dir={run_dir}", f"dist.batch_workers={config.dist.batch_workers or max_np}"]
@@ -167,9 +168,9 @@ def _hostfile_job(min_np: int, max_np: int, listed: list[tuple[str, int]], hostf
 
 
 def _run_trainer(run_dir: Path):
-    """The recipe a run was trained with, and its trainer's module."""
+    """The recipe a run was trained with, and its trainer."""
     from ddl_apps.core.rundir import load_run_recipe
-    from ddl_apps.trainers import load_trainer
+    from ddl_apps.registry import load_trainer
 
     config = load_run_recipe(run_dir)
     return config, load_trainer(config.trainer)
@@ -179,12 +180,20 @@ def _run_trainer(run_dir: Path):
 @click.argument("run_dir", type=click.Path(path_type=Path))
 def evaluate(run_dir: Path) -> None:
     """Evaluate the exported model of RUN_DIR on its test split and print the metrics as JSON."""
+    from ddl_apps.core.training import evaluate_exported
+
     config, trainer = _run_trainer(run_dir)
-    click.echo(json.dumps(trainer.ENGINE.evaluate_run(config, run_dir), indent=1))
+    click.echo(json.dumps(evaluate_exported(config, run_dir, trainer), indent=1))
 
 
 def _predict(run_dir: Path, inputs: tuple[str, ...], output: Path | None) -> None:
-    _run_trainer(run_dir)[1].predict_cli(run_dir, list(inputs), output)
+    from ddl_apps.errors import RecipeError
+
+    trainer = _run_trainer(run_dir)[1]
+    predict = trainer.load_hooks().predict
+    if predict is None:
+        raise RecipeError(f"the {trainer.name} trainer of {run_dir} has no 'ddl predict'")
+    predict(run_dir, list(inputs), output)
 
 
 RUN_DIR = click.argument("run_dir", type=click.Path(path_type=Path))
@@ -231,10 +240,10 @@ def recommend(run_dir: Path, user_id: str, count: int) -> None:
     """Print the top items for USER_ID (a recommendation run's model), leaving out those the user has seen."""
     from ddl_apps.errors import RecipeError
 
-    trainer = _run_trainer(run_dir)[1]
-    if not hasattr(trainer, "recommend_cli"):
+    recommend = _run_trainer(run_dir)[1].load_hooks().recommend
+    if recommend is None:
         raise RecipeError(f"{run_dir} is not a recommendation run; ddl recommend needs one (e.g. recsys_neumf)")
-    trainer.recommend_cli(run_dir, user_id, count)
+    recommend(run_dir, user_id, count)
 
 
 @main.group()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import re
 import reprlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -81,10 +82,10 @@ class Recipe(Section):
     @field_validator("trainer")
     @classmethod
     def _known_trainer(cls, trainer: str) -> str:
-        from ddl_apps.trainers import TRAINERS, trainer_package
+        from ddl_apps.registry import find_trainer, registered
 
-        if trainer_package(trainer) is None:
-            raise ValueError(f"unknown trainer{_suggest(trainer, TRAINERS)}")
+        if find_trainer(trainer) is None:
+            raise ValueError(f"unknown trainer{_suggest(trainer, registered())}")
         return trainer
 
 
@@ -157,17 +158,24 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def recipe_files() -> dict[str, Path]:
+    """The recipes by name: the shipped ones (recipes/) and those of installed trainer packages."""
+    from ddl_apps.registry import recipe_folders
+
+    return {p.stem: p for folder in (RECIPES_DIR, *recipe_folders()) for p in sorted(folder.glob("*.yaml"))}
+
+
 def resolve_path(recipe: str | Path) -> Path:
-    """A recipe is a path to a YAML file, or the name of one in recipes/."""
+    """A recipe is a path to a YAML file, or the name of one that `ddl recipes` lists."""
     path = Path(recipe)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
             raise RecipeError(f"recipe file {path} does not exist; 'ddl recipes' lists the shipped ones")
         return path
-    shipped = {p.stem: p for p in RECIPES_DIR.glob("*.yaml")}
-    if str(recipe) not in shipped:
-        raise RecipeError(f"no recipe named {recipe!r}{_suggest(str(recipe), shipped)}")
-    return shipped[str(recipe)]
+    known = recipe_files()
+    if str(recipe) not in known:
+        raise RecipeError(f"no recipe named {recipe!r}{_suggest(str(recipe), known)}")
+    return known[str(recipe)]
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -186,11 +194,11 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return raw
 
 
-def load_recipe(recipe: str | Path, overrides: list[str] = ()) -> Recipe:
+def load_recipe(recipe: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     """Load, override and validate a recipe, including the trainer's own data and model sections.
 
     Every problem found is reported in the one RecipeError."""
-    from ddl_apps.trainers import trainer_package, trainer_schemas
+    from ddl_apps.registry import find_trainer
 
     path = resolve_path(recipe)
     raw = _merge(read_yaml(path), parse_overrides(list(overrides)))
@@ -200,19 +208,21 @@ def load_recipe(recipe: str | Path, overrides: list[str] = ()) -> Recipe:
         config = Recipe.model_validate(raw)
     except ValidationError as e:
         problems.append(_describe(e, "", Recipe))
-    if isinstance(raw.get("trainer"), str) and trainer_package(raw["trainer"]):
-        for section, schema in zip(("data", "model"), trainer_schemas(raw["trainer"]), strict=True):
+    trainer = find_trainer(raw["trainer"]) if isinstance(raw.get("trainer"), str) else None
+    if trainer is not None:
+        for section, schema in (("data", trainer.data_config), ("model", trainer.model_config)):
             try:
                 sections[section] = schema.model_validate(raw.get(section) or {})
             except ValidationError as e:
                 problems.append(_describe(e, section, schema))
     if problems:
         raise RecipeError(f"recipe {path} is invalid:\n" + "\n".join(problems))
+    assert config is not None, "a recipe that failed validation has problems"
     for section, value in sections.items():
         setattr(config, section, value)
     return config
 
 
 def list_recipes() -> dict[str, str]:
-    """Shipped recipe names and their one-line descriptions."""
-    return {p.stem: str(read_yaml(p).get("description", "")) for p in sorted(RECIPES_DIR.glob("*.yaml"))}
+    """Recipe names (shipped and installed) and their one-line descriptions."""
+    return {name: str(read_yaml(path).get("description", "")) for name, path in sorted(recipe_files().items())}

@@ -24,7 +24,7 @@ log() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 die() { printf '\033[1;31m[setup] error:\033[0m %s\n' "$*" >&2; exit 1; }
 
 install_debian_packages() {
-    # OpenSSH and iproute2: the multi-host test (tests/test_multihost.py) starts SSH servers in network namespaces.
+    # OpenSSH and iproute2: the multi-host test (tests/launch/test_multihost.py) starts SSH servers in network namespaces.
     local wanted=(build-essential cmake git libopenmpi-dev openmpi-bin espeak-ng libsndfile1
                   openssh-client openssh-server iproute2)
     local missing=()

@@ -15,6 +15,7 @@ import numpy as np
 from safetensors.numpy import load_file
 
 REPO = Path(__file__).resolve().parent.parent
+WORKERS = REPO / "tests" / "workers"  # scripts run under horovodrun
 PROBE = "tests/probe/digits.yaml"
 PROBES = {"torch": PROBE, "keras": "tests/probe_keras/digits.yaml"}  # the same data and model in each engine
 
@@ -81,3 +82,13 @@ def final_weights(run_dir: Path) -> np.ndarray:
 
 def summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
+
+
+def launch_worker(script: str, controller: str, np: int = 2, timeout: float = 300) -> str:
+    """Run a script of tests/workers under horovodrun; its output (the test fails if it does)."""
+    from ddl_apps.core.launch import run_horovod
+
+    result = run_horovod([sys.executable, str(WORKERS / script)], np, controller, timeout=timeout, capture=True)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    return output

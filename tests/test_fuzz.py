@@ -26,7 +26,7 @@ from hypothesis.extra import numpy as hnp
 from ddl_apps.core.dist import Topology
 from ddl_apps.errors import RecipeError, UserError
 from ddl_apps.recipe import DistConfig, OptimConfig, Recipe, RunConfig, load_recipe
-from ddl_apps.trainers import TRAINERS, trainer_package, trainer_schemas
+from ddl_apps.registry import find_trainer, registered
 from tests.engine_runs import PROBE, ddl
 
 DEPTH = int(os.environ.get("DDL_FUZZ", "0"))
@@ -61,6 +61,15 @@ VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=3) | st.di
                                                                                              max_size=3), max_leaves=8)
 CELLS = st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats() | st.text(max_size=8)
 COLUMN_CELLS = st.sampled_from([st.integers(-10**6, 10**6), st.floats(), st.text(max_size=8), CELLS])
+
+
+def trainer_sections(name: str) -> dict[str, type]:
+    """The schemas of a trainer's data and model sections (none for a name that is no trainer)."""
+    try:
+        trainer = find_trainer(name)
+    except RecipeError:  # a module by that name without a TRAINER
+        return {}
+    return {"data": trainer.data_config, "model": trainer.model_config} if trainer else {}
 
 
 @st.composite
@@ -141,9 +150,8 @@ def section_value(draw, schema) -> Any:
 def recipe_trees(draw) -> dict:
     """A recipe as YAML holds it: a trainer (mostly a known one), its sections with known and unknown keys and
     values of any type, or unknown sections."""
-    trainer = draw(mostly(st.sampled_from([*TRAINERS, "tests.probe"]), st.text(max_size=12)))
-    schemas = {**SHARED, **(dict(zip(("data", "model"), trainer_schemas(trainer), strict=True))
-                            if trainer_package(trainer) else {})}
+    trainer = draw(mostly(st.sampled_from([*registered(), "tests.probe"]), st.text(max_size=12)))
+    schemas = {**SHARED, **trainer_sections(trainer)}
     names = draw(st.lists(mostly(st.sampled_from([*schemas, "description"]), st.text(max_size=8)), max_size=5,
                           unique=True))
     tree = {name: section_value(draw, schemas.get(name)) for name in names}

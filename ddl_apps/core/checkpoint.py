@@ -13,12 +13,12 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from safetensors.torch import load_file, save_file
+import safetensors.numpy
 
 from ddl_apps.cache import file_sha256
 from ddl_apps.errors import CheckpointError
@@ -125,27 +125,40 @@ def latest_valid(root: Path, warn: Callable[[str], None] = print) -> Path | None
     return None
 
 
+@dataclass(frozen=True)
+class TensorFiles:
+    """How one framework's tensors are told apart from the rest of a nested state, and go into and out of a
+    safetensors file."""
+
+    is_tensor: Callable[[Any], bool]
+    prepare: Callable[[Any], Any]  # a tensor (or numpy array) as it is saved: contiguous, in host memory
+    save_file: Callable[[dict[str, Any], str], None]
+    load_file: Callable[[str], dict[str, Any]]
+
+
+NUMPY = TensorFiles(lambda obj: isinstance(obj, np.ndarray), np.ascontiguousarray, safetensors.numpy.save_file,
+                    safetensors.numpy.load_file)
+
+
 # Nested state (dicts with any keys, lists, tuples, tensors, numbers) <-> a JSON skeleton plus a flat tensor dict.
-def split_tensors(obj: Any, tensors: dict[str, torch.Tensor] | None = None) -> tuple[Any, dict[str, torch.Tensor]]:
+def split_tensors(obj: Any, files: TensorFiles, tensors: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
     tensors = {} if tensors is None else tensors
-    if isinstance(obj, torch.Tensor):
+    if files.is_tensor(obj) or isinstance(obj, np.ndarray):
         key = f"t{len(tensors)}"
-        tensors[key] = obj.detach().cpu().contiguous()
+        tensors[key] = files.prepare(obj)
         return {"__tensor__": key}, tensors
-    if isinstance(obj, np.ndarray):
-        return split_tensors(torch.from_numpy(np.array(obj)), tensors)  # a copy: gathered arrays are read-only
     if isinstance(obj, dict):
-        return {"__items__": [[k, split_tensors(v, tensors)[0]] for k, v in obj.items()]}, tensors
+        return {"__items__": [[k, split_tensors(v, files, tensors)[0]] for k, v in obj.items()]}, tensors
     if isinstance(obj, tuple):
-        return {"__tuple__": [split_tensors(v, tensors)[0] for v in obj]}, tensors
+        return {"__tuple__": [split_tensors(v, files, tensors)[0] for v in obj]}, tensors
     if isinstance(obj, list):
-        return [split_tensors(v, tensors)[0] for v in obj], tensors
+        return [split_tensors(v, files, tensors)[0] for v in obj], tensors
     if isinstance(obj, np.generic):
         return obj.item(), tensors
     return obj, tensors
 
 
-def join_tensors(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
+def join_tensors(skeleton: Any, tensors: dict[str, Any]) -> Any:
     if isinstance(skeleton, dict) and "__tensor__" in skeleton:
         return tensors[skeleton["__tensor__"]]
     if isinstance(skeleton, dict) and "__tuple__" in skeleton:
@@ -157,17 +170,17 @@ def join_tensors(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return skeleton
 
 
-def save_state(folder: Path, name: str, state: Any) -> None:
-    """Write nested state as `name.json` + `name.safetensors`."""
-    skeleton, tensors = split_tensors(state)
-    save_file(tensors, str(folder / f"{name}.safetensors"))
+def save_state(folder: Path, name: str, state: Any, files: TensorFiles = NUMPY) -> None:
+    """Write nested state as `name.json` + `name.safetensors` (its tensors those of `files`' framework)."""
+    skeleton, tensors = split_tensors(state, files)
+    files.save_file(tensors, str(folder / f"{name}.safetensors"))
     (folder / f"{name}.json").write_text(json.dumps(skeleton))
 
 
-def load_state(folder: Path, name: str) -> Any:
+def load_state(folder: Path, name: str, files: TensorFiles = NUMPY) -> Any:
     try:
         skeleton = json.loads((folder / f"{name}.json").read_text())
-        tensors = load_file(str(folder / f"{name}.safetensors"))
+        tensors = files.load_file(str(folder / f"{name}.safetensors"))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"cannot read {name} from checkpoint {folder}: {e}") from None
     return join_tensors(skeleton, tensors)

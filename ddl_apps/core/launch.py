@@ -123,7 +123,7 @@ def run_horovod(
     launcher_traceback: list[str] = []
     worker_exit = None
     with subprocess.Popen(argv, env=full_env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
-        for line in proc.stdout:
+        for line in proc.stdout or ():
             if not RANK_TAG.match(line):  # horovodrun's (or mpirun's) own line
                 found = WORKER_EXIT.search(line)
                 if found and worker_exit is None:

@@ -8,15 +8,50 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
+
+
+@dataclass
+class Throughput:
+    """Training samples (all ranks) and seconds spent in training steps in this process: no evaluation,
+    checkpoints or start-up; the first steps' graph tracing or warm-up is included."""
+
+    samples: int = 0
+    seconds: float = 0.0
+
+    def add(self, samples: int, seconds: float) -> None:
+        self.samples += samples
+        self.seconds += seconds
+
+    def summary(self) -> dict[str, float]:
+        return {"samples": self.samples, "seconds": round(self.seconds, 2),
+                "samples_per_s": round(self.samples / self.seconds, 1) if self.seconds else 0.0}
+
+
+class LossWindow:
+    """This rank's losses since the last log line (the sum and count of the finite ones) and the samples trained."""
+
+    def __init__(self):
+        self.loss, self.steps, self.samples, self.started = 0.0, 0, 0, time.perf_counter()
+
+    def add(self, losses: np.ndarray, samples: int) -> None:
+        finite = np.isfinite(losses)
+        self.loss += float(losses[finite].sum())
+        self.steps += int(finite.sum())
+        self.samples += samples
+
+    def rate(self) -> float:
+        return self.samples / max(1e-9, time.perf_counter() - self.started)
 
 
 class SilentLog:
@@ -40,7 +75,7 @@ class RunLog(SilentLog):
         self._tb = SummaryWriter(str(run_dir / "tensorboard"))
         self._show_progress = show_progress and self.console.is_terminal
         self._progress: Progress | None = None
-        self._task = None
+        self._task: TaskID | None = None
         self._last_print = 0.0
         self._total = self._done = self._started_at = 0
         self._start_time = time.monotonic()
@@ -59,14 +94,14 @@ class RunLog(SilentLog):
 
     def advance(self, steps: int = 1) -> None:
         self._done += steps
-        if self._progress is not None:
+        if self._progress is not None and self._task is not None:
             self._progress.advance(self._task, steps)
 
     def step(self, step: int, values: dict[str, float]) -> None:
         """Training values every `log_every` steps: file, TensorBoard, and the progress line."""
         self.record("train", step, values)
         info = "  ".join(f"{k} {_fmt(v)}" for k, v in values.items())
-        if self._progress is not None:
+        if self._progress is not None and self._task is not None:
             self._progress.update(self._task, info=info)
         elif time.monotonic() - self._last_print > 5:  # no terminal (e.g. under horovodrun): a line now and then
             self._last_print = time.monotonic()

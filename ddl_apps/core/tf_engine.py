@@ -19,8 +19,9 @@ import numpy as np
 import tensorflow as tf
 
 from ddl_apps.core import dist
-from ddl_apps.core.engine import ColumnSource, Engine, evaluate_exported, run_training
+from ddl_apps.core.engine import Engine
 from ddl_apps.core.rundir import MODEL_DIR
+from ddl_apps.core.sources import ColumnSource
 from ddl_apps.errors import CheckpointError, RecipeError
 from ddl_apps.recipe import OptimConfig, Recipe
 
@@ -132,17 +133,17 @@ class KerasEngine(Engine):
         """An iterator over this rank's micro-batches from global step `first` on, which the caller trains `count`
         steps of: the epoch's pipeline where the last call left it, or a new one from `first` to the end of the
         epoch (at an epoch's start, or after a resume)."""
-        position = (self.progress.epoch, first)
+        position = (self.state.epoch, first)
         if self._stream is None or self._stream[0] != position:
             steps = range(first, self.steps_per_epoch)
             batch = self.task.train.take(np.concatenate([np.concatenate(self.rank_batches(order, s)) for s in steps]))
             dataset = tf.data.Dataset.from_tensor_slices((batch["x"], batch["y"])).batch(self.recipe.optim.batch_size)
             if self._augment is not None:  # the trainer's random augmentation, per batch
-                seed = batch_seed(self.recipe.run.seed, self.topo.rank, self.progress.epoch)
+                seed = batch_seed(self.recipe.run.seed, self.topo.rank, self.state.epoch)
                 dataset = augmented(dataset, self._augment, seed, first * self.recipe.optim.accumulation)
             self._stream = (position, iter(dataset.prefetch(tf.data.AUTOTUNE)))
         iterator = self._stream[1]
-        self._stream = ((self.progress.epoch, first + count), iterator)
+        self._stream = ((self.state.epoch, first + count), iterator)
         return iterator
 
     def run_steps(self, order: np.ndarray, first: int, count: int) -> list[float]:
@@ -188,6 +189,7 @@ class KerasEngine(Engine):
         """Rank 0 reads the checkpoint; every rank then takes rank 0's variables."""
 
         def read() -> None:
+            assert checkpoint is not None, "rank 0 gets the checkpoint's path"
             try:
                 self._checkpoint().read(str(checkpoint / TF_STATE)).assert_existing_objects_matched()
             except (tf.errors.OpError, AssertionError, ValueError) as e:
@@ -209,13 +211,4 @@ def save_weights(model: keras.Model, model_dir: Path) -> None:
     model.save_weights(str(model_dir / KERAS_WEIGHTS))
 
 
-def train(recipe: Recipe, resume: bool = False) -> Path:
-    """Run a Keras recipe on this process's Horovod worker; returns the run directory."""
-    return run_training(recipe, resume, KerasEngine)
-
-
-def evaluate_run(recipe: Recipe, run_dir: Path) -> dict[str, float]:
-    return evaluate_exported(recipe, run_dir, KerasEngine)
-
-
-__all__ = ["ColumnSource", "KerasEngine", "MODEL_DIR", "save_weights", "train", "evaluate_run"]
+__all__ = ["ColumnSource", "KerasEngine", "MODEL_DIR", "save_weights"]

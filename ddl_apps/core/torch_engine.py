@@ -13,8 +13,9 @@ from safetensors.torch import load_file, save_file
 
 from ddl_apps.core import checkpoint as ckpt
 from ddl_apps.core import dist
-from ddl_apps.core.engine import ColumnSource, Engine, evaluate_exported, run_training
+from ddl_apps.core.engine import Engine
 from ddl_apps.core.parallel import embedding as parallel
+from ddl_apps.core.sources import ColumnSource
 from ddl_apps.errors import CheckpointError, RecipeError
 from ddl_apps.recipe import OptimConfig, Recipe
 
@@ -30,6 +31,13 @@ def make_optimizer(optim: OptimConfig, params, lr: float) -> torch.optim.Optimiz
 
 
 WEIGHTS = "model.safetensors"  # in an exported model's folder and in every checkpoint
+
+
+def _host_tensor(obj: torch.Tensor | np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.array(obj)) if isinstance(obj, np.ndarray) else obj.detach().cpu().contiguous()
+
+
+TORCH_FILES = ckpt.TensorFiles(lambda obj: isinstance(obj, torch.Tensor), _host_tensor, save_file, load_file)
 
 
 def save_weights(model: torch.nn.Module | dict[str, torch.Tensor], folder: Path) -> None:
@@ -58,8 +66,8 @@ def pack_rng_state(cpu: torch.Tensor, cuda: torch.Tensor | None) -> np.ndarray:
 def unpack_rng_state(state: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
     """What pack_rng_state packed: (CPU state, device state or None)."""
     cpu_bytes = torch.get_rng_state().numel()
-    state = torch.from_numpy(np.ascontiguousarray(state, dtype=np.uint8))
-    return state[:cpu_bytes].clone(), state[cpu_bytes:].clone() if len(state) > cpu_bytes else None
+    packed = torch.from_numpy(np.ascontiguousarray(state, dtype=np.uint8))
+    return packed[:cpu_bytes].clone(), packed[cpu_bytes:].clone() if len(packed) > cpu_bytes else None
 
 
 class TorchEngine(Engine):
@@ -109,7 +117,7 @@ class TorchEngine(Engine):
 
     # ---- training -------------------------------------------------------------------------------------
     def run_steps(self, order: np.ndarray, first: int, count: int) -> list[float]:
-        return [self.train_step(self.rank_batches(order, step), self.progress.step + 1 + step - first)
+        return [self.train_step(self.rank_batches(order, step), self.state.step + 1 + step - first)
                 for step in range(first, first + count)]
 
     def train_step(self, micro_batches: list[np.ndarray], step: int) -> float:
@@ -134,13 +142,14 @@ class TorchEngine(Engine):
             self.optimizer.synchronize()  # gradients are allreduced here, then unscaled and clipped locally
             if self.scaler:
                 self.scaler.unscale_(self.optimizer)
-            norm = parallel.global_grad_norm(self.model) if optim.clip_grad_norm or skip_nonfinite else None
-            if skip_nonfinite and not torch.isfinite(norm):  # the same on every rank: gradients are averaged
-                self.skipped_steps.append(step)
-                self.schedule.step()
-                return float("nan")
-            if optim.clip_grad_norm:
-                torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), optim.clip_grad_norm, norm)
+            if optim.clip_grad_norm or skip_nonfinite:
+                norm = parallel.global_grad_norm(self.model)
+                if skip_nonfinite and not torch.isfinite(norm):  # the same on every rank: gradients are averaged
+                    self.skipped_steps.append(step)
+                    self.schedule.step()
+                    return float("nan")
+                if optim.clip_grad_norm:
+                    torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), optim.clip_grad_norm, norm)
             with self.optimizer.skip_synchronize():
                 self._optimizer_step()
         else:
@@ -156,7 +165,7 @@ class TorchEngine(Engine):
             self.optimizer.step()
 
     def current_lr(self) -> float:
-        return self.schedule.get_last_lr()[0]
+        return float(self.schedule.get_last_lr()[0])
 
     def statistics(self) -> list[torch.Tensor]:
         return [b for b in self.model.buffers() if b.is_floating_point()]
@@ -206,11 +215,12 @@ class TorchEngine(Engine):
             "optimizer": gathered["optimizer"],
             "schedule": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else {},
-        })
+        }, TORCH_FILES)
 
     @staticmethod
     def _read_checkpoint(checkpoint: Path) -> dict:
-        return {"model": load_file(str(checkpoint / WEIGHTS)), "training": ckpt.load_state(checkpoint, "training")}
+        return {"model": load_file(str(checkpoint / WEIGHTS)),
+                "training": ckpt.load_state(checkpoint, "training", TORCH_FILES)}
 
     def restore_state(self, checkpoint: Path | None) -> None:
         # rank 0 reads; every rank gets the same state and keeps its own rows
@@ -231,12 +241,12 @@ class TorchEngine(Engine):
         load_weights(self.model, model_dir)
 
     # ---- elastic training -----------------------------------------------------------------------------
-    def memory_state(self) -> dict:
+    def modules_state_dict(self) -> dict:
         return copy.deepcopy({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                               "schedule": self.schedule.state_dict(),
                               "scaler": self.scaler.state_dict() if self.scaler else {}})
 
-    def load_memory_state(self, state: dict) -> None:
+    def load_modules_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])  # (Horovod's also drops pending allreduces)
         self.schedule.load_state_dict(state["schedule"])
@@ -248,13 +258,4 @@ class TorchEngine(Engine):
         dist.share_torch_cores(topology)
 
 
-def train(recipe: Recipe, resume: bool = False) -> Path:
-    """Run a PyTorch recipe on this process's Horovod worker; returns the run directory."""
-    return run_training(recipe, resume, TorchEngine)
-
-
-def evaluate_run(recipe: Recipe, run_dir: Path) -> dict[str, float]:
-    return evaluate_exported(recipe, run_dir, TorchEngine)
-
-
-__all__ = ["ColumnSource", "TorchEngine", "load_weights", "save_weights", "train", "evaluate_run"]
+__all__ = ["ColumnSource", "TorchEngine", "load_weights", "save_weights"]

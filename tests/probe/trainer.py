@@ -5,10 +5,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ddl_apps.core import torch_engine
+from ddl_apps.core.contract import TorchTask, TrainerHooks
 from ddl_apps.core.torch_engine import ColumnSource, save_weights
-
-ENGINE = torch_engine
 
 
 def digits(recipe) -> tuple[dict, dict]:
@@ -38,7 +36,7 @@ class DigitsTask:
         return {}
 
 
-class TorchDigitsTask(DigitsTask):
+class TorchDigitsTask(DigitsTask, TorchTask):
     def __init__(self, recipe):
         super().__init__(recipe, torch.from_numpy)
 
@@ -57,3 +55,6 @@ class TorchDigitsTask(DigitsTask):
 
 def build_task(recipe, topology):
     return TorchDigitsTask(recipe)
+
+
+HOOKS = TrainerHooks(build_task=build_task)

@@ -5,14 +5,12 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from ddl_apps.core import tf_engine
+from ddl_apps.core.contract import KerasTask, TrainerHooks
 from ddl_apps.core.tf_engine import save_weights
 from tests.probe.trainer import DigitsTask
 
-ENGINE = tf_engine
 
-
-class KerasDigitsTask(DigitsTask):
+class KerasDigitsTask(DigitsTask, KerasTask):
     loss = "sparse_categorical_crossentropy"
 
     def build_model(self):
@@ -28,3 +26,6 @@ class KerasDigitsTask(DigitsTask):
 
 def build_task(recipe, topology):
     return KerasDigitsTask(recipe)
+
+
+HOOKS = TrainerHooks(build_task=build_task)

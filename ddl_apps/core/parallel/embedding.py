@@ -70,6 +70,7 @@ class ShardedEmbedding(nn.Module):
         super().__init__()
         self.name, self.num_embeddings, self.embedding_dim = name, num_embeddings, embedding_dim
         self.rank, self.size = rank, size
+        self.rows: torch.Tensor
         self.register_buffer("rows", torch.arange(rank, num_embeddings, size), persistent=False)
         self.weight = nn.Parameter(initial_rows(num_embeddings, embedding_dim, std, seed, self.rows))
 

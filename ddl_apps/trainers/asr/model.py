@@ -36,6 +36,7 @@ class ConformerCTC(nn.Module):
                 module.register_forward_pre_hook(self._zero_padding)
 
     def _zero_padding(self, module: nn.Module, args: tuple[torch.Tensor]) -> tuple[torch.Tensor]:
+        assert self._real_frames is not None, "forward sets the mask before the encoder runs"
         return (args[0] * self._real_frames,)
 
     def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

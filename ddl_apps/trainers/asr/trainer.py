@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torchaudio
 
-from ddl_apps.core import torch_engine
+from ddl_apps.core.contract import TorchTask, TrainerHooks
 from ddl_apps.core.dist import Topology
 from ddl_apps.core.rundir import MODEL_DIR, reading_export
 from ddl_apps.core.torch_engine import Batch, load_weights, save_weights
@@ -20,7 +20,6 @@ from ddl_apps.trainers.asr import data
 from ddl_apps.trainers.asr.audio import load_audio
 from ddl_apps.trainers.asr.model import ConformerCTC, greedy_decode
 
-ENGINE = torch_engine
 ARCHITECTURE, TRANSCRIPTS = "model.json", "test_transcripts.jsonl"
 MAX_CHARS = 512  # hypotheses travel between ranks as fixed-width token arrays
 
@@ -64,7 +63,7 @@ class SpecAugment(torch.nn.Module):
         return x.squeeze(1).transpose(1, 2)
 
 
-class AsrTask:
+class AsrTask(TorchTask):
     def __init__(self, recipe: Recipe, splits: dict[str, data.Manifest]):
         self.data_cfg, self.model_cfg = recipe.data, recipe.model
         features = data.LogMel(self.data_cfg.n_mels)
@@ -139,3 +138,6 @@ def predict_cli(run_dir: Path, inputs: list[str], output: Path | None) -> None:
     transcripts = transcribe(run_dir / MODEL_DIR, audio_files)
     rows = [[str(f), t] for f, t in zip(audio_files, transcripts, strict=True)]
     file_inputs.print_rows(["file", "transcript"], rows, output)
+
+
+HOOKS = TrainerHooks(build_task=build_task, predict=predict_cli)

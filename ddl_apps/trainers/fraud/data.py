@@ -184,7 +184,8 @@ class Preprocessor:
         from sklearn.impute import SimpleImputer
         from sklearn.preprocessing import StandardScaler
 
-        medians, indicator, means, scales = [], [], [], []
+        medians, means, scales = [], [], []
+        indicator: list[int] = []
         if numeric:  # scikit-learn refuses zero columns; a table may have categorical features only
             raw = signed_log(numbers(frame, numeric))
             imputer = SimpleImputer(strategy="median", add_indicator=True, keep_empty_features=True).fit(raw)

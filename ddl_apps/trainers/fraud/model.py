@@ -19,7 +19,7 @@ class TabularMLP(nn.Module):
                  dropout: float):
         super().__init__()
         self.embeddings = nn.ModuleList(nn.Embedding(c, embedding_width(c, embedding_dim)) for c in cardinalities)
-        width = num_numeric + sum(e.embedding_dim for e in self.embeddings)
+        width = num_numeric + sum(embedding_width(c, embedding_dim) for c in cardinalities)
         layers: list[nn.Module] = []
         for out in hidden:
             layers += [nn.Linear(width, out), nn.LayerNorm(out), nn.ReLU(), nn.Dropout(dropout)]

@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 from threadpoolctl import threadpool_limits
 
-from ddl_apps.core import torch_engine
+from ddl_apps.core.contract import TorchTask, TrainerHooks
 from ddl_apps.core.dist import Topology
 from ddl_apps.core.rundir import MODEL_DIR, reading_export
 from ddl_apps.core.torch_engine import Batch, ColumnSource, load_weights, save_weights
@@ -21,7 +21,6 @@ from ddl_apps.recipe import Recipe
 from ddl_apps.trainers.fraud import data
 from ddl_apps.trainers.fraud.model import TabularMLP, focal_loss
 
-ENGINE = torch_engine  # the engine that runs this trainer
 PREPROCESSING, ARCHITECTURE = "preprocessing.json", "model.json"
 
 
@@ -45,7 +44,7 @@ def to_source(pre: data.Preprocessor, frame: pd.DataFrame, label: np.ndarray) ->
                         label=torch.from_numpy(label))
 
 
-class FraudTask:
+class FraudTask(TorchTask):
     def __init__(self, recipe: Recipe, splits: data.Splits):
         cfg, self.model_cfg = recipe.data, recipe.model
         self.seed = recipe.run.seed
@@ -147,3 +146,6 @@ def predict_cli(run_dir: Path, inputs: list[str], output: Path | None) -> None:
                         "ddl predict RUN_DIR data.csv -o scores.csv")
     rows = predict_file(run_dir / MODEL_DIR, Path(inputs[0]), output)
     print(f"wrote {rows} scores to {output}")
+
+
+HOOKS = TrainerHooks(build_task=build_task, predict=predict_cli)

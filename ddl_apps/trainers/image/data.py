@@ -36,7 +36,8 @@ def load_image_files(paths: list[Path], size: int, channels: int) -> np.ndarray:
     for path in paths:
         try:
             with Image.open(path) as image:
-                converted = image.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BILINEAR)
+                converted = image.convert("L" if channels == 1 else "RGB").resize((size, size),
+                                                                                   Image.Resampling.BILINEAR)
         except Exception as e:  # Pillow raises many kinds for a broken file: OSError, SyntaxError, ValueError...
             raise DataError(f"cannot read image {path}: {e}; remove or replace the file") from None
         images.append(np.asarray(converted, dtype=np.uint8).reshape(size, size, channels))

@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from ddl_apps.core import tf_engine
+from ddl_apps.core.contract import KerasTask, TrainerHooks
 from ddl_apps.core.dist import Topology
 from ddl_apps.core.rundir import MODEL_DIR, reading_export
 from ddl_apps.core.tf_engine import ColumnSource, save_weights
@@ -18,7 +18,6 @@ from ddl_apps.trainers import file_inputs
 from ddl_apps.trainers.image import data
 from ddl_apps.trainers.image.model import small_resnet
 
-ENGINE = tf_engine
 KERAS_FILE, SAVED_MODEL, LABELS = "model.keras", "saved_model", "labels.json"
 CONFUSION_PNG, PER_CLASS_JSON = "confusion_matrix.png", "per_class_accuracy.json"
 
@@ -47,7 +46,7 @@ def random_affine(images, seed, shift: float, rotation: float, zoom: float):
     return keras.ops.image.affine_transform(images, transform, interpolation="bilinear", fill_mode="constant")
 
 
-class ImageTask:
+class ImageTask(KerasTask):
     loss = "sparse_categorical_crossentropy"
 
     def __init__(self, recipe: Recipe, splits: dict[str, data.Images]):
@@ -124,3 +123,6 @@ def predict_cli(run_dir: Path, inputs: list[str], output: Path | None) -> None:
     classified = classify_files(run_dir / MODEL_DIR, images)
     file_inputs.print_rows(["file", "class", "probability"],
                      [[str(f), name, f"{p:.4f}"] for f, (name, p) in zip(images, classified, strict=True)], output)
+
+
+HOOKS = TrainerHooks(build_task=build_task, predict=predict_cli)

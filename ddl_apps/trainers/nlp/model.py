@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
+from typing import Any
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -102,7 +103,7 @@ def save_exported(model: transformers.PreTrainedModel, tokenizer, folder: Path) 
     tokenizer.save_pretrained(str(folder))
 
 
-def load_exported(folder: Path) -> tuple[transformers.PreTrainedModel, object]:
+def load_exported(folder: Path) -> tuple[transformers.PreTrainedModel, Any]:
     """The classifier and tokenizer a run exported, ready to predict."""
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"no exported model in {folder}; did the run finish? (runs stopped by run.max_steps "

@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from ddl_apps.core import torch_engine
+from ddl_apps.core.contract import TorchTask, TrainerHooks
 from ddl_apps.core.dist import Topology
 from ddl_apps.core.rundir import MODEL_DIR
 from ddl_apps.core.torch_engine import Batch
@@ -18,7 +19,6 @@ from ddl_apps.errors import DataError
 from ddl_apps.recipe import Recipe
 from ddl_apps.trainers.nlp import data, model
 
-ENGINE = torch_engine
 PREDICTIONS = "test_predictions.jsonl"
 
 
@@ -37,7 +37,7 @@ def prediction_record(text: str, probabilities: np.ndarray, names: list[str]) ->
             "probabilities": {name: float(p) for name, p in zip(names, probabilities, strict=True)}}
 
 
-class TextTask:
+class TextTask(TorchTask):
     def __init__(self, recipe: Recipe, splits: data.Splits, folder: Path):
         self.data_cfg, self.model_cfg, self.folder = recipe.data, recipe.model, folder
         self.splits, self.label_names = splits, splits.label_names
@@ -73,7 +73,7 @@ class TextTask:
                 record = prediction_record(self.test.texts[index], probabilities, self.label_names)
                 f.write(json.dumps({"index": int(index), "label": self.label_names[label], **record}) + "\n")
 
-    def export(self, classifier: torch.nn.Module, model_dir: Path) -> None:
+    def export(self, classifier: Any, model_dir: Path) -> None:
         model.save_exported(classifier, self.tokenizer, model_dir)
 
     def report(self) -> dict[str, dict[str, float]]:
@@ -105,7 +105,8 @@ def build_task(recipe: Recipe, topology: Topology) -> TextTask:
 def predict_texts(model_dir: Path, texts: list[str], batch_size: int = 32) -> list[dict]:
     """Predictions (prediction_record) for texts, with the model and tokenizer a run exported."""
     classifier, tokenizer = model.load_exported(model_dir)
-    names = [classifier.config.id2label[i] for i in range(classifier.config.num_labels)]
+    config: Any = classifier.config  # (transformers types id2label and num_labels as optional)
+    names = [config.id2label[i] for i in range(config.num_labels)]
     records = []
     for start in range(0, len(texts), batch_size):
         chunk = texts[start : start + batch_size]
@@ -125,3 +126,6 @@ def predict_cli(run_dir: Path, inputs: list[str], output: Path | None) -> None:
     print("\n".join(f"{r['predicted']}\t{r['probability']:.4f}\t{r['text']}" for r in records))
     if output is not None:
         output.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+HOOKS = TrainerHooks(build_task=build_task, predict=predict_cli)

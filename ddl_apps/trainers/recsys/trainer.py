@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ddl_apps.core import torch_engine
+from ddl_apps.core.contract import TorchTask, TrainerHooks
 from ddl_apps.core.dist import Topology
 from ddl_apps.core.rundir import MODEL_DIR, reading_export
 from ddl_apps.core.torch_engine import Batch, ColumnSource, load_weights, save_weights
@@ -19,7 +19,6 @@ from ddl_apps.recipe import Recipe
 from ddl_apps.trainers.recsys import data
 from ddl_apps.trainers.recsys.model import NeuMF
 
-ENGINE = torch_engine
 ARCHITECTURE, CATALOGUE, HISTORY = "model.json", "catalogue.json", "history.npz"
 
 
@@ -34,7 +33,7 @@ def ranking_metrics(rank: np.ndarray, k: int) -> dict[str, float]:
     return {f"hr@{k}": float(hit.mean()), f"ndcg@{k}": float(np.where(hit, 1 / np.log2(rank + 2), 0.0).mean())}
 
 
-class RecommendTask:
+class RecommendTask(TorchTask):
     def __init__(self, recipe: Recipe, interactions: data.Interactions, topology: Topology):
         cfg, self.model_cfg = recipe.data, recipe.model
         self.interactions, self.top_k, self.seed = interactions, cfg.top_k, recipe.run.seed
@@ -134,3 +133,6 @@ def predict_cli(run_dir: Path, inputs: list[str], output: Path | None) -> None:
     if len(inputs) != 1 or output is not None:
         raise DataError("a recommendation run predicts for one user at a time: ddl recommend RUN_DIR USER_ID -k 10")
     recommend_cli(run_dir, inputs[0], 10)
+
+
+HOOKS = TrainerHooks(build_task=build_task, predict=predict_cli, recommend=recommend_cli)

@@ -161,7 +161,8 @@ def ddl_train_on_hosts(hosts: Hosts, run_dir: Path, hostfile: Path) -> subproces
 
 def test_two_workers_on_two_hosts_over_ssh(two_hosts, tmp_path):
     hostfile = tmp_path / "hostfile"
-    hostfile.write_text("".join(f"{address} slots=1\n" for address in ADDRESSES))
+    first, second = ADDRESSES  # both forms a hostfile takes (horovodrun itself reads only the first)
+    hostfile.write_text(f"# two hosts, one slot each\n{first} slots=1\n{second}:1\n")
     run_dir = tmp_path / "run"
 
     result = ddl_train_on_hosts(two_hosts, run_dir, hostfile)

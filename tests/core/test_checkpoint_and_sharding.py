@@ -6,6 +6,7 @@ import torch
 
 from ddl_apps.core import checkpoint as ckpt
 from ddl_apps.core import sharding
+from ddl_apps.core.torch_engine import TORCH_FILES
 
 
 def write(root, step, keep=3, payload=b"weights"):
@@ -46,8 +47,8 @@ def test_nested_state_round_trips_without_pickle(tmp_path):
     model(torch.ones(4, 3)).sum().backward()
     optimizer.step()
     state = {"optimizer": optimizer.state_dict(), "rng": np.arange(5, dtype=np.uint8), "note": None}
-    ckpt.save_state(tmp_path, "s", state)
-    loaded = ckpt.load_state(tmp_path, "s")
+    ckpt.save_state(tmp_path, "s", state, TORCH_FILES)
+    loaded = ckpt.load_state(tmp_path, "s", TORCH_FILES)
     restored = torch.optim.AdamW(model.parameters())
     restored.load_state_dict(loaded["optimizer"])
     for key in ("exp_avg", "exp_avg_sq", "step"):

@@ -1,21 +1,11 @@
 """Issue 2: the Horovod build works under horovodrun -np 2 with Gloo and with MPI."""
 
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from ddl_apps.core.launch import CONTROLLERS, horovodrun_executable, run_horovod
-
-WORKERS = Path(__file__).parent / "workers"
-
-
-def launch_worker(script: str, controller: str, np: int = 2, timeout: float = 300) -> str:
-    result = run_horovod([sys.executable, str(WORKERS / script)], np, controller, timeout=timeout, capture=True)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output
-    return output
+from ddl_apps.core.launch import CONTROLLERS, horovodrun_executable
+from tests.engine_runs import launch_worker
 
 
 def test_check_build_lists_frameworks_and_controllers():

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from ddl_apps.cache import build_once
-from ddl_apps.core import engine, rundir
+from ddl_apps.core import checkpointer, rundir, schedule
 from ddl_apps.core.torch_engine import pack_rng_state, unpack_rng_state
 from ddl_apps.errors import DataError, RecipeError
 from ddl_apps.recipe import load_recipe
@@ -29,24 +29,24 @@ TRAINED = {"batch_size": 32, "batch_workers": 2, "accumulation": 1}
 def checkpoint_with(root: Path, step: int, progress: dict | str) -> None:
     folder = root / f"step-{step:08d}"
     folder.mkdir(parents=True)
-    (folder / engine.PROGRESS_FILE).write_text(progress if isinstance(progress, str) else json.dumps(progress))
+    (folder / checkpointer.PROGRESS_FILE).write_text(progress if isinstance(progress, str) else json.dumps(progress))
 
 
 def test_trained_batch_is_read_from_the_newest_readable_checkpoint(tmp_path):
-    assert engine.trained_batch(tmp_path) is None
+    assert checkpointer.trained_batch(tmp_path) is None
     checkpoint_with(tmp_path, 10, {"epoch": 0, "step": 10, "size": 2, **TRAINED})
     checkpoint_with(tmp_path, 20, "{truncated")
-    assert engine.trained_batch(tmp_path) == TRAINED
+    assert checkpointer.trained_batch(tmp_path) == TRAINED
     checkpoint_with(tmp_path, 30, {"epoch": 0, "step": 30, "size": 2})  # written before the batch was stored
-    assert engine.trained_batch(tmp_path) == TRAINED
+    assert checkpointer.trained_batch(tmp_path) == TRAINED
 
 
 def test_resume_keeps_the_trained_global_batch_on_another_worker_count():
     recipe = load_recipe(PROBE, ["optim.batch_size=32"])
-    engine.keep_trained_batch(recipe, TRAINED)
+    checkpointer.keep_trained_batch(recipe, TRAINED)
     assert recipe.dist.batch_workers == 2
-    assert engine.epoch_steps(recipe, 1536, size=1) == (64, 24)  # one worker trains the two workers' steps
-    assert engine.scaled_lr(recipe.optim, recipe.dist.batch_workers, scale=True) == pytest.approx(0.1)
+    assert schedule.epoch_steps(recipe, 1536, size=1) == (64, 24)  # one worker trains the two workers' steps
+    assert schedule.scaled_lr(recipe.optim, recipe.dist.batch_workers, scale=True) == pytest.approx(0.1)
 
 
 @pytest.mark.parametrize("override,named", [
@@ -56,15 +56,15 @@ def test_resume_keeps_the_trained_global_batch_on_another_worker_count():
 ])
 def test_resume_with_another_global_batch_is_refused(override, named):
     with pytest.raises(RecipeError, match=r"global batch of 32 x 2 workers x 1") as error:
-        engine.keep_trained_batch(load_recipe(PROBE, [override]), TRAINED)
+        checkpointer.keep_trained_batch(load_recipe(PROBE, [override]), TRAINED)
     assert named in str(error.value) and "start a new run" in str(error.value)
 
 
 def test_a_global_batch_smaller_than_the_workers_is_refused():
     recipe = load_recipe(PROBE, ["optim.batch_size=1", "dist.batch_workers=2"])
-    assert engine.epoch_steps(recipe, 100, size=2) == (2, 50)
+    assert schedule.epoch_steps(recipe, 100, size=2) == (2, 50)
     with pytest.raises(RecipeError, match="smaller than the 3 workers"):
-        engine.epoch_steps(recipe, 100, size=3)
+        schedule.epoch_steps(recipe, 100, size=3)
 
 
 def test_recall_at_1pct_fpr_counts_tied_scores_exactly():

@@ -13,9 +13,8 @@ from ddl_apps.errors import DataError
 from ddl_apps.recipe import load_recipe
 from ddl_apps.trainers.recsys import data
 from ddl_apps.trainers.recsys.trainer import build_task, held_out_rank, ranking_metrics
-from tests.engine_runs import ddl, final_weights, summary
+from tests.engine_runs import ddl, final_weights, launch_worker, summary
 from tests.engine_runs import train as train_recipe
-from tests.test_horovod_stack import launch_worker
 
 RECIPE = "recsys_neumf"
 ONE_WORKER = Topology(rank=0, size=1, local_rank=0, local_size=1)

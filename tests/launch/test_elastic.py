@@ -17,9 +17,9 @@ import pytest
 from ddl_apps.core.hosts import all_local, parse_hostfile
 from ddl_apps.core.metrics import read_metrics
 from tests.engine_runs import PROBE, ddl, final_weights, start_training, summary, train, training_processes
-from tests.test_asr import SMALL_MODEL as ASR_SMALL_MODEL
-from tests.test_fraud import SLICE as FRAUD_SLICE
-from tests.test_nlp import TINY_MODEL as NLP_TINY_MODEL
+from tests.trainers.asr.test_asr import SMALL_MODEL as ASR_SMALL_MODEL
+from tests.trainers.fraud.test_fraud import SLICE as FRAUD_SLICE
+from tests.trainers.nlp.test_nlp import TINY_MODEL as NLP_TINY_MODEL
 
 LONG = ("optim.epochs=20",)  # 480 steps of the probe: a few seconds, long enough to kill a worker mid-run
 

@@ -6,7 +6,7 @@ across ranks, and raises on any mismatch; here we check it ran every check to th
 
 import pytest
 
-from tests.test_horovod_stack import launch_worker
+from tests.engine_runs import launch_worker
 
 pytestmark = pytest.mark.distributed
 

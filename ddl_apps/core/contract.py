@@ -1,0 +1,106 @@
+"""The trainer contract: what a trainer package provides, checked by a type checker.
+
+A trainer package exports `TRAINER`, a `Trainer`: its name, its engine, the schemas of its recipes' `data` and
+`model` sections, and where its `TrainerHooks` live. The hooks (building the task, `ddl predict`, `ddl recommend`)
+sit in a module of their own that imports the frameworks, so that validating a recipe or listing recipes does not.
+Trainers register under the entry-point group `ddl_apps.trainers` (see ddl_apps/registry.py).
+
+A task is a `TorchTask` or a `KerasTask`; subclass one to inherit the optional hooks' defaults. Its splits are
+`BatchSource`s, read by index.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol, Union, runtime_checkable
+
+import numpy as np
+from pydantic import BaseModel
+
+if TYPE_CHECKING:
+    from ddl_apps.core.dist import Topology
+    from ddl_apps.recipe import Recipe
+
+ENTRY_POINTS = "ddl_apps.trainers"
+
+
+@runtime_checkable
+class BatchSource(Protocol):
+    """A split read by index: its length, and the batch of given example indices (columns of equal length).
+    A source may also have `lengths` (one number per example): training batches are then bucketed by length."""
+
+    def __len__(self) -> int: ...
+    def take(self, indices: np.ndarray) -> dict[str, Any]: ...
+
+
+class BaseTask(Protocol):
+    """What every task provides. `predict` returns per-example arrays; `metrics` sees a whole split, gathered from
+    every rank in order; `report` adds results besides the model's (baselines) to the run's summary."""
+
+    train: BatchSource
+    valid: BatchSource
+    test: BatchSource | None
+
+    def build_model(self) -> Any: ...
+    def predict(self, model: Any, batch: dict[str, Any]) -> dict[str, Any]: ...
+    def metrics(self, outputs: dict[str, np.ndarray]) -> dict[str, float]: ...
+    def export(self, model: Any, model_dir: Path) -> None: ...
+
+    def report(self) -> dict[str, dict[str, float]]:
+        return {}
+
+    def write_artifacts(self, run_dir: Path, outputs: dict[str, np.ndarray]) -> None:
+        """Rank 0, at the end of a run: files made from the final split's predictions (a plot, a table)."""
+        return None
+
+
+class TorchTask(BaseTask, Protocol):
+    """A task for the PyTorch engine: `loss(model, batch)` is the batch's mean loss, a scalar tensor."""
+
+    def loss(self, model: Any, batch: dict[str, Any]) -> Any: ...
+
+
+class KerasTask(BaseTask, Protocol):
+    """A task for the Keras engine: `loss` is a Keras loss; `train` has columns `x` and `y` for the tf.data
+    pipeline. `augment(x, y, seed)`, when set, transforms each training batch in that pipeline, drawing at random
+    only from the stateless seed given (a [2] int64 tensor), so a resumed run draws what the first one drew."""
+
+    loss: Any
+    augment: Callable[[Any, Any, Any], tuple[Any, Any]] | None = None
+
+
+Task = Union[TorchTask, KerasTask]  # noqa: UP007 (a runtime alias of Protocols)
+
+
+@dataclass(frozen=True)
+class TrainerHooks:
+    """What training and the trainer's commands call: `build_task(recipe, topology)` reads the data (bad data
+    fails here, with a DataError, before the run writes anything); `predict(run_dir, inputs, output)` is
+    `ddl predict`; `recommend(run_dir, user_id, k)`, if any, is `ddl recommend`."""
+
+    build_task: Callable[[Recipe, Topology], Task]
+    predict: Callable[[Path, list[str], Path | None], None] | None = None
+    recommend: Callable[[Path, str, int], None] | None = None
+
+
+@dataclass(frozen=True)
+class Trainer:
+    """A trainer as recipes and the launcher see it, without importing a framework. `hooks` is the
+    "module:attribute" of its TrainerHooks; `recipes`, a folder of recipe YAML files that `ddl recipes` lists."""
+
+    name: str
+    engine: Literal["torch", "keras"]
+    data_config: type[BaseModel]
+    model_config: type[BaseModel]
+    hooks: str
+    recipes: Path | None = None
+
+    def load_hooks(self) -> TrainerHooks:
+        module, _, attribute = self.hooks.partition(":")
+        hooks = getattr(importlib.import_module(module), attribute or "HOOKS", None)
+        if not isinstance(hooks, TrainerHooks):
+            raise TypeError(f"trainer {self.name!r}: {self.hooks} is not a TrainerHooks")
+        return hooks

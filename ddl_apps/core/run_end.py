@@ -1,0 +1,53 @@
+"""The end of a run: weights compared across ranks, the final evaluation, the exported model and summary.json."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+
+from ddl_apps.core import dist, rundir
+from ddl_apps.core.engine import Engine
+
+Results = dict[str, dict[str, float]]
+
+
+def weights_digest_by_rank(engine: Engine) -> list[str]:
+    """Collective: SHA-256 of every rank's weights, all equal unless data parallelism broke."""
+    digest = hashlib.sha256(engine.weights_bytes()).digest()
+    gathered = dist.allgather_array(np.frombuffer(digest, dtype=np.uint8).copy())
+    return [bytes(row).hex() for row in gathered.reshape(engine.topo.size, -1)]
+
+
+def finish(engine: Engine, complete: bool) -> Results:
+    """Collective: report the run; a complete one (not stopped at run.max_steps) is also evaluated on its test
+    split (validation split if it has none) and exported, and rank 0 writes its outputs and summary."""
+    task, topo, log = engine.task, engine.topo, engine.log
+    results: Results = {}
+    done = engine.throughput.summary()
+    log.message(f"trained {done['samples']:,} samples in {done['seconds']} s: {done['samples_per_s']} samples/s "
+                f"on {topo.size} worker(s)")
+    digests = weights_digest_by_rank(engine)
+    if len(set(digests)) > 1:
+        log.message(f"[bold red]warning:[/] weights differ across ranks: {digests}")
+    memory = engine.parameter_bytes()
+    memory_by_rank = dist.allgather_array(np.array([list(memory.values())], dtype=np.int64))
+    model = engine.exportable_model()
+    if complete:
+        split = "test" if task.test is not None else "valid"
+        metrics, outputs = engine.evaluate(task.test if task.test is not None else task.valid)
+        results[f"model ({split})"] = metrics
+        log.record(split, engine.state.step, metrics)
+        if topo.is_root:
+            np.savez(engine.run_dir / f"{split}_outputs.npz", **outputs)  # type: ignore[arg-type]
+            task.write_artifacts(engine.run_dir, outputs)
+            task.export(model, engine.run_dir / rundir.MODEL_DIR)
+            results.update(task.report())
+            summary = {"results": results, "steps": engine.state.step, "workers": topo.size,
+                       "training": done, "weights_sha256_by_rank": digests,
+                       "parameter_bytes_by_rank": [dict(zip(memory, row.tolist(), strict=True))
+                                                   for row in memory_by_rank]}
+            (engine.run_dir / rundir.SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
+    log.close(results)
+    return results

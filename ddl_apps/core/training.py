@@ -1,0 +1,71 @@
+"""A training run from start to end: Horovod started for the trainer's engine, the task built, the run directory
+chosen and prepared, a checkpoint restored, the loop (under Horovod elastic with --elastic), the end of the run."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+
+from ddl_apps.core import dist, elastic, run_end, rundir
+from ddl_apps.core.checkpointer import Found, find_checkpoint, keep_trained_batch
+from ddl_apps.core.contract import Trainer
+from ddl_apps.core.engine import Engine, epoch_steps
+from ddl_apps.errors import RecipeError
+from ddl_apps.recipe import Recipe
+
+ENGINES = {"torch": ("ddl_apps.core.torch_engine", "TorchEngine"),
+           "keras": ("ddl_apps.core.tf_engine", "KerasEngine")}
+
+
+def engine_class(trainer: Trainer) -> type[Engine]:
+    """The engine a trainer names (its framework is imported here, not before)."""
+    module, name = ENGINES[trainer.engine]
+    return getattr(importlib.import_module(module), name)
+
+
+def run_training(recipe: Recipe, resume: bool, trainer: Trainer) -> Path:
+    """Train a recipe on this process's Horovod worker; returns the run directory."""
+    engine_type = engine_class(trainer)
+    os.umask(0o077)  # everything a run writes (metrics, checkpoints, the model) is private to the user
+    topology = engine_type.init(recipe.dist.cycle_time_ms)
+    is_elastic = dist.is_elastic()
+    if is_elastic and not engine_type.elastic:
+        raise RecipeError(f"--elastic needs the PyTorch engine; {recipe.name} trains with {engine_type.__name__}")
+    dist.seed_everything(recipe.run.seed + topology.rank)
+    # An elastic run gets run.dir from `ddl train` and makes no collective before training starts: a worker that
+    # joins later runs this while the others are already training.
+    run_dir = (rundir.choose_run_dir(recipe, resume) if is_elastic
+               else dist.on_root(rundir.choose_run_dir, recipe, resume))
+    task = trainer.load_hooks().build_task(recipe, topology)  # bad data fails here, before any file
+    found: Found | None = None  # the checkpoint to resume from, found once, before the engine is sized by its batch
+    if resume and not is_elastic:
+        found = dist.on_root(find_checkpoint, run_dir / rundir.CHECKPOINTS)
+        keep_trained_batch(recipe, found.saved)
+    elif resume and topology.is_root:  # (`ddl train --elastic` passes the trained batch to every worker)
+        found = find_checkpoint(run_dir / rundir.CHECKPOINTS)
+    epoch_steps(recipe, len(task.train), topology.size)
+    engine_type.check_recipe(recipe, topology.size)
+    if not is_elastic:
+        dist.on_root(rundir.prepare_run_dir, run_dir, recipe, resume)
+    elif topology.is_root and not (run_dir / rundir.CONFIG_FILE).exists():
+        rundir.prepare_run_dir(run_dir, recipe, resume)
+    engine = engine_type(recipe, task, topology, run_dir)
+    if resume:
+        engine.restore(found)
+
+    def train_and_finish(commit=lambda: None) -> run_end.Results:
+        return run_end.finish(engine, engine.train_loop(commit))
+
+    elastic.run(engine, train_and_finish) if is_elastic else train_and_finish()
+    return run_dir
+
+
+def evaluate_exported(recipe: Recipe, run_dir: Path, trainer: Trainer) -> dict[str, float]:
+    """Metrics of a run's exported model on its test split (validation split if it has none)."""
+    engine_type = engine_class(trainer)
+    topology = engine_type.init(recipe.dist.cycle_time_ms)
+    task = trainer.load_hooks().build_task(recipe, topology)
+    engine = engine_type(recipe, task, topology, run_dir, training=False)
+    engine.load_exported(run_dir / rundir.MODEL_DIR)
+    return engine.evaluate(task.test if task.test is not None else task.valid)[0]
