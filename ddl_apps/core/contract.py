@@ -6,13 +6,14 @@ sit in a module of their own that imports the frameworks, so that validating a r
 Trainers register under the entry-point group `ddl_apps.trainers` (see ddl_apps/registry.py).
 
 A task is a `TorchTask` or a `KerasTask`; subclass one to inherit the optional hooks' defaults. Its splits are
-`BatchSource`s, read by index.
+`BatchSource`s, read by index; its training split may instead be a `StreamSource` (PyTorch engine), which hands
+each worker only its own examples, so that no worker needs the whole dataset.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, Union, runtime_checkable
@@ -36,11 +37,27 @@ class BatchSource(Protocol):
     def take(self, indices: np.ndarray) -> dict[str, Any]: ...
 
 
+@runtime_checkable
+class StreamSource(Protocol):
+    """A training split streamed to each worker. `examples`: how many an epoch has (a prepared dataset's manifest
+    knows), which sizes the epoch and the learning-rate schedule. `rank_steps` yields, for each global step of
+    `epoch` from step `first` on, worker `rank`'s micro-batches (`micro_batches` of them, fewer only when its
+    share is smaller) of its share of the step's `global_batch` examples. The examples of a global step, and
+    their order, must not depend on the number of workers: then a run on 2 workers trains as one on 1 with the
+    combined batch, and a run resumed at (epoch, step) or resized by elastic training goes on with the examples
+    an uninterrupted run would see. core/sharding.py's rank_step_batches cuts a step's examples that way."""
+
+    examples: int
+
+    def rank_steps(self, epoch: int, first: int, global_batch: int, rank: int, size: int,
+                   micro_batches: int) -> Iterator[list[dict[str, Any]]]: ...
+
+
 class BaseTask(Protocol):
     """What every task provides. `predict` returns per-example arrays; `metrics` sees a whole split, gathered from
     every rank in order; `report` adds results besides the model's (baselines) to the run's summary."""
 
-    train: BatchSource
+    train: BatchSource | StreamSource
     valid: BatchSource
     test: BatchSource | None
 

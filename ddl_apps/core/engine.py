@@ -1,12 +1,13 @@
 """The training loop both engines share, and what each framework's engine supplies to it.
 
-The loop runs global steps of each epoch's order until the next event (a log line, a checkpoint, run.max_steps,
-the epoch's end); the checkpointer (core/checkpointer.py) saves and restores, the evaluator (core/evaluator.py)
-evaluates, and core/run_end.py ends the run. A framework engine supplies `run_steps` (train given global steps of
-an epoch), `predict_batch`, `current_lr`, `weights_bytes`, `parameter_bytes`, and `write_state` / `restore_state`
-for checkpoints; one whose model is partly sharded across ranks also gathers it whole (`gather_state`,
-`exportable_model`); one that trains elastically (core/elastic.py) hands its state over in memory
-(`modules_state_dict`, `load_modules_state_dict`) and reads checkpoints on one rank (`load_checkpoint`).
+The loop runs global steps of each epoch until the next event (a log line, a checkpoint, run.max_steps, the
+epoch's end), each worker reading its share of every step through the feed (core/feed.py); the checkpointer
+(core/checkpointer.py) saves and restores, the evaluator (core/evaluator.py) evaluates, and core/run_end.py ends
+the run. A framework engine supplies `run_steps` (train given global steps of the epoch), `predict_batch`,
+`current_lr`, `weights_bytes`, `parameter_bytes`, and `write_state` / `restore_state` for checkpoints; one whose
+model is partly sharded across ranks also gathers it whole (`gather_state`, `exportable_model`); one that trains
+elastically (core/elastic.py) hands its state over in memory (`modules_state_dict`, `load_modules_state_dict`)
+and reads checkpoints on one rank (`load_checkpoint`).
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from ddl_apps.core import dist, rundir, sharding
+from ddl_apps.core import dist, rundir
 from ddl_apps.core.checkpointer import Checkpointer, Found, batch_settings
 from ddl_apps.core.contract import BatchSource, Task
 from ddl_apps.core.evaluator import Evaluator, Outputs
+from ddl_apps.core.feed import Feed, train_examples
 from ddl_apps.core.metrics import LossWindow, RunLog, SilentLog, Throughput
 from ddl_apps.core.schedule import epoch_steps, lr_factor, scaled_lr
 from ddl_apps.core.state import TrainState
@@ -43,7 +45,8 @@ class Engine(ABC):
         self.log = RunLog(run_dir, recipe.run.progress) if training and topology.is_root else SilentLog()
         optim = recipe.optim
         self.batch_workers = recipe.dist.batch_workers or topology.size  # the workers the global batch is sized for
-        self.global_batch, self.steps_per_epoch = epoch_steps(recipe, len(task.train), topology.size)
+        self.global_batch, self.steps_per_epoch = epoch_steps(recipe, train_examples(task.train), topology.size)
+        self.feed = Feed(task.train, recipe.run.seed, self.global_batch, optim.batch_size)
         self.base_lr = scaled_lr(optim, self.batch_workers, recipe.dist.scale_lr)
         self.total_steps = self.steps_per_epoch * optim.epochs
         self.state = TrainState()
@@ -54,25 +57,20 @@ class Engine(ABC):
         self.evaluator = Evaluator(self.predict_batch, task.metrics, optim.batch_size * 4)
 
     @staticmethod
-    def check_recipe(recipe: Recipe, size: int) -> None:
-        """Settings this engine cannot train (a RecipeError), checked before the run directory is written."""
-        del recipe, size  # every setting the shared loop accepts, the base engine trains
+    def check_recipe(recipe: Recipe, task: Task, size: int) -> None:
+        """Settings or a task this engine cannot train (a RecipeError), checked before the run directory is
+        written."""
+        del recipe, task, size  # every setting the shared loop accepts, the base engine trains
 
     def lr_factor(self, step: int) -> float:
         optim = self.recipe.optim
         return lr_factor(step, optim.warmup_steps, self.total_steps, optim.schedule)
 
-    def rank_batches(self, order: np.ndarray, step: int) -> list[np.ndarray]:
-        """This rank's micro-batches (example indices) of global step `step` of the epoch whose order is given."""
-        batch_size, size = self.recipe.optim.batch_size, self.topo.size
-        micro = sharding.micro_batches_per_step(self.global_batch, batch_size, size)
-        return sharding.rank_step_batches(order, step, self.global_batch, self.topo.rank, size, micro)
-
     # ---- what each framework supplies -----------------------------------------------------------------
     @abstractmethod
-    def run_steps(self, order: np.ndarray, first: int, count: int) -> list[float]:
-        """Train global steps first..first+count-1 of the epoch whose order is given; return this rank's mean loss
-        of each step (NaN for a step skipped for non-finite gradients)."""
+    def run_steps(self, first: int, count: int) -> list[float]:
+        """Train global steps first..first+count-1 of the current epoch (self.feed has this rank's batches); return
+        this rank's mean loss of each step (NaN for a step skipped for non-finite gradients)."""
 
     @abstractmethod
     def statistics(self) -> list:
@@ -180,11 +178,10 @@ class Engine(ABC):
             self.log.message(f"run.max_steps={run.max_steps} is reached at step {self.state.step}: nothing to "
                              "train; raise run.max_steps (or leave it out) to go on")
         while self.state.epoch < optim.epochs and not stopped:
-            order = self.epoch_order()
             while self.state.step_in_epoch < self.steps_per_epoch:
                 count = self._next_event()
                 started = time.perf_counter()
-                losses = np.asarray(self.run_steps(order, self.state.step_in_epoch, count), dtype=np.float64)
+                losses = np.asarray(self.run_steps(self.state.step_in_epoch, count), dtype=np.float64)
                 self.average_statistics()
                 self.throughput.add(count * self.global_batch, time.perf_counter() - started)
                 window.add(losses, count * self.global_batch)
@@ -232,14 +229,6 @@ class Engine(ABC):
         for step in self.skipped_steps:
             self.log.message(f"step {step}: non-finite gradients, step skipped (optim.nonfinite=skip)")
         self.skipped_steps.clear()
-
-    def epoch_order(self) -> np.ndarray:
-        """This epoch's order of training examples; bucketed by length when the source has `lengths`."""
-        train, seed, epoch = self.task.train, self.recipe.run.seed, self.state.epoch
-        lengths = getattr(train, "lengths", None)
-        if lengths is None:
-            return sharding.epoch_order(len(train), seed, epoch)
-        return sharding.bucketed_order(np.asarray(lengths), seed, epoch, self.global_batch)
 
     def evaluate(self, source: BatchSource) -> tuple[dict[str, float], Outputs]:
         """Collective: a split's metrics and its predictions, gathered in order."""

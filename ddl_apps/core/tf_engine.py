@@ -19,6 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from ddl_apps.core import dist
+from ddl_apps.core.contract import BatchSource, Task
 from ddl_apps.core.engine import Engine
 from ddl_apps.core.rundir import MODEL_DIR
 from ddl_apps.core.sources import ColumnSource
@@ -79,6 +80,8 @@ class KerasEngine(Engine):
     init = staticmethod(dist.init_tf)
 
     def __init__(self, recipe: Recipe, task, topology: dist.Topology, run_dir: Path, training: bool = True):
+        assert isinstance(task.train, BatchSource), "check_recipe refuses a streamed split"
+        self.train: BatchSource = task.train
         super().__init__(recipe, task, topology, run_dir, training)
         policy = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}[recipe.run.precision]
         keras.mixed_precision.set_global_policy(policy)
@@ -90,7 +93,10 @@ class KerasEngine(Engine):
             self._compile(recipe)
 
     @staticmethod
-    def check_recipe(recipe: Recipe, size: int) -> None:
+    def check_recipe(recipe: Recipe, task: Task, size: int) -> None:
+        if not isinstance(task.train, BatchSource):
+            raise RecipeError(f"{recipe.name}: the Keras engine reads its training split by index (x and y columns); "
+                              "a streamed split (StreamSource) needs the PyTorch engine")
         if recipe.optim.nonfinite == "skip":
             raise RecipeError("optim.nonfinite=skip needs the PyTorch engine; with Keras a non-finite loss stops the "
                               "run (optim.nonfinite=stop)")
@@ -129,14 +135,15 @@ class KerasEngine(Engine):
         hvd.broadcast_variables(self.optimizer.variables, root_rank=0)
 
     # ---- training -------------------------------------------------------------------------------------
-    def _batches(self, order: np.ndarray, first: int, count: int):
+    def _batches(self, first: int, count: int):
         """An iterator over this rank's micro-batches from global step `first` on, which the caller trains `count`
         steps of: the epoch's pipeline where the last call left it, or a new one from `first` to the end of the
         epoch (at an epoch's start, or after a resume)."""
         position = (self.state.epoch, first)
         if self._stream is None or self._stream[0] != position:
             steps = range(first, self.steps_per_epoch)
-            batch = self.task.train.take(np.concatenate([np.concatenate(self.rank_batches(order, s)) for s in steps]))
+            rank_indices = [np.concatenate(self.feed.rank_batches(self.state.epoch, s, self.topo)) for s in steps]
+            batch = self.train.take(np.concatenate(rank_indices))
             dataset = tf.data.Dataset.from_tensor_slices((batch["x"], batch["y"])).batch(self.recipe.optim.batch_size)
             if self._augment is not None:  # the trainer's random augmentation, per batch
                 seed = batch_seed(self.recipe.run.seed, self.topo.rank, self.state.epoch)
@@ -146,9 +153,9 @@ class KerasEngine(Engine):
         self._stream = ((self.state.epoch, first + count), iterator)
         return iterator
 
-    def run_steps(self, order: np.ndarray, first: int, count: int) -> list[float]:
+    def run_steps(self, first: int, count: int) -> list[float]:
         accumulation = self.recipe.optim.accumulation
-        batches = self._batches(order, first, count)
+        batches = self._batches(first, count)
         self.model.reset_metrics()
         means = [float(self.model.train_function(batches)["loss"]) for _ in range(count * accumulation)]
         return np.mean(np.reshape(step_losses(means), (count, accumulation)), axis=1).tolist()

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from ddl_apps.core import checkpoint as ckpt
 from ddl_apps.core import dist
 from ddl_apps.core.engine import Engine
+from ddl_apps.core.feed import examples_in
 from ddl_apps.core.parallel import embedding as parallel
 from ddl_apps.core.sources import ColumnSource
 from ddl_apps.errors import CheckpointError, RecipeError
@@ -116,11 +117,11 @@ class TorchEngine(Engine):
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     # ---- training -------------------------------------------------------------------------------------
-    def run_steps(self, order: np.ndarray, first: int, count: int) -> list[float]:
-        return [self.train_step(self.rank_batches(order, step), self.state.step + 1 + step - first)
-                for step in range(first, first + count)]
+    def run_steps(self, first: int, count: int) -> list[float]:
+        steps = self.feed.steps(self.state.epoch, first, count, self.topo)
+        return [self.train_step(micro_batches, self.state.step + 1 + i) for i, micro_batches in enumerate(steps)]
 
-    def train_step(self, micro_batches: list[np.ndarray], step: int) -> float:
+    def train_step(self, micro_batches: list[Batch], step: int) -> float:
         """Optimizer step `step` over this rank's micro-batches; returns the rank's mean loss (NaN if skipped).
 
         Each micro-batch's loss is weighted by its share of the global batch, so the averaged gradient is the
@@ -130,12 +131,12 @@ class TorchEngine(Engine):
             self.optimizer.set_backward_passes_per_step(len(micro_batches))
         self.optimizer.zero_grad()
         total = 0.0
-        for indices in micro_batches:
+        for batch in micro_batches:
             with self._autocast():
-                loss = self.task.loss(self.model, self._to_device(self.task.train.take(indices)))
-            scaled = loss * (len(indices) * self.topo.size / self.global_batch)
+                loss = self.task.loss(self.model, self._to_device(batch))
+            scaled = loss * (examples_in(batch) * self.topo.size / self.global_batch)
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-            total += float(loss.detach()) * len(indices)
+            total += float(loss.detach()) * examples_in(batch)
         optim = self.recipe.optim
         skip_nonfinite = optim.nonfinite == "skip" and not self.scaler  # (the fp16 scaler skips such steps itself)
         if optim.clip_grad_norm or self.scaler or skip_nonfinite:
@@ -155,7 +156,7 @@ class TorchEngine(Engine):
         else:
             self._optimizer_step()
         self.schedule.step()
-        return total / sum(len(indices) for indices in micro_batches)
+        return total / sum(examples_in(batch) for batch in micro_batches)
 
     def _optimizer_step(self) -> None:
         if self.scaler:

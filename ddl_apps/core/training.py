@@ -10,7 +10,9 @@ from pathlib import Path
 from ddl_apps.core import dist, elastic, run_end, rundir
 from ddl_apps.core.checkpointer import Found, find_checkpoint, keep_trained_batch
 from ddl_apps.core.contract import Trainer
-from ddl_apps.core.engine import Engine, epoch_steps
+from ddl_apps.core.engine import Engine
+from ddl_apps.core.feed import train_examples
+from ddl_apps.core.schedule import epoch_steps
 from ddl_apps.errors import RecipeError
 from ddl_apps.recipe import Recipe
 
@@ -44,8 +46,8 @@ def run_training(recipe: Recipe, resume: bool, trainer: Trainer) -> Path:
         keep_trained_batch(recipe, found.saved)
     elif resume and topology.is_root:  # (`ddl train --elastic` passes the trained batch to every worker)
         found = find_checkpoint(run_dir / rundir.CHECKPOINTS)
-    epoch_steps(recipe, len(task.train), topology.size)
-    engine_type.check_recipe(recipe, topology.size)
+    epoch_steps(recipe, train_examples(task.train), topology.size)
+    engine_type.check_recipe(recipe, task, topology.size)
     if not is_elastic:
         dist.on_root(rundir.prepare_run_dir, run_dir, recipe, resume)
     elif topology.is_root and not (run_dir / rundir.CONFIG_FILE).exists():

@@ -8,6 +8,7 @@ from ddl_apps.recipe import Section
 class DataConfig(Section):
     train_examples: int = Field(1536, gt=0)
     nan_examples: list[int] = Field([], description="training examples whose pixels are made NaN")
+    stream: bool = Field(False, description="serve the training split as a StreamSource instead of by index")
 
 
 class ModelConfig(Section):

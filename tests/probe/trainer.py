@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ddl_apps.core import sharding
 from ddl_apps.core.contract import TorchTask, TrainerHooks
 from ddl_apps.core.torch_engine import ColumnSource, save_weights
 
@@ -19,13 +20,29 @@ def digits(recipe) -> tuple[dict, dict]:
     return {"x": x[:n], "y": y[:n]}, {"x": x[n:], "y": y[n:]}
 
 
+class StreamedDigits:
+    """The training digits as a StreamSource: each worker is handed its share of each global step, and nothing can
+    read them by index (no __len__, no take), as with a stream from disk or object storage."""
+
+    def __init__(self, columns: dict, seed: int):
+        self._columns, self._seed = columns, seed
+        self.examples = len(columns["x"])
+
+    def rank_steps(self, epoch, first, global_batch, rank, size, micro_batches):
+        order = sharding.epoch_order(self.examples, self._seed, epoch)
+        for step in range(first, self.examples // global_batch):
+            yield [{k: v[indices] for k, v in self._columns.items()}
+                   for indices in sharding.rank_step_batches(order, step, global_batch, rank, size, micro_batches)]
+
+
 class DigitsTask:
     """What both probe trainers share: data, metrics and the (absent) extra report."""
 
     def __init__(self, recipe, to_column=lambda a: a):
         train, valid = digits(recipe)
         self.hidden = recipe.model.hidden
-        self.train = ColumnSource(**{k: to_column(v) for k, v in train.items()})
+        columns = {k: to_column(v) for k, v in train.items()}
+        self.train = StreamedDigits(columns, recipe.run.seed) if recipe.data.stream else ColumnSource(**columns)
         self.valid = ColumnSource(**{k: to_column(v) for k, v in valid.items()})
         self.test = None
 
