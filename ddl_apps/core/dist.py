@@ -62,11 +62,9 @@ def _start(hvd: ModuleType, to_tensor: Callable[[np.ndarray], Any], cycle_time_m
 
     Horovod's background thread wakes every HOROVOD_CYCLE_TIME ms (Horovod's default: 1) and negotiates with the
     other ranks even when no tensor is waiting; on a 2-core host at np=2 those wake-ups take CPU from the compute
-    threads. The recipe's dist.cycle_time_ms sets it (the environment wins). Measured at np=2: a Keras ResNet
-    fit of 10 steps took 10.2 s at 1 ms, 4.0-5.4 s at 5 ms; the Conformer-CTC (0.5 s steps) trained 76, 92, 100,
-    120 and 115 samples/s at 1, 5, 10, 20 and 50 ms (67 at np=1). Each allreduce waits up to one cycle, so short
-    steps want short cycles. Under Horovod's autotuner (HOROVOD_AUTOTUNE=1) it is left unset: a cycle time in the
-    environment is one the tuner may not change.
+    threads. The recipe's dist.cycle_time_ms sets it (the environment wins; docs/architecture.md has what it
+    costs). Each allreduce waits up to one cycle, so short steps want short cycles. Under Horovod's autotuner
+    (HOROVOD_AUTOTUNE=1) it is left unset: a cycle time in the environment is one the tuner may not change.
     """
     global _collectives
     if os.environ.get("HOROVOD_AUTOTUNE") != "1":

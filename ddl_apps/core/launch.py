@@ -16,9 +16,8 @@ CONTROLLERS = ("gloo", "mpi")
 
 def choose_controller(configured: str, elastic: bool, hosts: list[tuple[str, int]]) -> str:
     """The recipe's dist.controller, with `auto` resolved: MPI when every worker is on this host (Open MPI's
-    shared-memory transport: at np=2 on 2 cores its allreduce beat torch.distributed's Gloo at every size from 4 KB
-    to 256 MB, where Horovod's Gloo path lost below 1 MB; BENCHMARKS.md), Gloo across hosts and for --elastic
-    (Horovod's elastic mode runs on Gloo only)."""
+    shared-memory transport; BENCHMARKS.md compares the two), Gloo across hosts and for --elastic (Horovod's
+    elastic mode runs on Gloo only)."""
     from ddl_apps.core.hosts import all_local
 
     if configured != "auto":

@@ -67,12 +67,12 @@ class SilentLog:
 
 class RunLog(SilentLog):
     def __init__(self, run_dir: Path, show_progress: bool = True):
-        from torch.utils.tensorboard import SummaryWriter
+        from tensorboard.summary import Writer  # TensorBoard's own writer: no framework (torch's loaded torch)
 
         self.run_dir = run_dir
         self.console = Console(stderr=True, soft_wrap=True)  # whole lines: paths in messages stay greppable
         self._jsonl = (run_dir / METRICS_FILE).open("a", buffering=1)
-        self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+        self._tb = Writer(str(run_dir / "tensorboard"))
         self._show_progress = show_progress and self.console.is_terminal
         self._progress: Progress | None = None
         self._task: TaskID | None = None

@@ -4,8 +4,8 @@ Training runs the compiled train step `model.fit` runs (`model.make_train_functi
 DistributedOptimizer (patched for Keras 3, see third_party/horovod/patches/python), over one tf.data pipeline per
 epoch. The shared loop in engine.py decides which global steps run when; each `run_steps` trains the next steps of
 that pipeline, which holds exactly the examples of the PyTorch engine, in the same order. Not `model.fit` itself:
-a fit per log window started a new pipeline and fit each time (0.1-0.25 s per fit on 2 cores, 18 % of the image
-recipe's training at np=1). State is checkpointed in the TF checkpoint format; the exported weights are
+a fit per log window would start a new pipeline and fit each time (docs/architecture.md has the cost). State is
+checkpointed in the TF checkpoint format; the exported weights are
 `model/model.weights.h5`.
 """
 

@@ -2,6 +2,8 @@
 TYPE_CHECKING too) and nothing from the trainers or their registry: trainers plug into the core, not the reverse."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import ddl_apps
@@ -71,3 +73,23 @@ def test_the_core_imports_no_trainer():
                                                                   "ddl_apps.cli")))
                for name, targets in core_graph().items()}
     assert not {name: targets for name, targets in outside.items() if targets}
+
+
+KERAS_RUN = """
+import sys, tempfile
+from pathlib import Path
+from ddl_apps.core import checkpoint, run_end, tf_engine, training
+from ddl_apps.core.metrics import RunLog
+log = RunLog(Path(tempfile.mkdtemp()), show_progress=False)
+log.record("train", 1, {"loss": 0.5})
+log.close()
+checkpoint.save_state(Path(tempfile.mkdtemp()), "rng", {"by_rank": __import__("numpy").zeros((2, 3), "uint8")})
+print("torch" in sys.modules)
+"""
+
+
+def test_a_keras_run_loads_no_torch():
+    """What a Keras run imports of the core (its engine, the loop, checkpoints, the run log) leaves torch out."""
+    result = subprocess.run([sys.executable, "-c", KERAS_RUN], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False", result.stdout

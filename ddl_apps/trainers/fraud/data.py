@@ -225,7 +225,7 @@ class Preprocessor:
         log_counts = [np.log1p(np.concatenate([[0], self.counts[c]]))[categories[:, j]] / np.log1p(self.train_rows)
                       for j, c in enumerate(self.vocabularies)]
         features = np.column_stack([scaled, indicators, *log_counts])
-        # row-major: a batch is a gather of rows (column-major, 512 of 413k rows took 0.8 ms against 0.1 ms)
+        # row-major: a batch is a gather of rows, which column-major storage makes several times slower
         return np.nan_to_num(features, posinf=0.0, neginf=0.0).astype(np.float32, order="C"), categories
 
     def save(self, path: Path) -> None:
