@@ -186,13 +186,19 @@ def evaluate(run_dir: Path) -> None:
     click.echo(json.dumps(evaluate_exported(config, run_dir, trainer), indent=1))
 
 
-def _predict(run_dir: Path, inputs: tuple[str, ...], output: Path | None) -> None:
+def _run_hook(run_dir: Path, name: str, missing: str):
+    """The trainer hook `name` (predict, recommend) of the run's trainer; a RecipeError saying `missing` if it has
+    none."""
     from ddl_apps.errors import RecipeError
 
-    trainer = _run_trainer(run_dir)[1]
-    predict = trainer.load_hooks().predict
-    if predict is None:
-        raise RecipeError(f"the {trainer.name} trainer of {run_dir} has no 'ddl predict'")
+    hook = getattr(_run_trainer(run_dir)[1].load_hooks(), name)
+    if hook is None:
+        raise RecipeError(missing)
+    return hook
+
+
+def _predict(run_dir: Path, inputs: tuple[str, ...], output: Path | None) -> None:
+    predict = _run_hook(run_dir, "predict", f"the trainer of {run_dir} has no 'ddl predict'")
     predict(run_dir, list(inputs), output)
 
 
@@ -238,11 +244,8 @@ def transcribe(run_dir: Path, inputs: tuple[str, ...], output: Path | None) -> N
 @click.option("-k", "count", type=click.IntRange(min=1), default=10, show_default=True, help="items to list")
 def recommend(run_dir: Path, user_id: str, count: int) -> None:
     """Print the top items for USER_ID (a recommendation run's model), leaving out those the user has seen."""
-    from ddl_apps.errors import RecipeError
-
-    recommend = _run_trainer(run_dir)[1].load_hooks().recommend
-    if recommend is None:
-        raise RecipeError(f"{run_dir} is not a recommendation run; ddl recommend needs one (e.g. recsys_neumf)")
+    recommend = _run_hook(run_dir, "recommend",
+                          f"{run_dir} is not a recommendation run; ddl recommend needs one (e.g. recsys_neumf)")
     recommend(run_dir, user_id, count)
 
 

@@ -20,16 +20,20 @@ def registered() -> dict[str, EntryPoint]:
     return {point.name: point for point in entry_points(group=ENTRY_POINTS)}
 
 
+def _checked(trainer: object, where: str) -> Trainer:
+    if not isinstance(trainer, Trainer):
+        raise RecipeError(f"trainer {where} is a {type(trainer).__name__}, not a ddl_apps.core.contract.Trainer; see "
+                          "docs/writing-a-trainer.md")
+    return trainer
+
+
 def _load(name: str, point: EntryPoint) -> Trainer:
     try:
         trainer = point.load()
     except Exception as e:  # a broken plugin names itself instead of breaking every command
         raise RecipeError(f"trainer {name!r} ({point.value}) failed to load: {type(e).__name__}: {e}; reinstall "
                           "its package or remove it") from None
-    if not isinstance(trainer, Trainer):
-        raise RecipeError(f"trainer {name!r}: {point.value} is a {type(trainer).__name__}, not a "
-                          "ddl_apps.core.contract.Trainer")
-    return trainer
+    return _checked(trainer, f"{name!r} ({point.value})")
 
 
 def _module_trainer(name: str) -> Trainer | None:
@@ -39,11 +43,7 @@ def _module_trainer(name: str) -> Trainer | None:
             return None
     except (ImportError, ValueError):  # a parent package missing, or not a module name at all ('.x')
         return None
-    trainer = getattr(importlib.import_module(name), "TRAINER", None)
-    if not isinstance(trainer, Trainer):
-        raise RecipeError(f"trainer module {name!r} defines no TRAINER (a ddl_apps.core.contract.Trainer); see "
-                          "docs/writing-a-trainer.md")
-    return trainer
+    return _checked(getattr(importlib.import_module(name), "TRAINER", None), f"module {name!r}: its TRAINER")
 
 
 @cache

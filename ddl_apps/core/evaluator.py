@@ -31,6 +31,11 @@ def predict_split(source: BatchSource, predict_batch: Callable[[dict[str, Any]],
     return {k: dist.allgather_array(v)[ordered] for k, v in local.items()}
 
 
+def final_split(task: Any) -> tuple[str, BatchSource]:
+    """The split a finished run is judged on: its test split, or its validation split when it has none."""
+    return ("test", task.test) if task.test is not None else ("valid", task.valid)
+
+
 class Evaluator:
     """Metrics of a split from the task's `metrics`, on predictions made by `predict_batch`."""
 

@@ -4,8 +4,8 @@ worker only its own share (core/contract.py, StreamSource)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Hashable, Iterator
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
@@ -13,6 +13,25 @@ from ddl_apps.core import dist, sharding
 from ddl_apps.core.contract import BatchSource, StreamSource
 
 Step = list[dict[str, Any]]  # one worker's micro-batches of one global step
+Item = TypeVar("Item")
+
+
+class LiveIterator(Generic[Item]):
+    """An iterator kept between calls: asked for the position the last call reached, it is handed back (reading
+    on where it stopped); asked for any other, a new one is opened there."""
+
+    def __init__(self) -> None:
+        self._position: Hashable = None
+        self._iterator: Iterator[Item] | None = None
+
+    def at(self, position: Hashable, open_at: Callable[[], Iterator[Item]]) -> Iterator[Item]:
+        if self._iterator is None or self._position != position:
+            self._iterator = open_at()
+        self._position = None  # until the caller says where it stopped
+        return self._iterator
+
+    def reached(self, position: Hashable) -> None:
+        self._position = position
 
 
 def train_examples(source: BatchSource | StreamSource) -> int:
@@ -33,17 +52,14 @@ class Feed:
         self.source, self.seed, self.global_batch, self.batch_size = source, seed, global_batch, batch_size
         self.examples = train_examples(source)
         self._order: tuple[int, np.ndarray] | None = None  # (epoch, its order), random-access sources
-        self._live: tuple[tuple[int, int, int, int], Iterator[Step]] | None = None  # (position, iterator)
+        self._live: LiveIterator[Step] = LiveIterator()
 
     def steps(self, epoch: int, first: int, count: int, topo: dist.Topology) -> Iterator[Step]:
         """Global steps first..first+count-1 of `epoch`, this worker's micro-batches of each."""
-        position = (epoch, first, topo.rank, topo.size)
-        live = self._live[1] if self._live is not None and self._live[0] == position else self._open(epoch, first,
-                                                                                                    topo)
-        self._live = None
+        live = self._live.at((epoch, first, topo.rank, topo.size), lambda: self._open(epoch, first, topo))
         for _ in range(count):
             yield next(live)
-        self._live = ((epoch, first + count, topo.rank, topo.size), live)
+        self._live.reached((epoch, first + count, topo.rank, topo.size))
 
     def _micro_batches(self, size: int) -> int:
         return sharding.micro_batches_per_step(self.global_batch, self.batch_size, size)

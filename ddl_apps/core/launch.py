@@ -56,10 +56,9 @@ def horovodrun_command(
     np: int,
     controller: str | None = None,
     hosts: str | None = None,
-    hostfile: str | None = None,
     elastic: Elastic | None = None,
 ) -> list[str]:
-    """`horovodrun -np N [--gloo|--mpi] [-H ...|--hostfile ...|elastic arguments] COMMAND`."""
+    """`horovodrun -np N [--gloo|--mpi] [-H ...|elastic arguments] COMMAND` (`ddl train` reads hostfiles itself)."""
     if controller is not None and controller not in CONTROLLERS:
         raise ValueError(f"controller must be one of {CONTROLLERS}, not {controller!r}")
     argv = [horovodrun_executable(), "-np", str(np)]
@@ -67,8 +66,6 @@ def horovodrun_command(
         argv.append(f"--{controller}")
     if hosts:
         argv += ["-H", hosts]
-    if hostfile:
-        argv += ["--hostfile", hostfile]
     if elastic:
         argv += ["--min-np", str(elastic.min_np), "--max-np", str(elastic.max_np),
                  "--host-discovery-script", elastic.discovery]
@@ -105,7 +102,6 @@ def run_horovod(
     np: int,
     controller: str | None = None,
     hosts: str | None = None,
-    hostfile: str | None = None,
     env: dict[str, str] | None = None,
     timeout: float | None = None,
     capture: bool = False,
@@ -115,7 +111,7 @@ def run_horovod(
 
     When shown: when a worker fails, its own message is what the user needs, so horovodrun's Python traceback
     about it is left out, and the exit code is the worker's (2 for an error in the user's input)."""
-    argv = horovodrun_command(command, np, controller, hosts, hostfile, elastic)
+    argv = horovodrun_command(command, np, controller, hosts, elastic)
     full_env = worker_env(controller, elastic is not None, env)
     if capture:
         return subprocess.run(argv, env=full_env, timeout=timeout, text=True, capture_output=True, check=False)

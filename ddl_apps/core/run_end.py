@@ -9,6 +9,7 @@ import numpy as np
 
 from ddl_apps.core import dist, rundir
 from ddl_apps.core.engine import Engine
+from ddl_apps.core.evaluator import final_split
 
 Results = dict[str, dict[str, float]]
 
@@ -35,8 +36,8 @@ def finish(engine: Engine, complete: bool) -> Results:
     memory_by_rank = dist.allgather_array(np.array([list(memory.values())], dtype=np.int64))
     model = engine.exportable_model()
     if complete:
-        split = "test" if task.test is not None else "valid"
-        metrics, outputs = engine.evaluate(task.test if task.test is not None else task.valid)
+        split, source = final_split(task)
+        metrics, outputs = engine.evaluate(source)
         results[f"model ({split})"] = metrics
         log.record(split, engine.state.step, metrics)
         if topo.is_root:

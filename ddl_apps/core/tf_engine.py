@@ -21,6 +21,7 @@ import tensorflow as tf
 from ddl_apps.core import dist
 from ddl_apps.core.contract import BatchSource, Task
 from ddl_apps.core.engine import Engine
+from ddl_apps.core.feed import LiveIterator
 from ddl_apps.core.rundir import MODEL_DIR
 from ddl_apps.core.sources import ColumnSource
 from ddl_apps.errors import CheckpointError, RecipeError
@@ -125,7 +126,7 @@ class KerasEngine(Engine):
         self.optimizer.build(self.model.trainable_variables)
         self._broadcast_from_root()
         self.model.make_train_function()  # model.train_function: one compiled step on the next batch
-        self._stream: tuple[tuple[int, int], Any] | None = None  # ((epoch, next step), the epoch's iterator)
+        self._stream: LiveIterator[Any] = LiveIterator()  # the epoch's pipeline, at (epoch, next step)
 
     def _broadcast_from_root(self) -> None:
         """Collective: every rank takes rank 0's weights and optimizer state."""
@@ -135,29 +136,23 @@ class KerasEngine(Engine):
         hvd.broadcast_variables(self.optimizer.variables, root_rank=0)
 
     # ---- training -------------------------------------------------------------------------------------
-    def _batches(self, first: int, count: int):
-        """An iterator over this rank's micro-batches from global step `first` on, which the caller trains `count`
-        steps of: the epoch's pipeline where the last call left it, or a new one from `first` to the end of the
-        epoch (at an epoch's start, or after a resume)."""
-        position = (self.state.epoch, first)
-        if self._stream is None or self._stream[0] != position:
-            steps = range(first, self.steps_per_epoch)
-            rank_indices = [np.concatenate(self.feed.rank_batches(self.state.epoch, s, self.topo)) for s in steps]
-            batch = self.train.take(np.concatenate(rank_indices))
-            dataset = tf.data.Dataset.from_tensor_slices((batch["x"], batch["y"])).batch(self.recipe.optim.batch_size)
-            if self._augment is not None:  # the trainer's random augmentation, per batch
-                seed = batch_seed(self.recipe.run.seed, self.topo.rank, self.state.epoch)
-                dataset = augmented(dataset, self._augment, seed, first * self.recipe.optim.accumulation)
-            self._stream = (position, iter(dataset.prefetch(tf.data.AUTOTUNE)))
-        iterator = self._stream[1]
-        self._stream = ((self.state.epoch, first + count), iterator)
-        return iterator
+    def _open_epoch_at(self, first: int) -> Any:
+        """This rank's micro-batches from global step `first` to the end of the epoch, as one tf.data pipeline."""
+        steps = range(first, self.steps_per_epoch)
+        rank_indices = [np.concatenate(self.feed.rank_batches(self.state.epoch, s, self.topo)) for s in steps]
+        batch = self.train.take(np.concatenate(rank_indices))
+        dataset = tf.data.Dataset.from_tensor_slices((batch["x"], batch["y"])).batch(self.recipe.optim.batch_size)
+        if self._augment is not None:  # the trainer's random augmentation, per batch
+            seed = batch_seed(self.recipe.run.seed, self.topo.rank, self.state.epoch)
+            dataset = augmented(dataset, self._augment, seed, first * self.recipe.optim.accumulation)
+        return iter(dataset.prefetch(tf.data.AUTOTUNE))
 
     def run_steps(self, first: int, count: int) -> list[float]:
         accumulation = self.recipe.optim.accumulation
-        batches = self._batches(first, count)
+        batches = self._stream.at((self.state.epoch, first), lambda: self._open_epoch_at(first))
         self.model.reset_metrics()
         means = [float(self.model.train_function(batches)["loss"]) for _ in range(count * accumulation)]
+        self._stream.reached((self.state.epoch, first + count))
         return np.mean(np.reshape(step_losses(means), (count, accumulation)), axis=1).tolist()
 
     def _statistic_weights(self) -> list:

@@ -11,6 +11,7 @@ from ddl_apps.core import dist, elastic, run_end, rundir
 from ddl_apps.core.checkpointer import Found, find_checkpoint, keep_trained_batch
 from ddl_apps.core.contract import Trainer
 from ddl_apps.core.engine import Engine
+from ddl_apps.core.evaluator import final_split
 from ddl_apps.core.feed import train_examples
 from ddl_apps.core.schedule import epoch_steps
 from ddl_apps.errors import RecipeError
@@ -70,4 +71,4 @@ def evaluate_exported(recipe: Recipe, run_dir: Path, trainer: Trainer) -> dict[s
     task = trainer.load_hooks().build_task(recipe, topology)
     engine = engine_type(recipe, task, topology, run_dir, training=False)
     engine.load_exported(run_dir / rundir.MODEL_DIR)
-    return engine.evaluate(task.test if task.test is not None else task.valid)[0]
+    return engine.evaluate(final_split(task)[1])[0]
