@@ -251,7 +251,35 @@ def recommend(run_dir: Path, user_id: str, count: int) -> None:
 
 @main.group()
 def data() -> None:
-    """Make datasets."""
+    """Make datasets: prepare a recipe's data once, for every run and worker to stream."""
+
+
+@data.command("prepare", context_settings={"ignore_unknown_options": True})
+@click.argument("recipe")
+@click.argument("overrides", nargs=-1)
+@click.option("-o", "--output", help="a folder or s3://bucket/prefix  [default: the cache, where data.prepared=auto "
+              "finds it]")
+def prepare(recipe: str, overrides: tuple[str, ...], output: str | None) -> None:
+    """Read RECIPE's data source once (OVERRIDES as for train) and write it prepared: shards and a manifest."""
+    import time
+
+    from ddl_apps.data.dataset import PreparedDataset
+    from ddl_apps.data.prepare import prepare as prepare_data
+    from ddl_apps.recipe import load_recipe
+    from ddl_apps.registry import load_trainer
+
+    config = load_recipe(recipe, list(overrides))
+    preparer = load_trainer(config.trainer).load_hooks().prepare
+    if preparer is None:
+        raise UserError(f"the {config.trainer!r} trainer reads its data itself; it has nothing to prepare")
+    start = time.perf_counter()
+    location = prepare_data(config, preparer, output)
+    manifest = PreparedDataset(location).manifest
+    rows = ", ".join(f"{split} {manifest.rows(split):,}" for split in manifest.splits)
+    size = sum(shard.bytes for shards in manifest.splits.values() for shard in shards) / 2**20
+    console.print(f"prepared {rows} rows ({size:,.1f} MiB) in {time.perf_counter() - start:.1f} s: {location}\n"
+                  f"train from it with: ddl train {' '.join([recipe, *overrides])} data.prepared={location}",
+                  highlight=False)
 
 
 @data.command("asr-commands")

@@ -23,6 +23,7 @@ from pydantic import BaseModel
 
 if TYPE_CHECKING:
     from ddl_apps.core.dist import Topology
+    from ddl_apps.data.prepare import DatasetWriter
     from ddl_apps.recipe import Recipe
 
 ENTRY_POINTS = "ddl_apps.trainers"
@@ -93,14 +94,29 @@ Task = Union[TorchTask, KerasTask]  # noqa: UP007 (a runtime alias of Protocols)
 
 
 @dataclass(frozen=True)
+class Preparer:
+    """How a trainer prepares its data once (`ddl data prepare`; ddl_apps/data). `source(recipe)` says cheaply what
+    the data would be read from (a file's path, size and modification time), so a prepared copy in the cache is
+    reused while it is unchanged; `write(recipe, writer)` reads the source in bounded memory, writes the splits'
+    rows to `writer`, and returns what it fitted on the training split (JSON); `columns`: name -> numpy dtype of
+    the columns written."""
+
+    source: Callable[[Recipe], dict[str, Any]]
+    write: Callable[[Recipe, DatasetWriter], dict[str, Any]]
+    columns: dict[str, str]
+
+
+@dataclass(frozen=True)
 class TrainerHooks:
     """What training and the trainer's commands call: `build_task(recipe, topology)` reads the data (bad data
     fails here, with a DataError, before the run writes anything); `predict(run_dir, inputs, output)` is
-    `ddl predict`; `recommend(run_dir, user_id, k)`, if any, is `ddl recommend`."""
+    `ddl predict`; `recommend(run_dir, user_id, k)`, if any, is `ddl recommend`; `prepare`, if any, makes the
+    prepared dataset `build_task` reads."""
 
     build_task: Callable[[Recipe, Topology], Task]
     predict: Callable[[Path, list[str], Path | None], None] | None = None
     recommend: Callable[[Path, str, int], None] | None = None
+    prepare: Preparer | None = None
 
 
 @dataclass(frozen=True)

@@ -54,5 +54,6 @@ def rank_step_batches(order: np.ndarray, step: int, global_batch: int, rank: int
 
 
 def eval_shard(num_examples: int, rank: int, size: int) -> np.ndarray:
-    """Every example exactly once across ranks (no padding, no duplicates), so gathered metrics are exact."""
-    return np.arange(rank, num_examples, size)
+    """Every example exactly once across ranks (no padding, no duplicates), so gathered metrics are exact; a
+    contiguous range each, so a rank reading a split from storage reads only its part of it."""
+    return np.array_split(np.arange(num_examples), size)[rank]

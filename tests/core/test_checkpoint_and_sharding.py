@@ -83,7 +83,8 @@ def test_fewer_workers_share_the_same_global_step():
 
 def test_evaluation_shards_cover_every_example_once():
     shards = [sharding.eval_shard(11, r, 3) for r in range(3)]
-    assert sorted(np.concatenate(shards).tolist()) == list(range(11))
+    assert np.concatenate(shards).tolist() == list(range(11))  # in order: contiguous ranges
+    assert [len(s) for s in shards] == [4, 4, 3]  # rank 0's is the largest: every rank runs its batch count
 
 
 def test_pruning_never_deletes_the_new_checkpoint_for_a_newer_corrupt_one(tmp_path):

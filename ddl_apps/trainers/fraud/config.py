@@ -4,12 +4,13 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from ddl_apps.data.config import PreparedData
 from ddl_apps.recipe import Section
 
 IEEE_CIS = "ieee-cis"
 
 
-class DataConfig(Section):
+class DataConfig(PreparedData):
     source: str = Field(IEEE_CIS, description=f"'{IEEE_CIS}' (the shipped IEEE-CIS table) or a CSV/Parquet path")
     label: str = "isFraud"
     time_column: str | None = Field("TransactionDT", description="split by time when set, else at random")
@@ -39,3 +40,5 @@ class ModelConfig(Section):
     pos_weight: float | None = Field(None, gt=0, description="weight of fraud examples; default sqrt(neg/pos)")
     focal_gamma: float = Field(2.0, ge=0)
     baseline: bool = Field(True, description="train a HistGradientBoostingClassifier on the same split")
+    baseline_rows: int = Field(2_000_000, gt=0, description="training rows the baseline reads at most (a random "
+                               "sample: the prepared training split is shuffled)")

@@ -12,16 +12,25 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from ddl_apps.cache import build_once, cache_dir, file_sha256
+from ddl_apps.data.progress import progress
 from ddl_apps.errors import DataError
 from ddl_apps.trainers.file_inputs import check_columns
 from ddl_apps.trainers.fraud.config import IEEE_CIS, DataConfig
+
+if TYPE_CHECKING:
+    from ddl_apps.data.prepare import DatasetWriter
+    from ddl_apps.recipe import Recipe
 
 COLUMNS_FIX = "Fix the column names in the recipe's data section (label, time_column, id_column, categorical, numeric)"
 
@@ -79,17 +88,17 @@ def read_table(source: str) -> pd.DataFrame:
         raise DataError(f"cannot read {path} as {'Parquet' if 'parq' in path.suffix else 'CSV'}: {e}") from None
 
 
-def feature_columns(cfg: DataConfig, frame: pd.DataFrame) -> tuple[list[str], list[str]]:
-    """(numeric, categorical) model inputs: by default every column but the label, id and time is numeric."""
+def feature_columns(cfg: DataConfig, columns: list[str]) -> tuple[list[str], list[str]]:
+    """(numeric, categorical) model inputs among the table's `columns`: by default every column but the label, id
+    and time is numeric."""
     reserved = {cfg.label, cfg.id_column, cfg.time_column}
     numeric = cfg.numeric if cfg.numeric is not None else [
-        c for c in frame.columns if c not in reserved and c not in cfg.categorical
+        c for c in columns if c not in reserved and c not in cfg.categorical
     ]
     if not numeric and not cfg.categorical:
         raise DataError(f"{cfg.source} has no feature columns besides the label, time and id columns; add some, "
                         "or name them in data.numeric and data.categorical")
-    check_columns(frame, [*numeric, *cfg.categorical], cfg.source, COLUMNS_FIX)
-    check_numbers(frame, numeric, cfg.source, "list them under data.categorical in the recipe")
+    check_columns(pd.DataFrame(columns=columns), [*numeric, *cfg.categorical], cfg.source, COLUMNS_FIX)
     return numeric, list(cfg.categorical)
 
 
@@ -121,30 +130,113 @@ def labels(frame: pd.DataFrame, cfg: DataConfig) -> np.ndarray:
     return values.to_numpy(np.float32)
 
 
-@dataclass
-class Splits:
-    train: pd.DataFrame
-    valid: pd.DataFrame
-    test: pd.DataFrame
+class Table:
+    """The source as a Parquet file, read one column or one batch of rows at a time (a CSV is converted to Parquet
+    first, batch by batch), so memory holds a column, not the table."""
+
+    def __init__(self, source: str, scratch: Path):
+        path = ieee_cis_path() if source == IEEE_CIS else Path(source)
+        if not path.is_file():
+            raise DataError(f"data file {path} does not exist; set data.source to a CSV or Parquet file")
+        self.source = source
+        try:
+            if path.suffix.lower() not in (".parquet", ".pq"):
+                path = csv_to_parquet(path, scratch / "source.parquet")
+            self.file = pq.ParquetFile(path)
+        except (pa.ArrowException, OSError) as e:
+            kind = "Parquet" if "parq" in path.suffix else "CSV"
+            raise DataError(f"cannot read {path} as {kind}: {e}") from None
+        self.rows = self.file.metadata.num_rows
+        self.columns = self.file.schema_arrow.names
+
+    def column(self, name: str) -> pd.Series:
+        return self.file.read(columns=[name]).column(0).to_pandas()
+
+    def batches(self, columns: list[str], rows: int = 65536) -> Iterator[pd.DataFrame]:
+        for batch in self.file.iter_batches(batch_size=rows, columns=columns):
+            yield batch.to_pandas()
 
 
-def load_splits(cfg: DataConfig, seed: int) -> Splits:
-    """Read, sample, and split: by time when there is a time column (past -> train, future -> valid, test)."""
-    frame = read_table(cfg.source)
-    check_columns(frame, [c for c in (cfg.label, cfg.time_column, cfg.id_column) if c], cfg.source, COLUMNS_FIX)
-    if cfg.rows is not None and cfg.rows < len(frame):
-        frame = frame.sample(n=cfg.rows, random_state=seed)
+def csv_to_parquet(csv: Path, target: Path) -> Path:
+    """Column types are inferred from the first 64 MB; a column that turns to text later is named in the error."""
+    from pyarrow import csv as arrow_csv
+
+    reader = arrow_csv.open_csv(csv, read_options=arrow_csv.ReadOptions(block_size=64 << 20))
+    try:
+        with pq.ParquetWriter(target, reader.schema) as writer:
+            for batch in reader:
+                writer.write_batch(batch, row_group_size=65536)
+    except pa.ArrowInvalid as e:
+        raise DataError(f"{csv}: {e}. A column changes from numbers to text further down: list it under "
+                        "data.categorical, or clean those cells") from None
+    return target
+
+
+SPLITS = ("train", "valid", "test")
+COLUMNS = {"numeric": "float32", "categories": "int64", "label": "float32"}
+
+
+def source_identity(recipe: Recipe) -> dict[str, Any]:
+    """What the prepared data is made from: the shipped table's digest, or a file's path, size and change time."""
+    source = recipe.data.source
+    if source == IEEE_CIS:
+        return {"source": source, "sha256": IEEE_CIS_SHA256}
+    path = Path(source).resolve()
+    if not path.is_file():
+        return {"source": str(path)}  # preparing names the missing file
+    return {"source": str(path), "bytes": path.stat().st_size, "mtime_ns": path.stat().st_mtime_ns}
+
+
+def write_prepared(recipe: Recipe, writer: DatasetWriter) -> dict[str, Any]:
+    """One pass: split, fit the preprocessing on the training rows column by column, then transform the table
+    batch by batch into the splits (the training split shuffled once)."""
+    cfg, seed = recipe.data, recipe.run.seed
+    table = Table(cfg.source, writer.folder)
+    check_columns(pd.DataFrame(columns=table.columns), [c for c in (cfg.label, cfg.time_column, cfg.id_column) if c],
+                  cfg.source, COLUMNS_FIX)
+    assignment = split_rows(table, cfg, seed)
+    numeric, categorical = feature_columns(cfg, table.columns)
+    train = assignment == 0
+    labels(table.column(cfg.label)[assignment >= 0].to_frame(), cfg)  # every kept label, before the long pass
+    pre = Preprocessor.fit_columns(lambda c: table.column(c)[train].reset_index(drop=True), int(train.sum()),
+                                   numeric, categorical, cfg)
+    for split, code in zip(SPLITS, range(3), strict=True):
+        writer.plan(split, int((assignment == code).sum()), seed if split == "train" else None)
+    positives, first = 0.0, 0
+    for frame in progress(table.batches([*numeric, *categorical, cfg.label]), table.rows, "preparing"):
+        part = assignment[first : first + len(frame)]
+        first += len(frame)
+        for split, code in zip(SPLITS, range(3), strict=True):
+            rows = frame[part == code]
+            if len(rows):
+                numeric_x, categories = pre.transform(rows)
+                y = labels(rows, cfg)
+                positives += float(y.sum()) if code == 0 else 0.0
+                writer.add(split, {"numeric": numeric_x, "categories": categories, "label": y})
+    return {"preprocessor": pre.__dict__, "train_positives": positives}
+
+
+def split_rows(table: Table, cfg: DataConfig, seed: int) -> np.ndarray:
+    """Each row's split (0 train, 1 valid, 2 test, -1 left out): a sample of data.rows if set, then by time when
+    there is a time column (past -> train, future -> valid, test), else at random. One byte per row."""
+    rng = np.random.default_rng(seed)
+    kept = np.arange(table.rows)
+    if cfg.rows is not None and cfg.rows < table.rows:
+        kept = np.sort(rng.choice(table.rows, cfg.rows, replace=False))
     if cfg.time_column:
-        frame = frame.sort_values(cfg.time_column, kind="stable")
+        times = table.column(cfg.time_column).to_numpy()[kept]
+        kept = kept[np.argsort(times, kind="stable")]
     else:
-        frame = frame.sample(frac=1.0, random_state=seed)
-    frame = frame.reset_index(drop=True)
-    n = len(frame)
+        kept = kept[rng.permutation(len(kept))]
+    n = len(kept)
     n_test, n_valid = int(n * cfg.test_fraction), int(n * cfg.valid_fraction)
     n_train = n - n_valid - n_test
     if min(n_train, n_valid, n_test) < 1:
         raise DataError(f"{cfg.source} has {n} rows: too few to split into train, validation and test")
-    return Splits(frame.iloc[:n_train], frame.iloc[n_train : n_train + n_valid], frame.iloc[n_train + n_valid :])
+    assignment = np.full(table.rows, -1, dtype=np.int8)
+    assignment[kept[:n_train]], assignment[kept[n_train : n_train + n_valid]] = 0, 1
+    assignment[kept[n_train + n_valid :]] = 2
+    return assignment
 
 
 def category_strings(series: pd.Series) -> pd.Series:
@@ -181,24 +273,33 @@ class Preprocessor:
 
     @classmethod
     def fit(cls, frame: pd.DataFrame, numeric: list[str], categorical: list[str], cfg: DataConfig) -> Preprocessor:
-        from sklearn.impute import SimpleImputer
-        from sklearn.preprocessing import StandardScaler
+        return cls.fit_columns(lambda c: frame[c], len(frame), numeric, categorical, cfg)
 
-        medians, means, scales = [], [], []
-        indicator: list[int] = []
-        if numeric:  # scikit-learn refuses zero columns; a table may have categorical features only
-            raw = signed_log(numbers(frame, numeric))
-            imputer = SimpleImputer(strategy="median", add_indicator=True, keep_empty_features=True).fit(raw)
-            indicator = imputer.indicator_.features_ if imputer.indicator_ is not None else []
-            scaler = StandardScaler().fit(imputer.transform(raw)[:, : len(numeric)])
-            medians, means, scales = imputer.statistics_.tolist(), scaler.mean_.tolist(), scaler.scale_.tolist()
+    @classmethod
+    def fit_columns(cls, column: Callable[[str], pd.Series], rows: int, numeric: list[str], categorical: list[str],
+                    cfg: DataConfig) -> Preprocessor:
+        """Fitted on the training rows one column at a time (`column(name)`), so memory holds one column."""
+        medians, means, scales, indicator = [], [], [], []
+        for name in numeric:
+            values = column(name)
+            check_numbers(values.to_frame(), [name], cfg.source, "list them under data.categorical in the recipe")
+            raw = signed_log(values.to_numpy(np.float64, na_value=np.nan))
+            missing = np.isnan(raw)
+            median = float(np.median(raw[~missing])) if (~missing).any() else 0.0
+            filled = np.where(missing, median, raw)
+            mean, std = float(filled.mean()), float(filled.std())
+            medians.append(median)
+            means.append(mean)
+            scales.append(std if std > 1e-12 * max(1.0, abs(mean)) else 1.0)  # a constant column is left unscaled
+            if missing.any():
+                indicator.append(name)
         vocabularies, counts = {}, {}
-        for column in categorical:
-            frequent = category_strings(frame[column]).value_counts()
+        for name in categorical:
+            frequent = category_strings(column(name)).value_counts()
             frequent = frequent[frequent >= cfg.min_category_count].iloc[: cfg.max_categories]
-            vocabularies[column] = [str(v) for v in frequent.index]
-            counts[column] = [int(c) for c in frequent.to_numpy()]
-        return cls(numeric, medians, [numeric[i] for i in indicator], means, scales, vocabularies, counts, len(frame))
+            vocabularies[name] = [str(v) for v in frequent.index]
+            counts[name] = [int(c) for c in frequent.to_numpy()]
+        return cls(numeric, medians, indicator, means, scales, vocabularies, counts, rows)
 
     @property
     def num_features(self) -> int:

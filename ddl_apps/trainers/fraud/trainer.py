@@ -12,10 +12,12 @@ import pandas as pd
 import torch
 from threadpoolctl import threadpool_limits
 
-from ddl_apps.core.contract import TorchTask, TrainerHooks
+from ddl_apps.core.contract import Preparer, TorchTask, TrainerHooks
 from ddl_apps.core.dist import Topology
 from ddl_apps.core.rundir import MODEL_DIR, reading_export
-from ddl_apps.core.torch_engine import Batch, ColumnSource, load_weights, save_weights
+from ddl_apps.core.torch_engine import Batch, load_weights, save_weights
+from ddl_apps.data.dataset import PreparedDataset, task_splits
+from ddl_apps.data.prepare import open_prepared
 from ddl_apps.errors import DataError
 from ddl_apps.recipe import Recipe
 from ddl_apps.trainers.fraud import data
@@ -38,22 +40,19 @@ def fraud_metrics(label: np.ndarray, score: np.ndarray) -> dict[str, float]:
     }
 
 
-def to_source(pre: data.Preprocessor, frame: pd.DataFrame, label: np.ndarray) -> ColumnSource:
-    numeric, categories = pre.transform(frame)
-    return ColumnSource(numeric=torch.from_numpy(numeric), categories=torch.from_numpy(categories),
-                        label=torch.from_numpy(label))
+def to_torch(columns: dict[str, np.ndarray]) -> Batch:
+    return {name: torch.from_numpy(values) for name, values in columns.items()}
 
 
 class FraudTask(TorchTask):
-    def __init__(self, recipe: Recipe, splits: data.Splits):
+    def __init__(self, recipe: Recipe, dataset: PreparedDataset):
         cfg, self.model_cfg = recipe.data, recipe.model
-        self.seed = recipe.run.seed
-        numeric, categorical = data.feature_columns(cfg, splits.train)
-        self.preprocessor = data.Preprocessor.fit(splits.train, numeric, categorical, cfg)
-        y = {name: data.labels(getattr(splits, name), cfg) for name in ("train", "valid", "test")}
-        self.train, self.valid, self.test = (to_source(self.preprocessor, getattr(splits, n), y[n]) for n in y)
-        positives = max(1.0, float(y["train"].sum()))
-        self.pos_weight = self.model_cfg.pos_weight or float(np.sqrt((len(y["train"]) - positives) / positives))
+        self.seed, self.dataset = recipe.run.seed, dataset
+        fitted = dataset.manifest.fitted
+        self.preprocessor = data.Preprocessor(**fitted["preprocessor"])
+        self.train, self.valid, self.test = task_splits(dataset, cfg, self.seed, to_torch)
+        positives = max(1.0, fitted["train_positives"])
+        self.pos_weight = self.model_cfg.pos_weight or float(np.sqrt((self.train.examples - positives) / positives))
         self.columns = {"id": cfg.id_column, "label": cfg.label}
 
     def architecture(self) -> dict:
@@ -88,24 +87,26 @@ class FraudTask(TorchTask):
             return {}
         from sklearn.ensemble import HistGradientBoostingClassifier
 
-        def features(source: ColumnSource) -> np.ndarray:
-            return np.hstack([source.columns["numeric"].numpy(), source.columns["categories"].numpy()])
-
-        is_categorical = [False] * self.preprocessor.num_features + [c <= 255 for c in self.preprocessor.cardinalities]
         start = time.perf_counter()
+        train = self.dataset.split("train").load(max_rows=self.model_cfg.baseline_rows)
+        test = self.dataset.split("test").load()
+        is_categorical = [False] * self.preprocessor.num_features + [c <= 255 for c in self.preprocessor.cardinalities]
         baseline = HistGradientBoostingClassifier(max_iter=300, learning_rate=0.1, early_stopping=True,
                                                   categorical_features=is_categorical, random_state=self.seed)
         # The engine gives each worker one share of the cores (which also caps OpenMP); training is over and
         # rank 0 alone runs this, so let it use them all.
         with threadpool_limits(limits=os.cpu_count(), user_api="openmp"):
-            baseline.fit(features(self.train), self.train.columns["label"].numpy())
-            scores = baseline.predict_proba(features(self.test))[:, 1]
-        metrics = fraud_metrics(self.test.columns["label"].numpy(), scores)
+            baseline.fit(np.hstack([train["numeric"], train["categories"]]), train["label"])
+            scores = baseline.predict_proba(np.hstack([test["numeric"], test["categories"]]))[:, 1]
+        metrics = fraud_metrics(test["label"], scores)
         return {"baseline HGB (test)": {**metrics, "fit_seconds": round(time.perf_counter() - start, 1)}}
 
 
+PREPARER = Preparer(source=data.source_identity, write=data.write_prepared, columns=data.COLUMNS)
+
+
 def build_task(recipe: Recipe, topology: Topology) -> FraudTask:
-    return FraudTask(recipe, data.load_splits(recipe.data, recipe.run.seed))
+    return FraudTask(recipe, open_prepared(recipe, PREPARER))
 
 
 def load_exported(model_dir: Path) -> tuple[TabularMLP, data.Preprocessor, dict]:
@@ -148,4 +149,4 @@ def predict_cli(run_dir: Path, inputs: list[str], output: Path | None) -> None:
     print(f"wrote {rows} scores to {output}")
 
 
-HOOKS = TrainerHooks(build_task=build_task, predict=predict_cli)
+HOOKS = TrainerHooks(build_task=build_task, predict=predict_cli, prepare=PREPARER)

@@ -1,0 +1,272 @@
+"""`ddl bench data` (issue 22): prepared data streamed per worker against the in-memory path, on the fraud recipe.
+
+- larger than memory: a prepared fraud table of >= 32 GiB (the prepared IEEE-CIS training split, copied with
+  Gaussian noise on the numeric features; written here, deleted after), trained at np=2 for 2,000 steps: each
+  worker's peak anonymous memory (RssAnon) and samples/s against the in-memory path on the normal table;
+- flat: peak memory and time to the first step at 1x, 4x and 16x the data, and np=2 against np=1;
+- input pipeline alone on one core against the training step;
+- bytes each worker reads in an epoch, at 2 and 4 workers;
+- the same run from a local S3-compatible server (moto), with a cold and a warm chunk cache, against local disk;
+- what the chunk-aware order costs in final metrics against a full permutation (two seeds).
+
+    .venv/bin/python benchmarks/data.py [--large-gib 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import LAUNCH_ENV, VENV_BIN, spread, write_result  # noqa: E402
+
+RECIPE = "fraud_mlp"
+SCRATCH = Path(os.environ.get("DDL_BENCH_SCRATCH", "/var/tmp/ddl-bench-data"))
+TRAIN = ("model.baseline=false", "optim.batch_size=512", "run.log_every=50", "run.progress=false")
+
+
+# ---- running ddl and watching its workers ---------------------------------------------------------------------
+def worker_pids(run_dir: Path, launcher: int) -> list[int]:
+    """The processes of a `ddl train` of `run_dir` that hold a model: its workers, or itself at np=1."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+            environ = (proc / "environ").read_bytes()
+        except OSError:
+            continue
+        if f"run.dir={run_dir}".encode() in cmdline and b"HOROVOD_RANK=" in environ:
+            found.append(int(proc.name))
+    return found or [launcher]
+
+
+def rss_anon_mib(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def train(run_dir: Path, *overrides: str, np_: int = 1, env: dict[str, str] | None = None) -> dict:
+    """Run `ddl train`; its samples/s (the run log's train rows after the first), each worker's peak anonymous
+    memory, and the seconds from launch to the first logged step (run.log_every=1 rows) or to the end."""
+    command = [str(VENV_BIN / "ddl"), "train", RECIPE, f"run.dir={run_dir}", *TRAIN, *overrides, "-np", str(np_)]
+    peaks: dict[int, float] = {}
+    started = time.time()
+    with subprocess.Popen(command, env={**os.environ, **LAUNCH_ENV, **(env or {})}, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True) as job:
+        output: list[str] = []
+        reader = threading.Thread(target=lambda: output.extend(job.stdout or []), daemon=True)
+        reader.start()
+        while job.poll() is None:
+            for pid in worker_pids(run_dir, job.pid):
+                peaks[pid] = max(peaks.get(pid, 0.0), rss_anon_mib(pid))
+            time.sleep(0.1)
+        reader.join()
+    if job.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{''.join(output)[-3000:]}")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["split"] == "train"]
+    rates = [r["samples_per_s"] for r in train_rows[1:] if "samples_per_s" in r]
+    return {"samples_per_s": spread(rates, 1) if rates else None,
+            "peak_rss_anon_mib": sorted(round(v) for v in peaks.values() if v)[-2:],
+            "first_step_s": round(train_rows[0]["time"] - started, 2) if train_rows else None,
+            "seconds": round(time.time() - started, 1)}
+
+
+# ---- datasets ------------------------------------------------------------------------------------------------
+def prepare_normal() -> Path:
+    target = SCRATCH / "normal"
+    if not (target / "manifest.json").exists():
+        subprocess.run([str(VENV_BIN / "ddl"), "data", "prepare", RECIPE, "-o", str(target)], check=True)
+    return target
+
+
+def scaled_copy(normal: Path, target: Path, copies: int) -> Path:
+    """`normal` with its training split `copies` times, each copy's numeric features with N(0, 0.05) noise (the
+    features are standardised, so about 5 % of a feature's spread); validation and test as they are."""
+    from ddl_apps.data.dataset import PreparedDataset, stamp_verified
+    from ddl_apps.data.manifest import MANIFEST
+    from ddl_apps.data.shards import SplitWriter
+
+    if (target / MANIFEST).exists():
+        return target
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    dataset = PreparedDataset(str(normal))
+    manifest = dataset.manifest
+    train = dataset.split("train").load()
+    chunk_rows = manifest.splits["train"][0].chunks[0].rows
+    writer = SplitWriter(target, "train", manifest.columns, chunk_rows, chunk_rows * 256)
+    rng = np.random.default_rng(0)
+    rows = len(train["label"])
+    for copy in range(copies):
+        for start in range(0, rows, 65536):
+            part = {k: v[start : start + 65536] for k, v in train.items()}
+            noise = rng.standard_normal(part["numeric"].shape, dtype=np.float32) * np.float32(0.05)
+            writer.add({**part, "numeric": part["numeric"] + noise})
+        print(f"  copy {copy + 1}/{copies}", flush=True)
+    splits = {"train": writer.finish(), **{s: manifest.splits[s] for s in ("valid", "test")}}
+    for shard in [*manifest.splits["valid"], *manifest.splits["test"]]:
+        shutil.copy(normal / shard.file, target / shard.file)
+    (target / MANIFEST).write_text(manifest.model_copy(update={"splits": splits}).to_json())
+    stamp_verified(target, [s for shards in splits.values() for s in shards])
+    return target
+
+
+def size_gib(folder: Path) -> float:
+    return round(sum(p.stat().st_size for p in folder.iterdir()) / 2**30, 2)
+
+
+# ---- the parts -----------------------------------------------------------------------------------------------
+def larger_than_memory(normal: Path, gib: float, scratch: Path) -> dict:
+    copies = math.ceil(gib * 2**30 / sum(s.bytes for s in _manifest(normal).splits["train"]))
+    started = time.perf_counter()
+    large = scaled_copy(normal, SCRATCH / f"large-{copies}x", copies)
+    written = time.perf_counter() - started
+    steps = ("run.max_steps=2000", "optim.epochs=1")
+    streamed = train(scratch / "large", f"data.prepared={large}", *steps, np_=2)
+    in_memory = train(scratch / "in-memory", f"data.prepared={normal}", "data.stream=false", "optim.epochs=3",
+                      "run.max_steps=2000", np_=2)
+    result = {"dataset_gib": size_gib(large), "train_rows": _manifest(large).rows("train"), "copies": copies,
+              "write_seconds": round(written, 1), "streamed": streamed, "in_memory_normal_table": in_memory,
+              "throughput_ratio": round(streamed["samples_per_s"]["median"] / in_memory["samples_per_s"]["median"],
+                                        3)}
+    shutil.rmtree(large)
+    return result
+
+
+def flat(normal: Path, scratch: Path) -> dict:
+    rows = {}
+    for copies in (1, 4, 16):
+        data = normal if copies == 1 else scaled_copy(normal, SCRATCH / f"scaled-{copies}x", copies)
+        first = ("run.max_steps=200", "run.log_every=1")
+        rows[f"{copies}x"] = {"dataset_gib": size_gib(data),
+                              "np2": train(scratch / f"flat-{copies}x-np2", f"data.prepared={data}", *first, np_=2),
+                              "np1": train(scratch / f"flat-{copies}x-np1", f"data.prepared={data}", *first, np_=1)}
+        if copies > 1:
+            shutil.rmtree(data)
+    base = rows["1x"]["np2"]
+    for row in rows.values():
+        row["memory_ratio"] = round(max(row["np2"]["peak_rss_anon_mib"]) / max(base["peak_rss_anon_mib"]), 3)
+        row["first_step_ratio"] = round(row["np2"]["first_step_s"] / base["first_step_s"], 3)
+        row["np2_vs_np1_first_step"] = round(row["np2"]["first_step_s"] / row["np1"]["first_step_s"], 3)
+    return rows
+
+
+def input_pipeline(normal: Path, step_samples_per_s: float) -> dict:
+    """This process pinned to one core: one worker's stream (np=1, batch 512) converted to tensors, no model."""
+    import torch
+
+    from ddl_apps.data.dataset import PreparedDataset, StreamedSplit
+    from ddl_apps.trainers.fraud.trainer import to_torch
+
+    os.sched_setaffinity(0, {0})
+    torch.set_num_threads(1)
+    stream = StreamedSplit(PreparedDataset(str(normal)).split("train"), 0, to_torch)
+    rates = []
+    for epoch in range(3):
+        started, samples = time.perf_counter(), 0
+        for micro_batches in stream.rank_steps(epoch, 0, 512, 0, 1, 1):
+            samples += sum(len(b["label"]) for b in micro_batches)
+        rates.append(samples / (time.perf_counter() - started))
+    os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
+    pipeline = spread(rates, 1)
+    return {"pipeline_one_core_samples_per_s": pipeline, "training_step_samples_per_s": step_samples_per_s,
+            "ratio": round(pipeline["median"] / step_samples_per_s, 2)}
+
+
+def bytes_per_worker(normal: Path) -> dict:
+    """Bytes each worker reads from storage in one epoch (global batch 1024), as a share of the training split."""
+    from ddl_apps.data.dataset import PreparedDataset, StreamedSplit
+
+    total = sum(s.bytes for s in _manifest(normal).splits["train"])
+    rows = {}
+    for workers in (2, 4):
+        shares = []
+        for rank in range(workers):
+            stream = StreamedSplit(PreparedDataset(str(normal)).split("train"), 0, lambda c: c)
+            for _ in stream.rank_steps(0, 0, 1024, rank, workers, 1):
+                pass
+            shares.append(stream.reader.dataset.store.bytes_read / total)
+        rows[f"np{workers}"] = {"largest_share": round(max(shares), 4), "times_1_over_n": round(max(shares) * workers,
+                                                                                                 3)}
+    return rows
+
+
+def object_storage(normal: Path, scratch: Path) -> dict:
+    """The normal table uploaded to a moto S3 server on the loopback address; np=2, 600 steps, from local disk,
+    then from S3 with an empty chunk cache, then again with the cache warm."""
+    import fsspec
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from tests.data.s3_server import s3_server
+
+    steps = ("run.max_steps=600", "optim.epochs=2")
+    local = train(scratch / "s3-local", f"data.prepared={normal}", *steps, np_=2)
+    with s3_server("bench") as aws:
+        fs = fsspec.filesystem("s3", key=aws["AWS_ACCESS_KEY_ID"], secret=aws["AWS_SECRET_ACCESS_KEY"],
+                               endpoint_url=aws["AWS_ENDPOINT_URL"], skip_instance_cache=True)
+        for path in sorted(normal.iterdir()):
+            fs.put_file(str(path), f"bench/fraud/{path.name}")
+        env = {**aws, "DDL_CACHE": str(scratch / "s3-cache")}
+        cold = train(scratch / "s3-cold", "data.prepared=s3://bench/fraud", *steps, np_=2, env=env)
+        warm = train(scratch / "s3-warm", "data.prepared=s3://bench/fraud", *steps, np_=2, env=env)
+    base = local["samples_per_s"]["median"]
+    return {"local": local, "s3_cold_cache": cold, "s3_warm_cache": warm,
+            "cold_ratio": round(cold["samples_per_s"]["median"] / base, 3),
+            "warm_ratio": round(warm["samples_per_s"]["median"] / base, 3)}
+
+
+def order_cost(scratch: Path) -> dict:
+    """The recipe as shipped (3 epochs, np=1) on the whole table, chunk-aware order against a full permutation."""
+    rows = {}
+    for seed in (0, 1):
+        for order in ("chunks", "full"):
+            run = scratch / f"order-{order}-{seed}"
+            train(run, f"run.seed={seed}", f"data.shuffle={order}")
+            test = json.loads((run / "summary.json").read_text())["results"]["model (test)"]
+            rows[f"{order}, seed {seed}"] = {k: round(test[k], 4) for k in ("pr_auc", "roc_auc", "recall_at_1pct_fpr")}
+    return rows
+
+
+def _manifest(folder: Path):
+    from ddl_apps.data.manifest import MANIFEST, Manifest
+
+    return Manifest.parse((folder / MANIFEST).read_bytes(), str(folder))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--large-gib", type=float, default=32.0)
+    args = parser.parse_args()
+    SCRATCH.mkdir(parents=True, exist_ok=True)
+    normal = prepare_normal()
+    with tempfile.TemporaryDirectory(dir=SCRATCH) as tmp:
+        scratch = Path(tmp)
+        result: dict = {"order": order_cost(scratch), "bytes_per_worker": bytes_per_worker(normal)}
+        result["flat"] = flat(normal, scratch)
+        step = train(scratch / "step", f"data.prepared={normal}", "data.stream=false", "run.max_steps=400")
+        result["input"] = input_pipeline(normal, step["samples_per_s"]["median"])
+        result["object_storage"] = object_storage(normal, scratch)
+        result["larger_than_memory"] = larger_than_memory(normal, args.large_gib, scratch)
+    write_result("data", result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+"""The `data` settings every trainer with prepared data shares: where the prepared dataset is and how workers read
+it. They are reading options: changing them never calls for preparing the data again."""
+
+from typing import Literal
+
+from pydantic import Field
+
+from ddl_apps.recipe import Section
+
+AUTO = "auto"
+
+
+class PreparedData(Section):
+    prepared: str = Field(AUTO, description="a prepared dataset (a folder, or an s3:// URL) made by 'ddl data "
+                          "prepare'; 'auto' prepares one into the cache on first use and reuses it while the source "
+                          "and the data section are unchanged")
+    stream: bool = Field(True, description="each worker reads only the chunks of its own examples; false: each "
+                         "worker loads the whole prepared split into memory (same examples, same order)")
+    shuffle: Literal["chunks", "full"] = Field("chunks", description="'chunks': a new order of chunks, and of examples "
+                                               "within each, every epoch; 'full': a full permutation (every worker "
+                                               "then reads every chunk)")
+    lanes: int = Field(16, ge=1, description="streams a global step draws from; workers read disjoint lanes when "
+                       "their number divides this")
+    cache_gb: float = Field(20.0, ge=0, description="local cache of chunks read from object storage, in GiB")
+
+
+READING_OPTIONS = frozenset(PreparedData.model_fields)

@@ -1,0 +1,297 @@
+"""Reading a prepared dataset: its splits chunk by chunk, as a stream for training (each worker reads only the chunks
+of its own examples, ahead of the step, in a background thread) and by index for evaluation."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import queue
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from ddl_apps.cache import cache_dir, file_sha256
+from ddl_apps.core import sharding
+from ddl_apps.data.manifest import MANIFEST, Chunk, Manifest, Shard
+from ddl_apps.data.shards import Columns, decode_chunk, schema_of
+from ddl_apps.data.store import Store
+from ddl_apps.errors import DataError
+
+Convert = Callable[[Columns], dict[str, Any]]
+Order = Literal["chunks", "full"]
+
+
+class PreparedDataset:
+    """A prepared dataset at a local folder or URL: its manifest (parsed, not yet checked) and its splits."""
+
+    def __init__(self, location: str, cache_bytes: int = 0):
+        self.store = Store(location, cache_bytes)
+        self.where = self.store.url(MANIFEST)
+        self.manifest = Manifest.parse(self.store.read(MANIFEST), self.where)
+        self.schema = schema_of(self.manifest.columns)
+
+    def split(self, name: str) -> SplitReader:
+        return SplitReader(self, name)
+
+    def shards(self) -> list[Shard]:
+        return [shard for shards in self.manifest.splits.values() for shard in shards]
+
+    def verify(self) -> None:
+        """Before training: every shard is there and of its size (a listing); local shards are also read through
+        against their SHA-256, once per host for each version of a file (a stamp in the cache remembers it).
+        Chunks read from object storage are checked as they arrive."""
+        sizes = self.store.sizes()
+        for shard in self.shards():
+            if shard.file not in sizes:
+                raise DataError(f"shard {self.store.url(shard.file)} is missing; prepare the dataset again (ddl data "
+                                "prepare), or copy the missing shard back")
+            if sizes[shard.file] != shard.bytes:
+                raise DataError(f"shard {self.store.url(shard.file)} has {sizes[shard.file]:,} bytes, and its "
+                                f"manifest says {shard.bytes:,}: it is truncated or altered. Prepare the dataset again "
+                                "(ddl data prepare), or copy the shard again")
+            if not self.store.remote:
+                verify_local_shard(Path(self.store.root) / shard.file, shard.sha256, self.store.url(shard.file))
+
+
+def _stamp(path: Path, sha256: str) -> Path:
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{sha256}".encode()).hexdigest()
+    return cache_dir("verified") / key[:32]
+
+
+def verify_local_shard(path: Path, sha256: str, where: str) -> None:
+    stamp = _stamp(path, sha256)
+    if stamp.exists():
+        return
+    if file_sha256(path) != sha256:
+        raise DataError(f"shard {where} does not match the SHA-256 its manifest gives: it was altered or damaged. "
+                        "Prepare the dataset again (ddl data prepare), or copy the shard again")
+    stamp.touch()
+
+
+def stamp_verified(folder: Path, shards: list[Shard]) -> None:
+    """Remember shards just written (and hashed) as checked."""
+    for shard in shards:
+        _stamp(folder / shard.file, shard.sha256).touch()
+
+
+class SplitReader:
+    """One split's chunks, numbered in the manifest's order; global row ids run through them in that order."""
+
+    def __init__(self, dataset: PreparedDataset, name: str):
+        self.dataset = dataset
+        self.chunks: list[tuple[str, Chunk]] = [(shard.file, chunk) for shard in dataset.manifest.splits[name]
+                                                for chunk in shard.chunks]
+        self.chunk_rows = np.array([chunk.rows for _, chunk in self.chunks], dtype=np.int64)
+        self.first_row = np.concatenate([[0], np.cumsum(self.chunk_rows)])
+        self.rows = int(self.first_row[-1])
+
+    def read_chunk(self, index: int) -> Columns:
+        file, chunk = self.chunks[index]
+        data = self.dataset.store.read_range(file, chunk.offset, chunk.offset + chunk.length, chunk.sha256)
+        return decode_chunk(data, self.dataset.schema, self.dataset.manifest.columns)
+
+    def load(self, max_rows: int | None = None, threads: int = 8) -> Columns:
+        """The split in memory: all of it, or its first chunks up to about `max_rows` rows."""
+        count = len(self.chunks) if max_rows is None else int(np.searchsorted(self.first_row[:-1], max_rows))
+        with ThreadPoolExecutor(threads) as pool:
+            chunks = list(pool.map(self.read_chunk, range(count)))
+        return {name: np.concatenate([c[name] for c in chunks]) for name in self.dataset.manifest.columns}
+
+    def locate(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(chunk, row within it) of global row ids."""
+        chunk = np.searchsorted(self.first_row, rows, side="right") - 1
+        return chunk, rows - self.first_row[chunk]
+
+
+class ChunkSupply:
+    """Decoded chunks of one split, read on a small thread pool ahead of need; at most `keep` held (the least
+    recently used go), or all of them, read once, with `in_memory`."""
+
+    def __init__(self, reader: SplitReader, keep: int = 64, threads: int = 4, in_memory: bool = False):
+        self.reader, self.keep, self.in_memory = reader, keep, in_memory
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="ddl-chunks")
+        self._chunks: OrderedDict[int, Future[Columns]] = OrderedDict()
+        self._lock = threading.Lock()
+        if in_memory:
+            self.fetch(range(len(reader.chunks)))
+
+    def fetch(self, chunks: Any) -> None:
+        """Start reading these chunks (if not held or on their way)."""
+        with self._lock:
+            for index in chunks:
+                index = int(index)
+                if index in self._chunks:
+                    self._chunks.move_to_end(index)
+                else:
+                    self._chunks[index] = self._pool.submit(self.reader.read_chunk, index)
+            while not self.in_memory and len(self._chunks) > self.keep:
+                self._chunks.popitem(last=False)
+
+    def gather(self, rows: np.ndarray) -> Columns:
+        """The given global rows, in the given order."""
+        chunk, within = self.reader.locate(rows)
+        wanted = np.unique(chunk)
+        self.fetch(wanted)
+        with self._lock:
+            futures = {int(c): self._chunks[int(c)] for c in wanted}
+        out: Columns = {}
+        for c, future in futures.items():
+            values, picked = future.result(), np.flatnonzero(chunk == c)
+            for name, column in values.items():
+                if name not in out:
+                    out[name] = np.empty((len(rows), *column.shape[1:]), dtype=column.dtype)
+                out[name][picked] = column[within[picked]]
+        return out
+
+
+class IndexedSplit:
+    """A split read by index (a BatchSource): for evaluation, whose shards are contiguous ranges of rows, so each
+    worker reads about 1/N of the chunks."""
+
+    def __init__(self, reader: SplitReader, convert: Convert, in_memory: bool = False):
+        self.supply, self.convert = ChunkSupply(reader, in_memory=in_memory), convert
+
+    def __len__(self) -> int:
+        return self.supply.reader.rows
+
+    def take(self, indices: np.ndarray) -> dict[str, Any]:
+        return self.convert(self.supply.gather(np.asarray(indices, dtype=np.int64)))
+
+
+class LaneOrder:
+    """An epoch's order of a chunked split that does not depend on the number of workers and lets each worker read
+    only its own chunks.
+
+    The chunks are shuffled into one stream of rows (each chunk's rows in an order of their own), and the stream
+    is cut into `lanes` equal lanes. Global step s takes global_batch/lanes rows from each lane, lane after lane;
+    core/sharding.py hands each worker a contiguous share of the step, so with N workers dividing `lanes` a worker
+    reads its lanes' chunks only (a chunk at a lane's end is shared with the next lane). Example order within a
+    chunk changes every epoch; which examples share a chunk does not (prepare shuffled the split once)."""
+
+    def __init__(self, chunk_rows: np.ndarray, seed: int, epoch: int, lanes: int, global_batch: int):
+        self.seed, self.epoch, self.chunk_rows = seed, epoch, chunk_rows
+        self.lanes = math.gcd(lanes, global_batch)
+        self.per_lane = global_batch // self.lanes
+        self.chunk_order = np.random.default_rng([seed, epoch, 2]).permutation(len(chunk_rows))
+        self.stream_start = np.concatenate([[0], np.cumsum(chunk_rows[self.chunk_order])])
+        self.chunk_first = np.concatenate([[0], np.cumsum(chunk_rows)])
+        self.lane_length = int(self.stream_start[-1]) // self.lanes
+        self._within: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    def step_rows(self, step: int) -> np.ndarray:
+        """The global row ids of global step `step`, lane after lane."""
+        lane_start = np.arange(self.lanes, dtype=np.int64)[:, None] * self.lane_length
+        positions = (lane_start + step * self.per_lane + np.arange(self.per_lane)[None, :]).reshape(-1)
+        k = np.searchsorted(self.stream_start, positions, side="right") - 1
+        offsets = positions - self.stream_start[k]
+        chunks = self.chunk_order[k]
+        within = np.empty_like(offsets)
+        for c in np.unique(chunks):
+            picked = chunks == c
+            within[picked] = self._order_within(int(c))[offsets[picked]]
+        return self.chunk_first[chunks] + within
+
+    def _order_within(self, chunk: int) -> np.ndarray:
+        if chunk not in self._within:
+            rng = np.random.default_rng([self.seed, self.epoch, 3, chunk])
+            self._within[chunk] = rng.permutation(int(self.chunk_rows[chunk]))
+            if len(self._within) > 4 * self.lanes:
+                self._within.popitem(last=False)
+        return self._within[chunk]
+
+
+class FullOrder:
+    """A full random permutation of the split each epoch (core/sharding.py's, as for data read by index): every
+    step draws from every chunk, so each worker reads every chunk."""
+
+    def __init__(self, rows: int, seed: int, epoch: int, global_batch: int):
+        self.order, self.global_batch = sharding.epoch_order(rows, seed, epoch), global_batch
+
+    def step_rows(self, step: int) -> np.ndarray:
+        return self.order[step * self.global_batch : (step + 1) * self.global_batch]
+
+
+class StreamedSplit:
+    """A training split as a StreamSource: each worker gets its share of each global step, read from the chunks
+    that hold it, `ahead` steps in advance on a background thread (so reading overlaps the step)."""
+
+    def __init__(self, reader: SplitReader, seed: int, convert: Convert, order: Order = "chunks", lanes: int = 16,
+                 in_memory: bool = False, ahead: int = 4):
+        self.reader, self.seed, self.convert, self.order, self.lanes = reader, seed, convert, order, lanes
+        self.examples = reader.rows
+        self.ahead = ahead
+        self.supply = ChunkSupply(reader, keep=max(64, 4 * lanes), in_memory=in_memory)
+
+    def epoch_order(self, epoch: int, global_batch: int) -> LaneOrder | FullOrder:
+        if self.order == "full":
+            return FullOrder(self.examples, self.seed, epoch, global_batch)
+        return LaneOrder(self.reader.chunk_rows, self.seed, epoch, self.lanes, global_batch)
+
+    def rank_steps(self, epoch: int, first: int, global_batch: int, rank: int, size: int,
+                   micro_batches: int) -> Iterator[list[dict[str, Any]]]:
+        order = self.epoch_order(epoch, global_batch)
+        steps = sharding.steps_per_epoch(self.examples, global_batch)
+
+        def share(step: int) -> list[np.ndarray]:
+            return sharding.rank_step_batches(order.step_rows(step), 0, global_batch, rank, size, micro_batches)
+
+        def produce(step: int) -> list[dict[str, Any]]:
+            if step + self.ahead < steps:  # start reading what a later step needs
+                self.supply.fetch(np.unique(self.reader.locate(np.concatenate(share(step + self.ahead)))[0]))
+            return [self.convert(self.supply.gather(rows)) for rows in share(step)]
+
+        return _in_background(map(produce, range(first, steps)), self.ahead)
+
+
+def _in_background(items: Iterator[Any], ahead: int) -> Iterator[Any]:
+    """`items`, produced up to `ahead` in advance on a daemon thread; its errors are raised here. The thread stops
+    when the consumer drops the iterator."""
+    buffer: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=ahead)
+    stop = threading.Event()
+
+    def run() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        buffer.put(("item", item), timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            buffer.put(("end", None))
+        except BaseException as e:  # handed to the consumer
+            buffer.put(("error", e))
+
+    threading.Thread(target=run, daemon=True, name="ddl-stream").start()
+    return _consume(buffer, stop)
+
+
+def _consume(buffer: queue.Queue[tuple[str, Any]], stop: threading.Event) -> Iterator[Any]:
+    try:
+        while True:
+            kind, item = buffer.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+def task_splits(dataset: PreparedDataset, cfg: Any, seed: int, convert: Convert) -> tuple[Any, ...]:
+    """(train, valid, test) of a prepared dataset for a task, read as `cfg` (a PreparedData section) says: the
+    training split streamed, the others read by index; with `stream: false` all of them loaded into memory."""
+    in_memory = not cfg.stream
+    train = StreamedSplit(dataset.split("train"), seed, convert, cfg.shuffle, cfg.lanes, in_memory=in_memory)
+    valid, test = (IndexedSplit(dataset.split(name), convert, in_memory=in_memory) if name in dataset.manifest.splits
+                   else None for name in ("valid", "test"))
+    return train, valid, test

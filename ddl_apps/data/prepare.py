@@ -1,0 +1,148 @@
+"""`ddl data prepare`, and `data.prepared: auto`: one pass over a recipe's source that writes a prepared dataset,
+to a local folder or object storage, so that nothing looks complete until everything is (the manifest comes last).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ddl_apps.cache import build_once, cache_dir
+from ddl_apps.data.config import AUTO, READING_OPTIONS
+from ddl_apps.data.dataset import PreparedDataset, stamp_verified
+from ddl_apps.data.manifest import FORMAT, MANIFEST, Column, Manifest, ddl_apps_version, settings_digest
+from ddl_apps.data.shards import Columns, SplitWriter, columns_of
+from ddl_apps.data.store import Store, is_remote
+from ddl_apps.errors import DataError
+
+if TYPE_CHECKING:
+    from ddl_apps.core.contract import Preparer
+    from ddl_apps.recipe import Recipe
+
+CHUNK_BYTES = 1 << 20  # one read (and one cache file) each: large enough for object storage, small for memory
+CHUNKS_PER_SHARD = 256
+
+
+def preparation_settings(recipe: Recipe) -> dict[str, Any]:
+    """What the prepared data depends on: the data section less its reading options, and the run's seed (which
+    draws the random split and the shuffle)."""
+    return {**recipe.data.model_dump(exclude=READING_OPTIONS), "seed": recipe.run.seed}
+
+
+class DatasetWriter:
+    """Splits written batch by batch into a staging folder; see SplitWriter."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.columns: dict[str, Column] | None = None
+        self._plans: dict[str, tuple[int, int | None]] = {}
+        self._splits: dict[str, SplitWriter] = {}
+
+    def plan(self, split: str, rows: int, shuffle_seed: int | None = None) -> None:
+        """Say before adding rows how many `split` will get, and whether to shuffle them (training splits)."""
+        self._plans[split] = (rows, shuffle_seed)
+
+    def add(self, split: str, batch: Columns) -> None:
+        if split not in self._splits:
+            columns = columns_of(batch)
+            if self.columns is None:
+                self.columns = columns
+            row_bytes = sum(math.prod(c.shape) * _itemsize(c) for c in columns.values())
+            chunk_rows = max(1, CHUNK_BYTES // max(1, row_bytes))
+            rows, seed = self._plans.get(split, (0, None))
+            self._splits[split] = SplitWriter(self.folder, split, columns, chunk_rows, chunk_rows * CHUNKS_PER_SHARD,
+                                              rows, seed)
+        self._splits[split].add(batch)
+
+    def finish(self) -> dict[str, Any]:
+        return {name: writer.finish() for name, writer in self._splits.items()}
+
+
+def _itemsize(column: Column) -> int:
+    import numpy as np
+
+    return np.dtype(column.dtype).itemsize
+
+
+def prepare(recipe: Recipe, preparer: Preparer, location: str | None) -> str:
+    """Prepare the recipe's data at `location` (a folder or URL; None: the cache, reused while the source and the
+    settings are unchanged). Returns where it is."""
+    if location is None:
+        key = settings_digest({"settings": preparation_settings(recipe), "source": preparer.source(recipe)})
+        target = cache_dir("prepared", recipe.trainer) / key
+        build_once(target, lambda: _write_local(recipe, preparer, target))
+        return str(target)
+    if is_remote(location):
+        _write_remote(recipe, preparer, location)
+    else:
+        _write_local(recipe, preparer, Path(location))
+    return location
+
+
+def _write(recipe: Recipe, preparer: Preparer, folder: Path) -> None:
+    """The dataset's files into `folder`, the manifest last."""
+    writer = DatasetWriter(folder)
+    fitted = preparer.write(recipe, writer)
+    splits = writer.finish()
+    settings = preparation_settings(recipe)
+    manifest = Manifest(format=FORMAT, ddl_apps=ddl_apps_version(), trainer=recipe.trainer, settings=settings,
+                        settings_digest=settings_digest(settings), source=preparer.source(recipe),
+                        columns=writer.columns or {}, splits=splits, fitted=fitted)
+    (folder / MANIFEST).write_text(manifest.to_json())
+
+
+def _write_local(recipe: Recipe, preparer: Preparer, target: Path) -> None:
+    """Write beside `target` and rename: a killed prepare leaves a hidden partial folder (removed by the next
+    prepare), never a folder that looks complete; an existing dataset is replaced only once the new one is whole."""
+    if target.exists() and any(target.iterdir()) and not (target / MANIFEST).exists():
+        raise DataError(f"{target} exists and is not a prepared dataset (it has no {MANIFEST}); choose a new or "
+                        "empty folder for -o")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    _write(recipe, preparer, staging)
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+        staging.rename(target)
+        shutil.rmtree(old)
+    else:
+        staging.rename(target)
+    stamp_verified(target, PreparedDataset(str(target)).shards())
+
+
+def _write_remote(recipe: Recipe, preparer: Preparer, location: str) -> None:
+    """Prepare in a local staging folder, then upload the shards and, last, the manifest."""
+    store = Store(location)
+    staging = cache_dir("staging") / settings_digest({"location": location})
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        _write(recipe, preparer, staging)
+        store.attempt(MANIFEST, lambda _: _upload(store, staging))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _upload(store: Store, staging: Path) -> None:
+    manifest = f"{store.root}/{MANIFEST}"
+    if store.fs.exists(manifest):  # the old dataset stops looking complete before any of it is replaced
+        store.fs.rm_file(manifest)
+    for path in sorted(staging.iterdir()):
+        if path.name != MANIFEST:
+            store.fs.put_file(str(path), f"{store.root}/{path.name}")
+    store.fs.put_file(str(staging / MANIFEST), manifest)
+
+
+def open_prepared(recipe: Recipe, preparer: Preparer) -> PreparedDataset:
+    """The recipe's prepared dataset, made first when `data.prepared` is auto, checked against the recipe."""
+    cfg = recipe.data
+    location = prepare(recipe, preparer, None) if cfg.prepared == AUTO else cfg.prepared
+    dataset = PreparedDataset(location, int(cfg.cache_gb * 2**30))
+    dataset.manifest.check(dataset.where, recipe.trainer, preparation_settings(recipe), preparer.columns)
+    dataset.verify()
+    return dataset
