@@ -125,7 +125,7 @@ def scaled_copy(normal: Path, target: Path, copies: int) -> Path:
     for shard in [*manifest.splits["valid"], *manifest.splits["test"]]:
         shutil.copy(normal / shard.file, target / shard.file)
     (target / MANIFEST).write_text(manifest.model_copy(update={"splits": splits}).to_json())
-    stamp_verified(target, [s for shards in splits.values() for s in shards])
+    stamp_verified(target, {s.file: s for shards in splits.values() for s in shards})
     return target
 
 
@@ -169,7 +169,7 @@ def flat(normal: Path, scratch: Path) -> dict:
     return rows
 
 
-def input_pipeline(normal: Path, step_samples_per_s: float) -> dict:
+def input_pipeline(normal: Path, step_run: dict) -> dict:
     """This process pinned to one core: one worker's stream (np=1, batch 512) converted to tensors, no model."""
     import torch
 
@@ -186,9 +186,9 @@ def input_pipeline(normal: Path, step_samples_per_s: float) -> dict:
             samples += sum(len(b["label"]) for b in micro_batches)
         rates.append(samples / (time.perf_counter() - started))
     os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
-    pipeline = spread(rates, 1)
-    return {"pipeline_one_core_samples_per_s": pipeline, "training_step_samples_per_s": step_samples_per_s,
-            "ratio": round(pipeline["median"] / step_samples_per_s, 2)}
+    pipeline, step = spread(rates, 1), step_run["samples_per_s"]["median"]
+    return {"pipeline_one_core_samples_per_s": pipeline, "training_step_samples_per_s": step,
+            "ratio": round(pipeline["median"] / step, 2)}
 
 
 def bytes_per_worker(normal: Path) -> dict:
@@ -257,16 +257,22 @@ def main() -> None:
     args = parser.parse_args()
     SCRATCH.mkdir(parents=True, exist_ok=True)
     normal = prepare_normal()
+    result: dict = {}
     with tempfile.TemporaryDirectory(dir=SCRATCH) as tmp:
         scratch = Path(tmp)
-        result: dict = {"order": order_cost(scratch), "bytes_per_worker": bytes_per_worker(normal)}
-        result["flat"] = flat(normal, scratch)
-        step = train(scratch / "step", f"data.prepared={normal}", "data.stream=false", "run.max_steps=400")
-        result["input"] = input_pipeline(normal, step["samples_per_s"]["median"])
-        result["object_storage"] = object_storage(normal, scratch)
-        result["larger_than_memory"] = larger_than_memory(normal, args.large_gib, scratch)
-    write_result("data", result)
-
+        parts = {
+            "bytes_per_worker": lambda: bytes_per_worker(normal),
+            "input": lambda: input_pipeline(normal, train(scratch / "step", f"data.prepared={normal}",
+                                                          "data.stream=false", "run.max_steps=400")),
+            "flat": lambda: flat(normal, scratch),
+            "object_storage": lambda: object_storage(normal, scratch),
+            "order": lambda: order_cost(scratch),
+            "larger_than_memory": lambda: larger_than_memory(normal, args.large_gib, scratch),
+        }
+        for name, part in parts.items():
+            print(f"-- {name}", flush=True)
+            result[name] = part()
+            write_result("data", result)  # what is measured so far survives a failure further on
 
 if __name__ == "__main__":
     main()

@@ -197,8 +197,85 @@ def peer_section(result: dict) -> tuple[list[str], list[tuple]]:
         higher_is_better=True)
 
 
+def target_row(name: str, target: str, value: float, limit: float, higher_is_better: bool, unit: str = "x"):
+    return (name, target, f"{value:,.3f}{unit}" if unit == "x" else f"{value:,.0f} {unit}",
+            verdict(value, limit, higher_is_better))
+
+
+def data_section(result: dict) -> tuple[list[str], list[tuple]]:
+    """Issue 22: the fraud recipe prepared once and streamed by each worker."""
+    lines = ["## 5. Prepared data: the fraud recipe streamed per worker", machine_line(result),
+             "Prepared once (`ddl data prepare`); np=2 unless said; peak memory is each worker's RssAnon (anonymous "
+             "memory, not page cache), sampled every 0.1 s.", ""]
+    summaries = []
+    if "larger_than_memory" in result:
+        large = result["larger_than_memory"]
+        streamed, memory = large["streamed"], large["in_memory_normal_table"]
+        lines += [f"**Larger than memory**: {large['dataset_gib']} GiB prepared ({large['train_rows']:,} training "
+                  f"rows: the prepared IEEE-CIS training split {large['copies']} times, each copy's features with "
+                  f"N(0, 0.05) noise; written in {large['write_seconds']:.0f} s), 2,000 steps of 2 x 512:", "",
+                  "| | samples/s | peak RssAnon per worker (MiB) |", "|---|---|---|",
+                  f"| streamed from the large table | {with_spread(streamed['samples_per_s'])} | "
+                  f"{', '.join(map(str, streamed['peak_rss_anon_mib']))} |",
+                  f"| in memory, normal table (`data.stream=false`) | {with_spread(memory['samples_per_s'])} | "
+                  f"{', '.join(map(str, memory['peak_rss_anon_mib']))} |", ""]
+        summaries += [target_row("data: peak memory per worker, >= 32 GiB table", "<= 2,048 MiB",
+                                 max(streamed["peak_rss_anon_mib"]), 2048, False, "MiB"),
+                      target_row("data: samples/s streamed (large) / in memory (normal)", ">= 0.9x",
+                                 large["throughput_ratio"], 0.9, True)]
+    if "flat" in result:
+        lines += ["**Flat** in the size of the data (200 steps, `run.log_every=1`; first step: seconds from `ddl "
+                  "train` to the first step's log line):", "",
+                  "| data | GiB | peak RssAnon np=2 (MiB) | memory vs 1x | first step np=2 (s) | vs 1x | np=1 (s) | "
+                  "np=2 / np=1 |", "|---|---|---|---|---|---|---|---|"]
+        for size, row in result["flat"].items():
+            lines.append(f"| {size} | {row['dataset_gib']} | {', '.join(map(str, row['np2']['peak_rss_anon_mib']))} | "
+                         f"{row['memory_ratio']:.3f} | {row['np2']['first_step_s']} | {row['first_step_ratio']:.3f} | "
+                         f"{row['np1']['first_step_s']} | {row['np2_vs_np1_first_step']:.3f} |")
+        rows = result["flat"]
+        summaries += [target_row("data: peak memory at 16x / 1x the data", "<= 1.2x", rows["16x"]["memory_ratio"],
+                                 1.2, False),
+                      target_row("data: time to first step at 16x / 1x", "<= 1.2x", rows["16x"]["first_step_ratio"],
+                                 1.2, False),
+                      target_row("data: time to first step np=2 / np=1 (1x)", "<= 1.1x",
+                                 rows["1x"]["np2_vs_np1_first_step"], 1.1, False)]
+        lines.append("")
+    if "input" in result:
+        i = result["input"]
+        lines += [f"**Input pipeline alone on one core** (one worker's stream, batch 512, converted to tensors): "
+                  f"{with_spread(i['pipeline_one_core_samples_per_s'])} samples/s, against the training step's "
+                  f"{fmt(i['training_step_samples_per_s'])} (np=1, data in memory): {i['ratio']:.2f}x.", ""]
+        summaries.append(target_row("data: input pipeline on one core / training step", ">= 3x", i["ratio"], 3, True))
+    if "bytes_per_worker" in result:
+        b = result["bytes_per_worker"]
+        lines += ["**Bytes read per worker in an epoch** (global batch 1,024): "
+                  + "; ".join(f"{k}: {v['largest_share']:.4f} of the training split ({v['times_1_over_n']:.3f}/N)"
+                              for k, v in b.items()) + ".", ""]
+        summaries.append(target_row("data: bytes per worker per epoch, x 1/N (np=4)", "<= 1.2",
+                                    b["np4"]["times_1_over_n"], 1.2, False))
+    if "object_storage" in result:
+        o = result["object_storage"]
+        lines += ["**Object storage** (a moto S3 server on the loopback address, the normal table, 600 steps):", "",
+                  "| from | samples/s | vs local disk |", "|---|---|---|",
+                  f"| local disk | {with_spread(o['local']['samples_per_s'])} | 1 |",
+                  f"| S3, empty chunk cache | {with_spread(o['s3_cold_cache']['samples_per_s'])} | "
+                  f"{o['cold_ratio']:.3f} |",
+                  f"| S3, warm chunk cache | {with_spread(o['s3_warm_cache']['samples_per_s'])} | "
+                  f"{o['warm_ratio']:.3f} |",
+                  ""]
+        summaries += [target_row("data: S3 / local disk, cold cache", ">= 0.8x", o["cold_ratio"], 0.8, True),
+                      target_row("data: S3 / local disk, warm cache", ">= 0.95x", o["warm_ratio"], 0.95, True)]
+    if "order" in result:
+        lines += ["**What the chunk-aware order costs** (the recipe as shipped, 3 epochs, np=1, test split; "
+                  "`data.shuffle=chunks` is the default, `full` a full permutation):", "",
+                  "| order, seed | PR-AUC | ROC-AUC | recall at 1 % FPR |", "|---|---|---|---|",
+                  *[f"| {k} | {v['pr_auc']:.4f} | {v['roc_auc']:.4f} | {v['recall_at_1pct_fpr']:.4f} |"
+                    for k, v in result["order"].items()], ""]
+    return lines, summaries
+
+
 SECTIONS = {"allreduce": allreduce_section, "scaling": scaling_section, "overhead": overhead_section,
-            "peer": peer_section}
+            "peer": peer_section, "data": data_section}
 
 
 def build() -> Path:

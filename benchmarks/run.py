@@ -1,7 +1,7 @@
 """`make bench` / `ddl bench [PART ...]`: run the benchmarks (all by default, 13-25 minutes on 2 cores), then
 rebuild BENCHMARKS.md and its charts from benchmarks/results/.
 
-    .venv/bin/python benchmarks/run.py [allreduce] [scaling] [overhead] [peer] [report]
+    .venv/bin/python benchmarks/run.py [allreduce] [scaling] [overhead] [peer] [data] [report]
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ PARTS = {
     "scaling": ["scaling.py", "--autotune"],
     "overhead": ["loops.py", "overhead"],
     "peer": ["loops.py", "peer"],
+    "data": ["data.py"],
 }
 
 

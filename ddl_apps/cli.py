@@ -207,7 +207,7 @@ INPUTS = click.argument("inputs", nargs=-1, required=True)
 OUTPUT = click.option("-o", "--output", type=click.Path(path_type=Path), help="also write the results to this file")
 
 
-BENCHMARK_PARTS = ("allreduce", "scaling", "overhead", "peer", "report")
+BENCHMARK_PARTS = ("allreduce", "scaling", "overhead", "peer", "data", "report")
 
 
 @main.command()

@@ -79,6 +79,36 @@ def test_report_states_every_ratio_and_verdict(results, tmp_path):
         assert (tmp_path / "charts" / f"{chart}.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def data_run(samples_per_s: float, peak_mib: list[int], first_step_s: float = 10.0) -> dict:
+    return {"samples_per_s": spread(samples_per_s), "peak_rss_anon_mib": peak_mib, "first_step_s": first_step_s}
+
+
+def test_report_judges_the_prepared_data_benchmark(results):
+    flat = {size: {"dataset_gib": gib, "np2": data_run(100.0, [500, 510], first), "np1": data_run(50.0, [400], 9.0),
+                   "memory_ratio": memory, "first_step_ratio": ratio, "np2_vs_np1_first_step": first / 9.0}
+            for size, gib, memory, first, ratio in (("1x", 0.5, 1.0, 10.0, 1.0), ("16x", 8.0, 1.25, 10.5, 1.05))}
+    write(results, "data", {
+        "larger_than_memory": {"dataset_gib": 32.1, "train_rows": 38_000_000, "copies": 92, "write_seconds": 300,
+                               "streamed": data_run(90.0, [900, 950]), "in_memory_normal_table": data_run(95, [1800]),
+                               "throughput_ratio": 0.947},
+        "flat": flat,
+        "input": {"pipeline_one_core_samples_per_s": spread(300.0), "training_step_samples_per_s": 120.0,
+                  "ratio": 2.5},
+        "bytes_per_worker": {"np2": {"largest_share": 0.52, "times_1_over_n": 1.04},
+                             "np4": {"largest_share": 0.26, "times_1_over_n": 1.04}},
+        "object_storage": {"local": data_run(100.0, [1]), "s3_cold_cache": data_run(85.0, [1]),
+                           "s3_warm_cache": data_run(99.0, [1]), "cold_ratio": 0.85, "warm_ratio": 0.99},
+        "order": {"chunks, seed 0": {"pr_auc": 0.44, "roc_auc": 0.86, "recall_at_1pct_fpr": 0.37}}})
+    text = report.build().read_text()
+    assert "| data: peak memory per worker, >= 32 GiB table | <= 2,048 MiB | 950 MiB | met |" in text
+    assert "| data: samples/s streamed (large) / in memory (normal) | >= 0.9x | 0.947x | met |" in text
+    assert "| data: peak memory at 16x / 1x the data | <= 1.2x | 1.250x | **missed** |" in text
+    assert "| data: time to first step np=2 / np=1 (1x) | <= 1.1x | 1.111x | **missed** |" in text
+    assert "| data: input pipeline on one core / training step | >= 3x | 2.500x | **missed** |" in text
+    assert "| data: S3 / local disk, cold cache | >= 0.8x | 0.850x | met |" in text
+    assert "| chunks, seed 0 | 0.4400 | 0.8600 | 0.3700 |" in text
+
+
 def phase(pid: int, name: str, start: int, end: int, inner: str | None = None) -> list[dict]:
     nested = [{"ph": "B", "name": inner, "ts": start + 1, "pid": pid}, {"ph": "E", "ts": end - 1, "pid": pid}]
     return [{"ph": "B", "name": name, "ts": start, "pid": pid}, *(nested if inner else []),

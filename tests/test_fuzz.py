@@ -262,7 +262,7 @@ def test_interactions_reader(table, titles):
                                               "data.train_negatives=1", *titled])
         task = accepted_or_explained(build_task, recipe, Topology(0, 1, 0, 1))
     if task is not None:  # each held-out item ranked against two distinct items its user never touched
-        candidates = task.test.columns["items"].numpy()
+        candidates = task.dataset.split("test").load()["items"]
         assert candidates.shape[1] == 3 and all(len(set(row)) == 3 for row in candidates.tolist())
 
 

@@ -98,12 +98,15 @@ class Preparer:
     """How a trainer prepares its data once (`ddl data prepare`; ddl_apps/data). `source(recipe)` says cheaply what
     the data would be read from (a file's path, size and modification time), so a prepared copy in the cache is
     reused while it is unchanged; `write(recipe, writer)` reads the source in bounded memory, writes the splits'
-    rows to `writer`, and returns what it fitted on the training split (JSON); `columns`: name -> numpy dtype of
-    the columns written."""
+    rows to `writer`, and returns what it fitted on the training split (JSON); `columns`: for each split, name ->
+    numpy dtype of the columns written ("str" for text); `depends_on(recipe)`: what the prepared data depends on
+    besides the recipe's data section (the seed that draws a random split, a tokenizer), so that a change to it
+    prepares anew."""
 
     source: Callable[[Recipe], dict[str, Any]]
     write: Callable[[Recipe, DatasetWriter], dict[str, Any]]
-    columns: dict[str, str]
+    columns: dict[str, dict[str, str]]
+    depends_on: Callable[[Recipe], dict[str, Any]] = lambda recipe: {}
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import queue
 import threading
 from collections import OrderedDict
@@ -17,12 +18,13 @@ import numpy as np
 
 from ddl_apps.cache import cache_dir, file_sha256
 from ddl_apps.core import sharding
-from ddl_apps.data.manifest import MANIFEST, Chunk, Manifest, Shard
+from ddl_apps.data.manifest import MANIFEST, Chunk, File, Manifest, Shard
 from ddl_apps.data.shards import Columns, decode_chunk, schema_of
 from ddl_apps.data.store import Store
 from ddl_apps.errors import DataError
 
 Convert = Callable[[Columns], dict[str, Any]]
+Augment = Callable[[Columns, np.ndarray, int], Columns]  # (columns, their global row ids, epoch) -> columns
 Order = Literal["chunks", "full"]
 
 
@@ -33,7 +35,6 @@ class PreparedDataset:
         self.store = Store(location, cache_bytes)
         self.where = self.store.url(MANIFEST)
         self.manifest = Manifest.parse(self.store.read(MANIFEST), self.where)
-        self.schema = schema_of(self.manifest.columns)
 
     def split(self, name: str) -> SplitReader:
         return SplitReader(self, name)
@@ -41,21 +42,41 @@ class PreparedDataset:
     def shards(self) -> list[Shard]:
         return [shard for shards in self.manifest.splits.values() for shard in shards]
 
+    def stored(self) -> dict[str, File | Shard]:
+        """Every file of the dataset but the manifest, by name: shards and the files beside them."""
+        return {**{shard.file: shard for shard in self.shards()}, **self.manifest.files}
+
+    def file(self, name: str) -> Path:
+        """A file beside the shards, as a local path (downloaded once into the cache from object storage), checked
+        against its SHA-256."""
+        entry = self.manifest.files[name]
+        if not self.store.remote:
+            path = Path(self.store.root) / name
+            verify_local_file(path, entry.sha256, self.store.url(name))
+            return path
+        path = cache_dir("prepared-files") / entry.sha256
+        if not path.exists() or file_sha256(path) != entry.sha256:
+            data = self.store.read_range(name, 0, entry.bytes, entry.sha256)
+            partial = path.with_name(f".{path.name}.{os.getpid()}")
+            partial.write_bytes(data)
+            partial.replace(path)
+        return path
+
     def verify(self) -> None:
         """Before training: every shard is there and of its size (a listing); local shards are also read through
         against their SHA-256, once per host for each version of a file (a stamp in the cache remembers it).
         Chunks read from object storage are checked as they arrive."""
         sizes = self.store.sizes()
-        for shard in self.shards():
-            if shard.file not in sizes:
-                raise DataError(f"shard {self.store.url(shard.file)} is missing; prepare the dataset again (ddl data "
-                                "prepare), or copy the missing shard back")
-            if sizes[shard.file] != shard.bytes:
-                raise DataError(f"shard {self.store.url(shard.file)} has {sizes[shard.file]:,} bytes, and its "
-                                f"manifest says {shard.bytes:,}: it is truncated or altered. Prepare the dataset again "
-                                "(ddl data prepare), or copy the shard again")
+        for name, entry in self.stored().items():
+            if name not in sizes:
+                raise DataError(f"{self.store.url(name)} is missing; prepare the dataset again (ddl data "
+                                "prepare), or copy the missing file back")
+            if sizes[name] != entry.bytes:
+                raise DataError(f"{self.store.url(name)} has {sizes[name]:,} bytes, and its manifest says "
+                                f"{entry.bytes:,}: it is truncated or altered. Prepare the dataset again (ddl data "
+                                "prepare), or copy the file again")
             if not self.store.remote:
-                verify_local_shard(Path(self.store.root) / shard.file, shard.sha256, self.store.url(shard.file))
+                verify_local_file(Path(self.store.root) / name, entry.sha256, self.store.url(name))
 
 
 def _stamp(path: Path, sha256: str) -> Path:
@@ -64,20 +85,20 @@ def _stamp(path: Path, sha256: str) -> Path:
     return cache_dir("verified") / key[:32]
 
 
-def verify_local_shard(path: Path, sha256: str, where: str) -> None:
+def verify_local_file(path: Path, sha256: str, where: str) -> None:
     stamp = _stamp(path, sha256)
     if stamp.exists():
         return
     if file_sha256(path) != sha256:
-        raise DataError(f"shard {where} does not match the SHA-256 its manifest gives: it was altered or damaged. "
-                        "Prepare the dataset again (ddl data prepare), or copy the shard again")
+        raise DataError(f"{where} does not match the SHA-256 its manifest gives: it was altered or damaged. "
+                        "Prepare the dataset again (ddl data prepare), or copy the file again")
     stamp.touch()
 
 
-def stamp_verified(folder: Path, shards: list[Shard]) -> None:
-    """Remember shards just written (and hashed) as checked."""
-    for shard in shards:
-        _stamp(folder / shard.file, shard.sha256).touch()
+def stamp_verified(folder: Path, stored: dict[str, File | Shard]) -> None:
+    """Remember files just written (and hashed) as checked."""
+    for name, entry in stored.items():
+        _stamp(folder / name, entry.sha256).touch()
 
 
 class SplitReader:
@@ -85,6 +106,8 @@ class SplitReader:
 
     def __init__(self, dataset: PreparedDataset, name: str):
         self.dataset = dataset
+        self.columns = dataset.manifest.columns[name]
+        self.schema = schema_of(self.columns)
         self.chunks: list[tuple[str, Chunk]] = [(shard.file, chunk) for shard in dataset.manifest.splits[name]
                                                 for chunk in shard.chunks]
         self.chunk_rows = np.array([chunk.rows for _, chunk in self.chunks], dtype=np.int64)
@@ -94,14 +117,14 @@ class SplitReader:
     def read_chunk(self, index: int) -> Columns:
         file, chunk = self.chunks[index]
         data = self.dataset.store.read_range(file, chunk.offset, chunk.offset + chunk.length, chunk.sha256)
-        return decode_chunk(data, self.dataset.schema, self.dataset.manifest.columns)
+        return decode_chunk(data, self.schema, self.columns)
 
     def load(self, max_rows: int | None = None, threads: int = 8) -> Columns:
         """The split in memory: all of it, or its first chunks up to about `max_rows` rows."""
         count = len(self.chunks) if max_rows is None else int(np.searchsorted(self.first_row[:-1], max_rows))
         with ThreadPoolExecutor(threads) as pool:
             chunks = list(pool.map(self.read_chunk, range(count)))
-        return {name: np.concatenate([c[name] for c in chunks]) for name in self.dataset.manifest.columns}
+        return {name: np.concatenate([c[name] for c in chunks]) for name in self.columns}
 
     def locate(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(chunk, row within it) of global row ids."""
@@ -172,9 +195,15 @@ class LaneOrder:
     is cut into `lanes` equal lanes. Global step s takes global_batch/lanes rows from each lane, lane after lane;
     core/sharding.py hands each worker a contiguous share of the step, so with N workers dividing `lanes` a worker
     reads its lanes' chunks only (a chunk at a lane's end is shared with the next lane). Example order within a
-    chunk changes every epoch; which examples share a chunk does not (prepare shuffled the split once)."""
+    chunk changes every epoch; which examples share a chunk does not (prepare shuffled the split once).
 
-    def __init__(self, chunk_rows: np.ndarray, seed: int, epoch: int, lanes: int, global_batch: int):
+    With `lengths` (row ids -> lengths, read from the rows' chunks), steps hold rows of similar length, as
+    core/sharding.py's bucketed_order does for data read by index: each lane sorts `window` steps' worth of its
+    rows by length and cuts them into one group per step, and the steps of the window take the groups in an order
+    drawn once for all lanes, so the lanes of a step give groups of about the same length."""
+
+    def __init__(self, chunk_rows: np.ndarray, seed: int, epoch: int, lanes: int, global_batch: int,
+                 lengths: Callable[[np.ndarray], np.ndarray] | None = None, window: int = 50):
         self.seed, self.epoch, self.chunk_rows = seed, epoch, chunk_rows
         self.lanes = math.gcd(lanes, global_batch)
         self.per_lane = global_batch // self.lanes
@@ -182,12 +211,30 @@ class LaneOrder:
         self.stream_start = np.concatenate([[0], np.cumsum(chunk_rows[self.chunk_order])])
         self.chunk_first = np.concatenate([[0], np.cumsum(chunk_rows)])
         self.lane_length = int(self.stream_start[-1]) // self.lanes
+        self.steps = self.lane_length // self.per_lane
+        self.lengths, self.window = lengths, window
         self._within: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._groups: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
 
     def step_rows(self, step: int) -> np.ndarray:
         """The global row ids of global step `step`, lane after lane."""
-        lane_start = np.arange(self.lanes, dtype=np.int64)[:, None] * self.lane_length
-        positions = (lane_start + step * self.per_lane + np.arange(self.per_lane)[None, :]).reshape(-1)
+        return self.rows_at(step, np.arange(self.lanes * self.per_lane))
+
+    def rows_at(self, step: int, positions: np.ndarray) -> np.ndarray:
+        """The row ids at `positions` (0 .. global_batch - 1) of step `step`; only those positions' lanes are read."""
+        lane, offset = np.divmod(positions, self.per_lane)
+        if self.lengths is None:
+            return self._stream_rows(lane * self.lane_length + step * self.per_lane + offset)
+        window, within = divmod(step, self.window)
+        group = self._window_order(window)[within]
+        rows = np.empty(len(positions), dtype=np.int64)
+        for one in np.unique(lane):
+            picked = lane == one
+            rows[picked] = self._window_groups(int(one), window)[group, offset[picked]]
+        return rows
+
+    def _stream_rows(self, positions: np.ndarray) -> np.ndarray:
+        """Global row ids at stream positions."""
         k = np.searchsorted(self.stream_start, positions, side="right") - 1
         offsets = positions - self.stream_start[k]
         chunks = self.chunk_order[k]
@@ -205,6 +252,24 @@ class LaneOrder:
                 self._within.popitem(last=False)
         return self._within[chunk]
 
+    def _window_steps(self, window: int) -> int:
+        return min(self.window, self.steps - window * self.window)
+
+    def _window_order(self, window: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, self.epoch, 4, window]).permutation(self._window_steps(window))
+
+    def _window_groups(self, lane: int, window: int) -> np.ndarray:
+        """[steps of the window, per_lane] row ids of a lane's window, shortest group first."""
+        if (lane, window) not in self._groups:
+            assert self.lengths is not None
+            start = lane * self.lane_length + window * self.window * self.per_lane
+            rows = self._stream_rows(start + np.arange(self._window_steps(window) * self.per_lane))
+            ordered = rows[np.argsort(self.lengths(rows), kind="stable")]
+            self._groups[(lane, window)] = ordered.reshape(-1, self.per_lane)
+            if len(self._groups) > 2 * self.lanes:
+                self._groups.popitem(last=False)
+        return self._groups[(lane, window)]
+
 
 class FullOrder:
     """A full random permutation of the split each epoch (core/sharding.py's, as for data read by index): every
@@ -213,38 +278,52 @@ class FullOrder:
     def __init__(self, rows: int, seed: int, epoch: int, global_batch: int):
         self.order, self.global_batch = sharding.epoch_order(rows, seed, epoch), global_batch
 
-    def step_rows(self, step: int) -> np.ndarray:
-        return self.order[step * self.global_batch : (step + 1) * self.global_batch]
+    def rows_at(self, step: int, positions: np.ndarray) -> np.ndarray:
+        return self.order[step * self.global_batch + positions]
 
 
 class StreamedSplit:
     """A training split as a StreamSource: each worker gets its share of each global step, read from the chunks
-    that hold it, `ahead` steps in advance on a background thread (so reading overlaps the step)."""
+    that hold it, `ahead` steps in advance on a background thread (so reading overlaps the step). `augment`, if
+    given, draws per-example randomness (negatives, augmentation) from the rows' ids and the epoch alone, never
+    from a global generator (the thread would race the training step for it), so the draws do not depend on the
+    number of workers and a resumed run draws the same."""
 
     def __init__(self, reader: SplitReader, seed: int, convert: Convert, order: Order = "chunks", lanes: int = 16,
-                 in_memory: bool = False, ahead: int = 4):
+                 in_memory: bool = False, ahead: int = 4, bucket_by: str | None = None, augment: Augment | None = None):
         self.reader, self.seed, self.convert, self.order, self.lanes = reader, seed, convert, order, lanes
         self.examples = reader.rows
-        self.ahead = ahead
+        self.ahead, self.bucket_by, self.augment = ahead, bucket_by, augment
         self.supply = ChunkSupply(reader, keep=max(64, 4 * lanes), in_memory=in_memory)
 
     def epoch_order(self, epoch: int, global_batch: int) -> LaneOrder | FullOrder:
         if self.order == "full":
             return FullOrder(self.examples, self.seed, epoch, global_batch)
-        return LaneOrder(self.reader.chunk_rows, self.seed, epoch, self.lanes, global_batch)
+        lengths = None if self.bucket_by is None else self._lengths
+        return LaneOrder(self.reader.chunk_rows, self.seed, epoch, self.lanes, global_batch, lengths)
+
+    def _columns(self, rows: np.ndarray, epoch: int) -> Columns:
+        columns = self.supply.gather(rows)
+        return columns if self.augment is None else self.augment(columns, rows, epoch)
+
+    def _lengths(self, rows: np.ndarray) -> np.ndarray:
+        assert self.bucket_by is not None
+        return self.supply.gather(rows)[self.bucket_by]
 
     def rank_steps(self, epoch: int, first: int, global_batch: int, rank: int, size: int,
                    micro_batches: int) -> Iterator[list[dict[str, Any]]]:
         order = self.epoch_order(epoch, global_batch)
         steps = sharding.steps_per_epoch(self.examples, global_batch)
 
+        positions = sharding.rank_step_batches(np.arange(global_batch), 0, global_batch, rank, size, micro_batches)
+
         def share(step: int) -> list[np.ndarray]:
-            return sharding.rank_step_batches(order.step_rows(step), 0, global_batch, rank, size, micro_batches)
+            return [order.rows_at(step, p) for p in positions]
 
         def produce(step: int) -> list[dict[str, Any]]:
             if step + self.ahead < steps:  # start reading what a later step needs
                 self.supply.fetch(np.unique(self.reader.locate(np.concatenate(share(step + self.ahead)))[0]))
-            return [self.convert(self.supply.gather(rows)) for rows in share(step)]
+            return [self.convert(self._columns(rows, epoch)) for rows in share(step)]
 
         return _in_background(map(produce, range(first, steps)), self.ahead)
 
@@ -287,11 +366,14 @@ def _consume(buffer: queue.Queue[tuple[str, Any]], stop: threading.Event) -> Ite
         stop.set()
 
 
-def task_splits(dataset: PreparedDataset, cfg: Any, seed: int, convert: Convert) -> tuple[Any, ...]:
+def task_splits(dataset: PreparedDataset, cfg: Any, seed: int, convert: Convert, bucket_by: str | None = None,
+                augment: Augment | None = None) -> tuple[Any, ...]:
     """(train, valid, test) of a prepared dataset for a task, read as `cfg` (a PreparedData section) says: the
-    training split streamed, the others read by index; with `stream: false` all of them loaded into memory."""
+    training split streamed (its steps bucketed by the column `bucket_by`, and `augment`ed, if given), the others
+    read by index; with `stream: false` all of them loaded into memory."""
     in_memory = not cfg.stream
-    train = StreamedSplit(dataset.split("train"), seed, convert, cfg.shuffle, cfg.lanes, in_memory=in_memory)
+    train = StreamedSplit(dataset.split("train"), seed, convert, cfg.shuffle, cfg.lanes, in_memory=in_memory,
+                          bucket_by=bucket_by, augment=augment)
     valid, test = (IndexedSplit(dataset.split(name), convert, in_memory=in_memory) if name in dataset.manifest.splits
                    else None for name in ("valid", "test"))
     return train, valid, test

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ValidationError
 from ddl_apps.errors import DataError
 
 MANIFEST = "manifest.json"
-FORMAT = "ddl_apps.prepared/1"
+FORMAT = "ddl_apps.prepared/2"
 
 
 def ddl_apps_version() -> str:
@@ -40,6 +40,13 @@ class Shard(BaseModel):
     chunks: list[Chunk]
 
 
+class File(BaseModel):
+    """A file beside the shards that a trainer reads whole (an index, a catalogue)."""
+
+    bytes: int
+    sha256: str
+
+
 class Column(BaseModel):
     dtype: str
     shape: list[int]  # of one example; [] for a scalar
@@ -52,9 +59,10 @@ class Manifest(BaseModel):
     settings: dict[str, Any]  # what the data was prepared with: the recipe's data section (less reading options)
     settings_digest: str
     source: dict[str, Any]  # what the source was when prepared (path, size, modification time)
-    columns: dict[str, Column]
+    columns: dict[str, dict[str, Column]]  # by split
     splits: dict[str, list[Shard]]
     fitted: dict[str, Any]  # the preprocessing fitted on the training split
+    files: dict[str, File] = {}
 
     def rows(self, split: str) -> int:
         return sum(shard.rows for shard in self.splits[split])
@@ -79,7 +87,7 @@ class Manifest(BaseModel):
             raise DataError(f"{where} is damaged ({e.errors()[0]['loc']}: {e.errors()[0]['msg']}); prepare the "
                             "dataset again (ddl data prepare)") from None
 
-    def check(self, where: str, trainer: str, settings: dict[str, Any], columns: dict[str, str]) -> None:
+    def check(self, where: str, trainer: str, settings: dict[str, Any], columns: dict[str, dict[str, str]]) -> None:
         """Refuse data prepared for another trainer, another data section or another version of ddl_apps, or whose
         columns are not the ones the trainer reads."""
         fix = "prepare it again with this recipe (ddl data prepare RECIPE -o DIR), or point data.prepared elsewhere"
@@ -92,6 +100,8 @@ class Manifest(BaseModel):
             changed = sorted(k for k in {*settings, *self.settings} if settings.get(k) != self.settings.get(k))
             raise DataError(f"{where} was prepared with other data settings than this recipe's (differing: "
                             f"{', '.join(changed) or 'their digest'}); {fix}")
-        found = {name: column.dtype for name, column in self.columns.items()}
-        if found != columns:
-            raise DataError(f"{where} holds columns {found}, and the trainer reads {columns} (name: type); {fix}")
+        found = {split: {name: c.dtype for name, c in held.items()} for split, held in self.columns.items()}
+        for split, wanted in columns.items():
+            if found.get(split) != wanted:
+                raise DataError(f"{where} holds {split} columns {found.get(split)}, and the trainer reads {wanted}; "
+                                f"{fix}")

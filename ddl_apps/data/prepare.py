@@ -4,6 +4,7 @@ to a local folder or object storage, so that nothing looks complete until everyt
 
 from __future__ import annotations
 
+import hashlib
 import math
 import shutil
 from pathlib import Path
@@ -12,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 from ddl_apps.cache import build_once, cache_dir
 from ddl_apps.data.config import AUTO, READING_OPTIONS
 from ddl_apps.data.dataset import PreparedDataset, stamp_verified
-from ddl_apps.data.manifest import FORMAT, MANIFEST, Column, Manifest, ddl_apps_version, settings_digest
-from ddl_apps.data.shards import Columns, SplitWriter, columns_of
+from ddl_apps.data.manifest import FORMAT, MANIFEST, Column, File, Manifest, ddl_apps_version, settings_digest
+from ddl_apps.data.shards import TEXT, TEXT_BYTES, Columns, SplitWriter, columns_of
 from ddl_apps.data.store import Store, is_remote
 from ddl_apps.errors import DataError
 
@@ -25,10 +26,9 @@ CHUNK_BYTES = 1 << 20  # one read (and one cache file) each: large enough for ob
 CHUNKS_PER_SHARD = 256
 
 
-def preparation_settings(recipe: Recipe) -> dict[str, Any]:
-    """What the prepared data depends on: the data section less its reading options, and the run's seed (which
-    draws the random split and the shuffle)."""
-    return {**recipe.data.model_dump(exclude=READING_OPTIONS), "seed": recipe.run.seed}
+def preparation_settings(recipe: Recipe, preparer: Preparer) -> dict[str, Any]:
+    """What the prepared data depends on: the data section less its reading options, and what the trainer adds."""
+    return {**recipe.data.model_dump(exclude=READING_OPTIONS), **preparer.depends_on(recipe)}
 
 
 class DatasetWriter:
@@ -36,9 +36,10 @@ class DatasetWriter:
 
     def __init__(self, folder: Path):
         self.folder = folder
-        self.columns: dict[str, Column] | None = None
+        self.columns: dict[str, dict[str, Column]] = {}
         self._plans: dict[str, tuple[int, int | None]] = {}
         self._splits: dict[str, SplitWriter] = {}
+        self.files: dict[str, File] = {}
 
     def plan(self, split: str, rows: int, shuffle_seed: int | None = None) -> None:
         """Say before adding rows how many `split` will get, and whether to shuffle them (training splits)."""
@@ -46,15 +47,18 @@ class DatasetWriter:
 
     def add(self, split: str, batch: Columns) -> None:
         if split not in self._splits:
-            columns = columns_of(batch)
-            if self.columns is None:
-                self.columns = columns
+            columns = self.columns[split] = columns_of(batch)
             row_bytes = sum(math.prod(c.shape) * _itemsize(c) for c in columns.values())
             chunk_rows = max(1, CHUNK_BYTES // max(1, row_bytes))
             rows, seed = self._plans.get(split, (0, None))
             self._splits[split] = SplitWriter(self.folder, split, columns, chunk_rows, chunk_rows * CHUNKS_PER_SHARD,
                                               rows, seed)
         self._splits[split].add(batch)
+
+    def add_file(self, name: str, data: bytes) -> None:
+        """A file beside the shards, read whole by the trainer (PreparedDataset.file)."""
+        (self.folder / name).write_bytes(data)
+        self.files[name] = File(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
 
     def finish(self) -> dict[str, Any]:
         return {name: writer.finish() for name, writer in self._splits.items()}
@@ -63,14 +67,15 @@ class DatasetWriter:
 def _itemsize(column: Column) -> int:
     import numpy as np
 
-    return np.dtype(column.dtype).itemsize
+    return TEXT_BYTES if column.dtype == TEXT else np.dtype(column.dtype).itemsize
 
 
 def prepare(recipe: Recipe, preparer: Preparer, location: str | None) -> str:
     """Prepare the recipe's data at `location` (a folder or URL; None: the cache, reused while the source and the
     settings are unchanged). Returns where it is."""
     if location is None:
-        key = settings_digest({"settings": preparation_settings(recipe), "source": preparer.source(recipe)})
+        key = settings_digest({"settings": preparation_settings(recipe, preparer), "source": preparer.source(recipe),
+                               "format": FORMAT, "ddl_apps": ddl_apps_version()})  # a new version prepares anew
         target = cache_dir("prepared", recipe.trainer) / key
         build_once(target, lambda: _write_local(recipe, preparer, target))
         return str(target)
@@ -86,10 +91,10 @@ def _write(recipe: Recipe, preparer: Preparer, folder: Path) -> None:
     writer = DatasetWriter(folder)
     fitted = preparer.write(recipe, writer)
     splits = writer.finish()
-    settings = preparation_settings(recipe)
+    settings = preparation_settings(recipe, preparer)
     manifest = Manifest(format=FORMAT, ddl_apps=ddl_apps_version(), trainer=recipe.trainer, settings=settings,
                         settings_digest=settings_digest(settings), source=preparer.source(recipe),
-                        columns=writer.columns or {}, splits=splits, fitted=fitted)
+                        columns=writer.columns, splits=splits, fitted=fitted, files=writer.files)
     (folder / MANIFEST).write_text(manifest.to_json())
 
 
@@ -112,7 +117,7 @@ def _write_local(recipe: Recipe, preparer: Preparer, target: Path) -> None:
         shutil.rmtree(old)
     else:
         staging.rename(target)
-    stamp_verified(target, PreparedDataset(str(target)).shards())
+    stamp_verified(target, PreparedDataset(str(target)).stored())
 
 
 def _write_remote(recipe: Recipe, preparer: Preparer, location: str) -> None:
@@ -143,6 +148,6 @@ def open_prepared(recipe: Recipe, preparer: Preparer) -> PreparedDataset:
     cfg = recipe.data
     location = prepare(recipe, preparer, None) if cfg.prepared == AUTO else cfg.prepared
     dataset = PreparedDataset(location, int(cfg.cache_gb * 2**30))
-    dataset.manifest.check(dataset.where, recipe.trainer, preparation_settings(recipe), preparer.columns)
+    dataset.manifest.check(dataset.where, recipe.trainer, preparation_settings(recipe, preparer), preparer.columns)
     dataset.verify()
     return dataset

@@ -1,5 +1,6 @@
 """Shards: Arrow IPC files (readable by any Arrow tool) of record batches, the chunks, each read on its own by byte
-range. Columns hold one value or one fixed-shape array per example (a FixedSizeList, flattened row-major)."""
+range. Columns hold one value or one fixed-shape array per example (a FixedSizeList, flattened row-major), or a
+text (dtype "str", numpy object arrays of str)."""
 
 from __future__ import annotations
 
@@ -13,15 +14,17 @@ import pyarrow as pa
 from ddl_apps.data.manifest import Chunk, Column, Shard
 
 Columns = dict[str, np.ndarray]
+TEXT, TEXT_BYTES = "str", 128  # the dtype of text columns, and what a text is guessed to weigh when sizing chunks
 
 
 def columns_of(batch: Columns) -> dict[str, Column]:
-    return {name: Column(dtype=str(values.dtype), shape=list(values.shape[1:])) for name, values in batch.items()}
+    return {name: Column(dtype=TEXT if values.dtype == object else str(values.dtype), shape=list(values.shape[1:]))
+            for name, values in batch.items()}
 
 
 def schema_of(columns: dict[str, Column]) -> pa.Schema:
     def arrow_type(column: Column) -> pa.DataType:
-        scalar = pa.from_numpy_dtype(np.dtype(column.dtype))
+        scalar = pa.string() if column.dtype == TEXT else pa.from_numpy_dtype(np.dtype(column.dtype))
         return pa.list_(scalar, math.prod(column.shape)) if column.shape else scalar
     return pa.schema([(name, arrow_type(column)) for name, column in columns.items()])
 
@@ -29,11 +32,11 @@ def schema_of(columns: dict[str, Column]) -> pa.Schema:
 def to_record_batch(batch: Columns, schema: pa.Schema) -> pa.RecordBatch:
     arrays = []
     for field in schema:
-        values = np.ascontiguousarray(batch[field.name])
+        values = batch[field.name]
         if values.ndim == 1:
             arrays.append(pa.array(values, type=field.type))
         else:
-            flat = pa.array(values.reshape(-1), type=field.type.value_type)
+            flat = pa.array(np.ascontiguousarray(values).reshape(-1), type=field.type.value_type)
             arrays.append(pa.FixedSizeListArray.from_arrays(flat, field.type.list_size))
     return pa.record_batch(arrays, schema=schema)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -50,6 +51,16 @@ def check_columns(frame: pd.DataFrame, wanted: list[str], source: object, fix: s
     listed = ", ".join(map(repr, columns[:20])) + (f", ... ({len(columns)} in all)" if len(columns) > 20 else "")
     has = f"its columns are {listed}" if columns else "it has no columns at all (is it empty?)"
     raise DataError(f"{source} has no column {', '.join(named)}; {has}. {fix}")
+
+
+def file_identity(source: str, shipped: bool) -> dict[str, Any]:
+    """What a prepared copy of `source` is made from: a shipped dataset's name (its package version is pinned), or a
+    file's path, size and modification time (so an edited file is prepared again)."""
+    path = Path(source).resolve()
+    if shipped or not path.exists():
+        return {"source": source if shipped else str(path)}  # (preparing names a missing file)
+    stat = path.stat()
+    return {"source": str(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
 def existing_files(inputs: list[str], kind: str) -> list[Path]:

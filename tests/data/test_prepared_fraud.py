@@ -57,7 +57,8 @@ def test_prepare_writes_a_manifest_with_each_shard_and_chunk(prepared):
         for shard in shards:
             assert (prepared / shard["file"]).stat().st_size == shard["bytes"]
             assert sum(c["rows"] for c in shard["chunks"]) == shard["rows"]
-    assert manifest["columns"]["numeric"]["dtype"] == "float32" and manifest["fitted"]["preprocessor"]["medians"]
+    assert manifest["columns"]["train"]["numeric"]["dtype"] == "float32"
+    assert manifest["fitted"]["preprocessor"]["medians"]
 
 
 @pytest.mark.distributed
@@ -163,7 +164,7 @@ def remove(copy, manifest):
 
 
 def other_schema(copy, manifest):
-    manifest["columns"]["label"]["dtype"] = "int64"
+    manifest["columns"]["valid"]["label"]["dtype"] = "int64"
     (copy / "manifest.json").write_text(json.dumps(manifest))
 
 
@@ -173,7 +174,7 @@ BAD_PREPARED = {
     "missing shard": (remove, "test-00000.arrow is missing"),
     "another trainer": (edit_manifest(trainer="recsys"), "was prepared for the 'recsys' trainer, not 'fraud'"),
     "another version": (edit_manifest(ddl_apps="0.0.9"), "was prepared by ddl_apps 0.0.9"),
-    "another schema": (other_schema, "holds columns"),
+    "another schema": (other_schema, "holds valid columns"),
     "not a manifest": (edit_manifest(format="something/2"), "is not a ddl_apps prepared dataset"),
 }
 

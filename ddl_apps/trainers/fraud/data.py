@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from ddl_apps.cache import build_once, cache_dir, file_sha256
 from ddl_apps.data.progress import progress
 from ddl_apps.errors import DataError
-from ddl_apps.trainers.file_inputs import check_columns
+from ddl_apps.trainers.file_inputs import check_columns, file_identity
 from ddl_apps.trainers.fraud.config import IEEE_CIS, DataConfig
 
 if TYPE_CHECKING:
@@ -173,18 +173,16 @@ def csv_to_parquet(csv: Path, target: Path) -> Path:
 
 
 SPLITS = ("train", "valid", "test")
-COLUMNS = {"numeric": "float32", "categories": "int64", "label": "float32"}
+COLUMNS = dict.fromkeys(SPLITS, {"numeric": "float32", "categories": "int64", "label": "float32"})
 
 
 def source_identity(recipe: Recipe) -> dict[str, Any]:
-    """What the prepared data is made from: the shipped table's digest, or a file's path, size and change time."""
-    source = recipe.data.source
-    if source == IEEE_CIS:
-        return {"source": source, "sha256": IEEE_CIS_SHA256}
-    path = Path(source).resolve()
-    if not path.is_file():
-        return {"source": str(path)}  # preparing names the missing file
-    return {"source": str(path), "bytes": path.stat().st_size, "mtime_ns": path.stat().st_mtime_ns}
+    return file_identity(recipe.data.source, recipe.data.source == IEEE_CIS)
+
+
+def preparation_depends_on(recipe: Recipe) -> dict[str, Any]:
+    """The run's seed draws the sample (data.rows), a random split and the shuffle."""
+    return {"seed": recipe.run.seed}
 
 
 def write_prepared(recipe: Recipe, writer: DatasetWriter) -> dict[str, Any]:

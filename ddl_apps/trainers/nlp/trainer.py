@@ -11,10 +11,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ddl_apps.core.contract import TorchTask, TrainerHooks
+from ddl_apps.core.contract import Preparer, TorchTask, TrainerHooks
 from ddl_apps.core.dist import Topology
 from ddl_apps.core.rundir import MODEL_DIR
 from ddl_apps.core.torch_engine import Batch
+from ddl_apps.data.dataset import PreparedDataset, task_splits
+from ddl_apps.data.prepare import open_prepared
 from ddl_apps.errors import DataError
 from ddl_apps.recipe import Recipe
 from ddl_apps.trainers.nlp import data, model
@@ -38,14 +40,14 @@ def prediction_record(text: str, probabilities: np.ndarray, names: list[str]) ->
 
 
 class TextTask(TorchTask):
-    def __init__(self, recipe: Recipe, splits: data.Splits, folder: Path):
-        self.data_cfg, self.model_cfg, self.folder = recipe.data, recipe.model, folder
-        self.splits, self.label_names = splits, splits.label_names
+    def __init__(self, recipe: Recipe, dataset: PreparedDataset, folder: Path):
+        self.data_cfg, self.model_cfg, self.folder, self.dataset = recipe.data, recipe.model, folder, dataset
+        self.label_names = dataset.manifest.fitted["label_names"]
         self.tokenizer = model.load_tokenizer(folder, self.data_cfg.max_length)
         self.config = model.classifier_config(folder, self.label_names, self.model_cfg, self.data_cfg.max_length)
-        self.train, self.valid, self.test = (data.TokenizedTexts(getattr(splits, name), self.tokenizer,
-                                                                 self.data_cfg.max_length, by_length=name != "train")
-                                             for name in ("train", "valid", "test"))
+        # training steps hold texts of similar length (less padding): see LaneOrder's bucketing
+        self.train, self.valid, self.test = task_splits(dataset, self.data_cfg, recipe.run.seed, data.to_batch,
+                                                        bucket_by="length")
 
     def build_model(self) -> torch.nn.Module:
         return model.build_classifier(self.folder, self.config, self.model_cfg.pretrained)
@@ -67,10 +69,11 @@ class TextTask(TorchTask):
     def write_artifacts(self, run_dir: Path, outputs: dict[str, np.ndarray]) -> None:
         """Every test text with its true label and the prediction, as JSON lines (what `ddl predict` prints for
         the same text with the exported model)."""
+        texts = self.dataset.split("test").load()["text"]  # in the split's order, which "index" counts
         with (run_dir / PREDICTIONS).open("w") as f:
             for index, label, probabilities in zip(outputs["index"], outputs["label"], outputs["probabilities"],
                                                    strict=True):
-                record = prediction_record(self.test.texts[index], probabilities, self.label_names)
+                record = prediction_record(texts[index], probabilities, self.label_names)
                 f.write(json.dumps({"index": int(index), "label": self.label_names[label], **record}) + "\n")
 
     def export(self, classifier: Any, model_dir: Path) -> None:
@@ -79,8 +82,8 @@ class TextTask(TorchTask):
     def report(self) -> dict[str, dict[str, float]]:
         """A TF-IDF + logistic-regression baseline on the same split, scored on the same test texts: how much the
         transformer adds over word counts."""
-        train, test = self.splits.train, self.splits.test
-        if not self.model_cfg.baseline or len(np.unique(train.labels)) < 2:
+        train, test = (self.dataset.split(name).load() for name in ("train", "test"))
+        if not self.model_cfg.baseline or len(np.unique(train["label"])) < 2:
             return {}
         from sklearn.feature_extraction.text import TfidfVectorizer
         from sklearn.linear_model import LogisticRegression
@@ -89,16 +92,20 @@ class TextTask(TorchTask):
         start = time.perf_counter()
         baseline = make_pipeline(TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True),
                                  LogisticRegression(max_iter=1000))
-        baseline.fit(train.texts, train.labels)
-        metrics = classification_metrics(test.labels, baseline.predict(test.texts))
+        baseline.fit(list(train["text"]), train["label"])
+        metrics = classification_metrics(test["label"], baseline.predict(list(test["text"])))
         return {"baseline TF-IDF LR (test)": {**metrics, "fit_seconds": round(time.perf_counter() - start, 1)}}
 
 
+PREPARER = Preparer(source=data.source_identity, write=data.write_prepared, columns=data.COLUMNS,
+                    depends_on=data.preparation_depends_on)
+
+
 def build_task(recipe: Recipe, topology: Topology) -> TextTask:
-    """Every rank reads the data and tokenises it the same way (cheap next to training), so nothing is shipped
-    between ranks; a bad model folder or data file fails here, before the run directory is made."""
+    """The texts, tokenised once into a prepared dataset; a bad model folder or data file fails here, before the
+    run directory is made."""
     folder = model.model_folder(recipe.model.source, weights=recipe.model.pretrained)
-    return TextTask(recipe, data.load_splits(recipe.data), folder)
+    return TextTask(recipe, open_prepared(recipe, PREPARER), folder)
 
 
 @torch.no_grad()
@@ -128,4 +135,4 @@ def predict_cli(run_dir: Path, inputs: list[str], output: Path | None) -> None:
         output.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
-HOOKS = TrainerHooks(build_task=build_task, predict=predict_cli)
+HOOKS = TrainerHooks(build_task=build_task, predict=predict_cli, prepare=PREPARER)

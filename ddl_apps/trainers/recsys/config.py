@@ -4,12 +4,13 @@ from typing import Literal
 
 from pydantic import Field
 
+from ddl_apps.data.config import PreparedData
 from ddl_apps.recipe import Section
 
 MOVIELENS_100K = "ml-100k"
 
 
-class DataConfig(Section):
+class DataConfig(PreparedData):
     source: str = Field(MOVIELENS_100K, description=f"'{MOVIELENS_100K}' (shipped by recbole) or a CSV / TSV / "
                         "JSON-lines file")
     user_column: str = "user"

@@ -7,17 +7,23 @@ taken as an interaction. Users bring a CSV of (user, item, timestamp[, anything 
 
 from __future__ import annotations
 
+import io
+import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from ddl_apps.errors import DataError
-from ddl_apps.trainers.file_inputs import as_strings, check_columns, read_text_table
+from ddl_apps.trainers.file_inputs import as_strings, check_columns, file_identity, read_text_table
 from ddl_apps.trainers.packaged import packaged_file
 from ddl_apps.trainers.recsys.config import MOVIELENS_100K, DataConfig
+
+if TYPE_CHECKING:
+    from ddl_apps.data.prepare import DatasetWriter
+    from ddl_apps.recipe import Recipe
 
 MOVIELENS_FOLDER = "dataset_example/ml-100k"
 
@@ -136,12 +142,16 @@ def leave_one_out(data: Interactions, valid_item: str, seed: int) -> LeaveOneOut
 
 
 class SeenItems:
-    """Which (user, item) pairs occurred: membership by binary search over sorted pair keys."""
+    """Which (user, item) pairs occurred: membership by binary search over sorted pair keys (user x items + item),
+    which may be a memory-mapped array, so that no worker holds its own copy of every interaction."""
 
-    def __init__(self, users: np.ndarray, items: np.ndarray, num_items: int):
-        self.num_items = num_items
-        self.keys = np.unique(users * num_items + items)
-        self.per_user = np.bincount(users, minlength=int(users.max()) + 1 if len(users) else 0)
+    def __init__(self, keys: np.ndarray, num_items: int, per_user: np.ndarray | None = None):
+        self.keys, self.num_items, self.per_user = keys, num_items, per_user
+
+    @classmethod
+    def of(cls, users: np.ndarray, items: np.ndarray, num_items: int) -> SeenItems:
+        return cls(np.unique(users * num_items + items), num_items,
+                   np.bincount(users, minlength=int(users.max()) + 1 if len(users) else 0))
 
     def contains(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
         keys = users * self.num_items + items
@@ -152,6 +162,7 @@ class SeenItems:
 def unseen_distinct(users: np.ndarray, count: int, seen: SeenItems, seed: int) -> np.ndarray:
     """[len(users), count] distinct items each user never interacted with, drawn uniformly (rejection sampling
     in a few vectorised rounds; a user with few unseen items is finished from the explicit list)."""
+    assert seen.per_user is not None
     unseen = seen.num_items - seen.per_user[users]
     if len(users) and unseen.min() < count:
         raise DataError(f"user index {users[np.argmin(unseen)]} has only {unseen.min()} unseen items, fewer than "
@@ -189,28 +200,82 @@ def candidates(data: Interactions, rows: np.ndarray, seen: SeenItems, negatives:
     return np.hstack([data.items[rows, None], unseen_distinct(users, negatives, seen, seed)])
 
 
-class SampledTraining:
-    """Training interactions; each batch pairs every interaction with `negatives` items its user has not
-    interacted with in training, drawn afresh from torch's generator (so a resumed run draws the same)."""
+GOLDEN, UINT64 = 0x9E3779B97F4A7C15, (1 << 64) - 1
 
-    def __init__(self, users: np.ndarray, items: np.ndarray, num_items: int, negatives: int):
-        self.users, self.items = torch.from_numpy(users), torch.from_numpy(items)
-        self.seen = SeenItems(users, items, num_items)
-        self.num_items, self.negatives = num_items, negatives
-        if self.seen.per_user.max(initial=0) >= num_items:
-            raise DataError(f"user index {int(self.seen.per_user.argmax())} interacted with every item in training, "
-                            "so no negative item can be sampled for it; drop that user or add items")
 
-    def __len__(self) -> int:
-        return len(self.users)
+def _mix(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser: uint64 -> well-spread uint64 (wrapping arithmetic)."""
+    x = (x ^ (x >> 30)) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> 27)) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> 31)
 
-    def take(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
-        users, positives = self.users[indices], self.items[indices]
-        negatives = torch.randint(self.num_items, (len(indices), self.negatives))
-        clash = torch.from_numpy(self.seen.contains(users[:, None].numpy(), negatives.numpy()))
-        while clash.any():
-            negatives[clash] = torch.randint(self.num_items, (int(clash.sum()),))
-            clash = torch.from_numpy(self.seen.contains(users[:, None].numpy(), negatives.numpy()))
-        labels = torch.zeros(len(indices), 1 + self.negatives)
-        labels[:, 0] = 1.0
-        return {"user": users, "items": torch.cat([positives[:, None], negatives], dim=1), "label": labels}
+
+def sampled_negatives(users: np.ndarray, rows: np.ndarray, epoch: int, seed: int, count: int,
+                      seen: SeenItems) -> np.ndarray:
+    """[len(rows), count] items each row's user has not trained on, drawn afresh each epoch. Item j of row r is a
+    hash of (seed, epoch, r, j, attempt) modulo the number of items, the attempt counting up while the item is one
+    the user has seen: the draws of a row do not depend on the batch or the worker it lands on, nor on any
+    generator's state, so they are the same at any number of workers and after a resume."""
+    base = _mix(np.asarray([(seed * GOLDEN ^ (epoch + 1)) & UINT64], dtype=np.uint64))
+    slots = np.asarray(rows[:, None] * count + np.arange(count), dtype=np.uint64)
+    attempts = np.zeros(slots.shape, dtype=np.uint64)
+
+    def draw(where: np.ndarray | slice) -> np.ndarray:
+        hashed = _mix(base ^ _mix(slots[where] ^ (attempts[where] << np.uint64(40))))
+        return (hashed % np.uint64(seen.num_items)).astype(np.int64)
+
+    items = draw(slice(None))
+    clash = seen.contains(np.broadcast_to(users[:, None], items.shape), items)
+    while clash.any():
+        attempts[clash] += np.uint64(1)
+        items[clash] = draw(clash)
+        clash[clash] = seen.contains(np.broadcast_to(users[:, None], items.shape)[clash], items[clash])
+    return items
+
+
+SPLITS = ("train", "valid", "test")
+SEEN, POPULARITY, HISTORY, CATALOGUE = "train-seen.npy", "popularity.npy", "history.npz", "catalogue.json"
+HELD_OUT = {"user": "int64", "items": "int64"}  # the user, the held-out item, then the negatives
+COLUMNS = {"train": {"user": "int64", "item": "int64"}, "valid": HELD_OUT, "test": HELD_OUT}
+
+
+def write_prepared(recipe: Recipe, writer: DatasetWriter) -> dict[str, Any]:
+    """The leave-one-out split, the evaluation candidates, and beside them: the sorted (user, item) keys of the
+    training interactions (memory-mapped by each worker for negative sampling), every item's training count (the
+    most-popular baseline), each user's interactions and the ids and titles (for `ddl recommend`). The
+    interactions are read whole, once."""
+    cfg = recipe.data
+    data = load_interactions(cfg)
+    split = leave_one_out(data, cfg.valid_item, cfg.eval_seed)
+    train_seen = SeenItems.of(data.users[split.train], data.items[split.train], data.num_items)
+    assert train_seen.per_user is not None
+    if train_seen.per_user.max(initial=0) >= data.num_items:
+        raise DataError(f"user {data.user_ids[int(train_seen.per_user.argmax())]} interacted with every item in "
+                        "training, so no negative item can be sampled for it; drop that user or add items")
+    every_seen = SeenItems.of(data.users, data.items, data.num_items)
+    writer.plan("train", len(split.train), cfg.eval_seed)
+    for start in range(0, len(split.train), 1 << 16):
+        rows = split.train[start : start + (1 << 16)]
+        writer.add("train", {"user": data.users[rows], "item": data.items[rows]})
+    for offset, (name, rows) in enumerate((("valid", split.valid), ("test", split.test))):
+        writer.add(name, {"user": data.users[rows],
+                          "items": candidates(data, rows, every_seen, cfg.eval_negatives, cfg.eval_seed + offset)})
+    writer.add_file(SEEN, npy_bytes(train_seen.keys))
+    writer.add_file(POPULARITY, npy_bytes(np.bincount(data.items[split.train], minlength=data.num_items)))
+    history = io.BytesIO()
+    np.savez(history, users=data.users, items=data.items)
+    writer.add_file(HISTORY, history.getvalue())
+    writer.add_file(CATALOGUE, json.dumps({"users": data.user_ids, "items": data.item_ids,
+                                           "titles": data.titles}).encode())
+    return {"num_users": data.num_users, "num_items": data.num_items}
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def source_identity(recipe: Recipe) -> dict[str, Any]:
+    identity = file_identity(recipe.data.source, recipe.data.source == MOVIELENS_100K)
+    return identity | ({"titles": file_identity(recipe.data.titles, False)} if recipe.data.titles else {})

@@ -5,21 +5,24 @@ beside a most-popular baseline; `ddl recommend RUN_DIR USER_ID -k 10`."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ddl_apps.core.contract import TorchTask, TrainerHooks
+from ddl_apps.core.contract import Preparer, TorchTask, TrainerHooks
 from ddl_apps.core.dist import Topology
 from ddl_apps.core.rundir import MODEL_DIR, reading_export
-from ddl_apps.core.torch_engine import Batch, ColumnSource, load_weights, save_weights
+from ddl_apps.core.torch_engine import Batch, load_weights, save_weights
+from ddl_apps.data.dataset import PreparedDataset, task_splits
+from ddl_apps.data.prepare import open_prepared
 from ddl_apps.errors import DataError
 from ddl_apps.recipe import Recipe
 from ddl_apps.trainers.recsys import data
 from ddl_apps.trainers.recsys.model import NeuMF
 
-ARCHITECTURE, CATALOGUE, HISTORY = "model.json", "catalogue.json", "history.npz"
+ARCHITECTURE = "model.json"
 
 
 def held_out_rank(scores: np.ndarray | torch.Tensor):
@@ -33,25 +36,31 @@ def ranking_metrics(rank: np.ndarray, k: int) -> dict[str, float]:
     return {f"hr@{k}": float(hit.mean()), f"ndcg@{k}": float(np.where(hit, 1 / np.log2(rank + 2), 0.0).mean())}
 
 
+def to_torch(columns: dict[str, np.ndarray]) -> Batch:
+    return {name: torch.from_numpy(values) for name, values in columns.items()}
+
+
 class RecommendTask(TorchTask):
-    def __init__(self, recipe: Recipe, interactions: data.Interactions, topology: Topology):
-        cfg, self.model_cfg = recipe.data, recipe.model
-        self.interactions, self.top_k, self.seed = interactions, cfg.top_k, recipe.run.seed
+    def __init__(self, recipe: Recipe, dataset: PreparedDataset, topology: Topology):
+        cfg, self.model_cfg, self.dataset = recipe.data, recipe.model, dataset
+        self.top_k, self.seed, self.negatives = cfg.top_k, recipe.run.seed, cfg.train_negatives
+        self.num_users, self.num_items = dataset.manifest.fitted["num_users"], dataset.manifest.fitted["num_items"]
         self.shard = (topology.rank, topology.size) if self.model_cfg.model_parallel and topology.size > 1 else None
-        split = data.leave_one_out(interactions, cfg.valid_item, cfg.eval_seed)
-        users, items = interactions.users, interactions.items
-        self.train = data.SampledTraining(users[split.train], items[split.train], interactions.num_items,
-                                          cfg.train_negatives)
-        seen = data.SeenItems(users, items, interactions.num_items)
-        self.valid, self.test = (
-            ColumnSource(user=torch.from_numpy(users[rows]), items=torch.from_numpy(
-                data.candidates(interactions, rows, seen, cfg.eval_negatives, cfg.eval_seed + offset)))
-            for offset, rows in enumerate((split.valid, split.test)))
-        self.popularity = np.bincount(items[split.train], minlength=interactions.num_items)
+        self.seen = data.SeenItems(np.load(dataset.file(data.SEEN), mmap_mode="r"), self.num_items)
+        self.train, self.valid, self.test = task_splits(dataset, cfg, self.seed, to_torch, augment=self.with_negatives)
+
+    def with_negatives(self, columns: dict[str, np.ndarray], rows: np.ndarray, epoch: int) -> dict[str, np.ndarray]:
+        """Each training interaction beside `train_negatives` items its user has not trained on (column 0 of
+        `items` is the seen one, `label` says so)."""
+        users = columns["user"]
+        negatives = data.sampled_negatives(users, rows, epoch, self.seed, self.negatives, self.seen)
+        labels = np.zeros((len(users), 1 + self.negatives), dtype=np.float32)
+        labels[:, 0] = 1.0
+        return {"user": users, "items": np.hstack([columns["item"][:, None], negatives]), "label": labels}
 
     def architecture(self) -> dict:
         m = self.model_cfg
-        return {"num_users": self.interactions.num_users, "num_items": self.interactions.num_items,
+        return {"num_users": self.num_users, "num_items": self.num_items,
                 "gmf_dim": m.gmf_dim, "mlp_dim": m.mlp_dim, "mlp_layers": m.mlp_layers, "init_std": m.init_std}
 
     def build_model(self) -> NeuMF:
@@ -74,30 +83,32 @@ class RecommendTask(TorchTask):
         interactions (so `ddl recommend` leaves out what a user has already seen)."""
         save_weights(model, model_dir)
         (model_dir / ARCHITECTURE).write_text(json.dumps(self.architecture()))
-        known = self.interactions
-        (model_dir / CATALOGUE).write_text(json.dumps({"users": known.user_ids, "items": known.item_ids,
-                                                       "titles": known.titles}))
-        np.savez(model_dir / HISTORY, users=known.users, items=known.items)
+        for name in (data.CATALOGUE, data.HISTORY):
+            shutil.copyfile(self.dataset.file(name), model_dir / name)
 
     def report(self) -> dict[str, dict[str, float]]:
         """Most popular first (training interactions per item), ranked over the same test candidates."""
         if not self.model_cfg.baseline:
             return {}
-        candidates = self.test.columns["items"].numpy()
-        rank = held_out_rank(self.popularity[candidates].astype(np.float64))
+        candidates = self.dataset.split("test").load()["items"]
+        popularity = np.load(self.dataset.file(data.POPULARITY))
+        rank = held_out_rank(popularity[candidates].astype(np.float64))
         return {"baseline most-popular (test)": ranking_metrics(rank, self.top_k)}
 
 
+PREPARER = Preparer(source=data.source_identity, write=data.write_prepared, columns=data.COLUMNS)
+
+
 def build_task(recipe: Recipe, topology: Topology) -> RecommendTask:
-    """Every rank reads and splits the data the same way (a second or so), so nothing is shipped between ranks."""
-    return RecommendTask(recipe, data.load_interactions(recipe.data), topology)
+    """The interactions, split and indexed once into a prepared dataset that every worker streams."""
+    return RecommendTask(recipe, open_prepared(recipe, PREPARER), topology)
 
 
 def load_exported(model_dir: Path) -> tuple[NeuMF, dict, data.SeenItems]:
-    with reading_export(model_dir), np.load(model_dir / HISTORY, allow_pickle=False) as history:
+    with reading_export(model_dir), np.load(model_dir / data.HISTORY, allow_pickle=False) as history:
         architecture = json.loads((model_dir / ARCHITECTURE).read_text())
-        catalogue = json.loads((model_dir / CATALOGUE).read_text())
-        seen = data.SeenItems(history["users"], history["items"], architecture["num_items"])
+        catalogue = json.loads((model_dir / data.CATALOGUE).read_text())
+        seen = data.SeenItems.of(history["users"], history["items"], architecture["num_items"])
     model = NeuMF(**architecture, seed=0)
     load_weights(model, model_dir)
     return model.eval(), catalogue, seen
@@ -135,4 +146,4 @@ def predict_cli(run_dir: Path, inputs: list[str], output: Path | None) -> None:
     recommend_cli(run_dir, inputs[0], 10)
 
 
-HOOKS = TrainerHooks(build_task=build_task, predict=predict_cli, recommend=recommend_cli)
+HOOKS = TrainerHooks(build_task=build_task, predict=predict_cli, recommend=recommend_cli, prepare=PREPARER)

@@ -7,7 +7,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ddl_apps.core import sharding
 from ddl_apps.errors import CheckpointError, DataError, RecipeError
 from ddl_apps.recipe import load_recipe
 from ddl_apps.trainers import splits
@@ -64,10 +63,10 @@ def test_bring_your_own_labels_sorted_by_name_and_stored_in_the_model_config(tmp
     task = build_task(recipe, None)
     assert task.label_names == ["mixed", "neg", "pos"]
     assert task.config.id2label == {0: "mixed", 1: "neg", 2: "pos"} and task.config.label2id["pos"] == 2
-    train = task.splits.train
-    names = [task.label_names[i] for i in train.labels]
+    train = task.dataset.split("train").load()
+    names = [task.label_names[i] for i in train["label"]]
     frame = pd.read_csv(source).set_index("review")
-    assert names == frame.loc[train.texts, "stars"].tolist()
+    assert names == frame.loc[list(train["text"]), "stars"].tolist()
 
 
 def test_whole_number_labels_keep_numeric_order():
@@ -147,29 +146,34 @@ def tokenizer():
 def test_lengths_count_tokens_and_batches_pad_to_their_longest(tokenizer):
     split = data.Split(["Great.", "A long, winding and utterly forgettable film about nothing at all, really.",
                         "Not bad"], np.array([0, 1, 0]))
-    texts = data.TokenizedTexts(split, tokenizer, max_length=12)
-    assert texts.lengths.tolist() == [4, 12, 4]  # [CLS] great . [SEP]; truncated; [CLS] not bad [SEP]
-    batch = texts.take(np.array([2, 0]))
+    columns = data.tokenised(split, tokenizer, max_length=12)
+    assert columns["length"].tolist() == [4, 12, 4]  # [CLS] great . [SEP]; truncated; [CLS] not bad [SEP]
+    assert columns["input_ids"].shape == (3, 12) and columns["text"][1] == split.texts[1]
+
+    def rows(*picked):
+        return data.to_batch({k: v[list(picked)] for k, v in columns.items()})
+
+    batch = rows(2, 0)
     assert batch["input_ids"].shape == (2, 4) and batch["attention_mask"].sum().item() == 8
     assert batch["label"].tolist() == [0, 0] and batch["index"].tolist() == [2, 0]
-    wide = texts.take(np.array([0, 1]))
+    wide = rows(0, 1)
     assert wide["input_ids"].shape == (2, 12) and wide["input_ids"][0, 4:].eq(tokenizer.pad_token_id).all()
     assert wide["attention_mask"][0].tolist() == [1] * 4 + [0] * 8
-    by_length = data.TokenizedTexts(split, tokenizer, max_length=12, by_length=True)
-    assert by_length.lengths.tolist() == [4, 4, 12] and by_length.texts[2] == split.texts[1]
 
 
-def test_bucketing_by_token_length_cuts_padding():
+def test_bucketing_by_token_length_cuts_padding_and_evaluation_reads_shortest_first():
+    """An epoch of the streamed training split (global batch 32) pads to fewer tokens with the steps bucketed by
+    length than without; the evaluation splits are prepared shortest first."""
     task = build_task(load_recipe(RECIPE, ["data.rows=3000", *TINY_MODEL]), None)
-    lengths, batch = task.train.lengths, 32
 
-    def padded_tokens(order):
-        steps = order[: len(order) // batch * batch].reshape(-1, batch)
-        return int(lengths[steps].max(1).sum() * batch)
+    def padded_tokens() -> int:
+        return sum(b["input_ids"].numel() for step in task.train.rank_steps(0, 0, 32, 0, 1, 1) for b in step)
 
-    bucketed = padded_tokens(sharding.bucketed_order(lengths, seed=0, epoch=0, global_batch=batch))
-    shuffled = padded_tokens(sharding.epoch_order(len(lengths), seed=0, epoch=0))
-    assert bucketed < 0.7 * shuffled
+    bucketed = padded_tokens()
+    task.train.bucket_by = None
+    assert bucketed < 0.7 * padded_tokens()
+    lengths = task.dataset.split("test").load()["length"]
+    assert np.all(np.diff(lengths) >= 0)
 
 
 def test_metrics_on_known_predictions():

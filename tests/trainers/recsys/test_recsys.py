@@ -96,42 +96,54 @@ def test_random_validation_item_is_one_earlier_interaction_per_user(small_histor
 
 
 def test_movielens_100k_is_read_from_recbole(movielens_task):
-    interactions = movielens_task.interactions
+    interactions = data.load_interactions(data_config())
     assert (interactions.num_users, interactions.num_items, len(interactions.users)) == (943, 1682, 100_000)
     assert interactions.titles["1"] == "Toy Story (1995)"
     assert len(movielens_task.valid) == len(movielens_task.test) == 943  # every user rated 20 films or more
-    assert len(movielens_task.train) == 100_000 - 2 * 943
+    assert movielens_task.train.examples == 100_000 - 2 * 943
 
 
 def test_evaluation_candidates_are_the_held_out_item_and_distinct_unseen_ones(movielens_task):
-    interactions = movielens_task.interactions
-    seen = data.SeenItems(interactions.users, interactions.items, interactions.num_items)
-    for source in (movielens_task.valid, movielens_task.test):
-        users, items = source.columns["user"].numpy(), source.columns["items"].numpy()
+    interactions = data.load_interactions(data_config())
+    seen = data.SeenItems.of(interactions.users, interactions.items, interactions.num_items)
+    held_out = {name: movielens_task.dataset.split(name).load() for name in ("valid", "test")}
+    for split in held_out.values():
+        users, items = split["user"], split["items"]
         assert items.shape == (943, 100)
         assert seen.contains(users, items[:, 0]).all()
         assert not seen.contains(users[:, None], items[:, 1:]).any()
         assert all(len(set(row)) == 100 for row in items)
-    again = build_task(load_recipe(RECIPE), ONE_WORKER)
-    assert np.array_equal(again.test.columns["items"], movielens_task.test.columns["items"])
-    assert not np.array_equal(movielens_task.valid.columns["items"][:, 1:], movielens_task.test.columns["items"][:, 1:])
+    assert not np.array_equal(held_out["valid"]["items"][:, 1:], held_out["test"]["items"][:, 1:])
 
 
-def test_training_negatives_are_items_the_user_has_not_trained_on(movielens_task):
-    batch = movielens_task.train.take(np.arange(5000))
+def test_training_negatives_are_unseen_and_drawn_alike_at_any_number_of_workers(movielens_task):
+    """A global step of 5,000: items the users have not trained on, the same on one worker as on three, and
+    new ones in another epoch."""
+    def step(epoch: int, rank: int, size: int) -> dict:
+        return next(iter(movielens_task.train.rank_steps(epoch, 0, 5000, rank, size, 1)))[0]
+
+    batch = step(0, 0, 1)
     users, items = batch["user"].numpy(), batch["items"].numpy()
     assert items.shape == (5000, 5) and batch["label"][:, 0].eq(1).all() and batch["label"][:, 1:].eq(0).all()
-    assert movielens_task.train.seen.contains(users, items[:, 0]).all()
-    assert not movielens_task.train.seen.contains(users[:, None], items[:, 1:]).any()
+    assert movielens_task.seen.contains(users, items[:, 0]).all()
+    assert not movielens_task.seen.contains(users[:, None], items[:, 1:]).any()
+    shares = np.concatenate([step(0, rank, 3)["items"].numpy() for rank in range(3)])
+    np.testing.assert_array_equal(shares, items)
+    assert (step(1, 0, 1)["items"].numpy()[:, 1:] != items[:, 1:]).mean() > 0.9
+
+
+def test_the_workers_share_one_memory_mapped_index_of_seen_pairs(movielens_task):
+    assert isinstance(movielens_task.seen.keys, np.memmap)
+    assert len(movielens_task.seen.keys) == 100_000 - 2 * 943
 
 
 def test_distinct_unseen_sampling_finishes_users_with_few_unseen_items():
     users, items = np.repeat([0, 1], [5, 2]), np.array([0, 1, 2, 3, 4, 0, 1])
-    drawn = data.unseen_distinct(np.array([0, 1]), 3, data.SeenItems(users, items, 8), seed=0)
+    drawn = data.unseen_distinct(np.array([0, 1]), 3, data.SeenItems.of(users, items, 8), seed=0)
     assert sorted(drawn[0]) == [5, 6, 7]  # user 0 has exactly three unseen items
     assert len(set(drawn[1])) == 3 and not set(drawn[1]) & {0, 1}
     with pytest.raises(DataError, match="eval_negatives"):
-        data.unseen_distinct(np.array([0]), 4, data.SeenItems(users, items, 8), seed=0)
+        data.unseen_distinct(np.array([0]), 4, data.SeenItems.of(users, items, 8), seed=0)
 
 
 # ---- bad input ----------------------------------------------------------------------------------------------
