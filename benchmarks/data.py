@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import LAUNCH_ENV, VENV_BIN, spread, write_result  # noqa: E402
+from benchmarks.common import LAUNCH_ENV, VENV_BIN, read_result, spread, write_result  # noqa: E402
 
 RECIPE = "fraud_mlp"
 SCRATCH = Path(os.environ.get("DDL_BENCH_SCRATCH", "/var/tmp/ddl-bench-data"))
@@ -39,7 +39,8 @@ TRAIN = ("model.baseline=false", "optim.batch_size=512", "run.log_every=50", "ru
 
 # ---- running ddl and watching its workers ---------------------------------------------------------------------
 def worker_pids(run_dir: Path, launcher: int) -> list[int]:
-    """The processes of a `ddl train` of `run_dir` that hold a model: its workers, or itself at np=1."""
+    """The processes of a `ddl train` of `run_dir` that hold a model: its workers (started by mpirun or by Gloo's
+    horovodrun), or itself at np=1."""
     found = []
     for proc in Path("/proc").iterdir():
         try:
@@ -47,9 +48,19 @@ def worker_pids(run_dir: Path, launcher: int) -> list[int]:
             environ = (proc / "environ").read_bytes()
         except OSError:
             continue
-        if f"run.dir={run_dir}".encode() in cmdline and b"HOROVOD_RANK=" in environ:
+        if f"run.dir={run_dir}".encode() in cmdline and (b"\0OMPI_COMM_WORLD_RANK=" in environ or
+                                                         b"\0HOROVOD_RANK=" in environ):
             found.append(int(proc.name))
     return found or [launcher]
+
+
+def start_ticks(pid: int) -> int | None:
+    """When a process started, in clock ticks since boot (/proc/PID/stat field 22): exact to a tick (10 ms), where
+    psutil's create_time adds the boot time, rounded to a second."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def rss_anon_mib(pid: int) -> float:
@@ -62,20 +73,25 @@ def rss_anon_mib(pid: int) -> float:
     return 0.0
 
 
-def train(run_dir: Path, *overrides: str, np_: int = 1, env: dict[str, str] | None = None) -> dict:
+def train(run_dir: Path, *overrides: str, np_: int = 1, env: dict[str, str] | None = None, recipe: str = RECIPE,
+          base: tuple[str, ...] = TRAIN) -> dict:
     """Run `ddl train`; its samples/s (the run log's train rows after the first), each worker's peak anonymous
     memory, and the seconds from launch to the first logged step (run.log_every=1 rows) or to the end."""
-    command = [str(VENV_BIN / "ddl"), "train", RECIPE, f"run.dir={run_dir}", *TRAIN, *overrides, "-np", str(np_)]
+    command = [str(VENV_BIN / "ddl"), "train", recipe, f"run.dir={run_dir}", *base, *overrides, "-np", str(np_)]
     peaks: dict[int, float] = {}
+    worker_ticks: dict[int, int] = {}
     started = time.time()
     with subprocess.Popen(command, env={**os.environ, **LAUNCH_ENV, **(env or {})}, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True) as job:
+        launcher_ticks = start_ticks(job.pid)
         output: list[str] = []
         reader = threading.Thread(target=lambda: output.extend(job.stdout or []), daemon=True)
         reader.start()
         while job.poll() is None:
             for pid in worker_pids(run_dir, job.pid):
                 peaks[pid] = max(peaks.get(pid, 0.0), rss_anon_mib(pid))
+                if pid not in worker_ticks and (ticks := start_ticks(pid)) is not None:
+                    worker_ticks[pid] = ticks
             time.sleep(0.1)
         reader.join()
     if job.returncode != 0:
@@ -83,9 +99,14 @@ def train(run_dir: Path, *overrides: str, np_: int = 1, env: dict[str, str] | No
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if r["split"] == "train"]
     rates = [r["samples_per_s"] for r in train_rows[1:] if "samples_per_s" in r]
+    first = train_rows[0]["time"] if train_rows else None
+    worker_start = (started + (max(worker_ticks.values()) - launcher_ticks) / os.sysconf("SC_CLK_TCK")
+                    if worker_ticks and launcher_ticks is not None else None)
     return {"samples_per_s": spread(rates, 1) if rates else None,
             "peak_rss_anon_mib": sorted(round(v) for v in peaks.values() if v)[-2:],
-            "first_step_s": round(train_rows[0]["time"] - started, 2) if train_rows else None,
+            "first_step_s": round(first - started, 2) if first else None,  # from the launch (launcher included)
+            # from the last worker's process start: the workers' own time to the first step
+            "worker_first_step_s": round(first - worker_start, 2) if first and worker_start else None,
             "seconds": round(time.time() - started, 1)}
 
 
@@ -112,7 +133,7 @@ def scaled_copy(normal: Path, target: Path, copies: int) -> Path:
     manifest = dataset.manifest
     train = dataset.split("train").load()
     chunk_rows = manifest.splits["train"][0].chunks[0].rows
-    writer = SplitWriter(target, "train", manifest.columns, chunk_rows, chunk_rows * 256)
+    writer = SplitWriter(target, "train", manifest.columns["train"], chunk_rows, chunk_rows * 256)
     rng = np.random.default_rng(0)
     rows = len(train["label"])
     for copy in range(copies):
@@ -164,31 +185,54 @@ def flat(normal: Path, scratch: Path) -> dict:
     base = rows["1x"]["np2"]
     for row in rows.values():
         row["memory_ratio"] = round(max(row["np2"]["peak_rss_anon_mib"]) / max(base["peak_rss_anon_mib"]), 3)
-        row["first_step_ratio"] = round(row["np2"]["first_step_s"] / base["first_step_s"], 3)
-        row["np2_vs_np1_first_step"] = round(row["np2"]["first_step_s"] / row["np1"]["first_step_s"], 3)
+        row["first_step_ratio"] = round(row["np2"]["worker_first_step_s"] / base["worker_first_step_s"], 3)
+        row["np2_vs_np1_first_step"] = round(row["np2"]["worker_first_step_s"] / row["np1"]["worker_first_step_s"], 3)
     return rows
 
 
-def input_pipeline(normal: Path, step_run: dict) -> dict:
-    """This process pinned to one core: one worker's stream (np=1, batch 512) converted to tensors, no model."""
+STEP_RUNS = {  # each recipe's training step, its data in memory (np=1): overrides and steps
+    RECIPE: ((*TRAIN, "optim.epochs=3"), 400),
+    "recsys_neumf": (("run.log_every=50", "run.progress=false", "model.baseline=false"), 600),
+    "nlp_minilm": (("run.log_every=5", "run.progress=false", "model.baseline=false"), 40),
+}
+
+
+def input_pipeline(scratch: Path) -> dict:
+    """Per recipe of issue 22: one worker's training stream (np=1, the recipe's batch, negatives drawn and
+    tensors made) in this process pinned to one core, against the training step's samples/s."""
+    rows = {}
+    for recipe, (overrides, steps) in STEP_RUNS.items():
+        step = train(scratch / f"step-{recipe}", "data.stream=false", f"run.max_steps={steps}", recipe=recipe,
+                     base=overrides)["samples_per_s"]["median"]
+        pipeline = spread(stream_rates(recipe, overrides), 1)
+        rows[recipe] = {"pipeline_one_core_samples_per_s": pipeline, "training_step_samples_per_s": step,
+                        "ratio": round(pipeline["median"] / step, 2)}
+    return rows
+
+
+def stream_rates(recipe: str, overrides: tuple[str, ...], seconds: float = 20.0) -> list[float]:
     import torch
 
-    from ddl_apps.data.dataset import PreparedDataset, StreamedSplit
-    from ddl_apps.trainers.fraud.trainer import to_torch
+    from ddl_apps.core.dist import Topology
+    from ddl_apps.recipe import load_recipe
+    from ddl_apps.registry import load_trainer
 
+    config = load_recipe(recipe, [o for o in overrides if not o.startswith("run.")])
+    task = load_trainer(config.trainer).load_hooks().build_task(config, Topology(0, 1, 0, 1))
     os.sched_setaffinity(0, {0})
     torch.set_num_threads(1)
-    stream = StreamedSplit(PreparedDataset(str(normal)).split("train"), 0, to_torch)
-    rates = []
-    for epoch in range(3):
+    rates, epoch = [], 0
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
         started, samples = time.perf_counter(), 0
-        for micro_batches in stream.rank_steps(epoch, 0, 512, 0, 1, 1):
-            samples += sum(len(b["label"]) for b in micro_batches)
+        for micro_batches in task.train.rank_steps(epoch, 0, config.optim.batch_size, 0, 1, 1):
+            samples += sum(len(next(iter(b.values()))) for b in micro_batches)
+            if time.perf_counter() - started > seconds / 4:
+                break
         rates.append(samples / (time.perf_counter() - started))
+        epoch += 1
     os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
-    pipeline, step = spread(rates, 1), step_run["samples_per_s"]["median"]
-    return {"pipeline_one_core_samples_per_s": pipeline, "training_step_samples_per_s": step,
-            "ratio": round(pipeline["median"] / step, 2)}
+    return rates
 
 
 def bytes_per_worker(normal: Path) -> dict:
@@ -225,7 +269,9 @@ def object_storage(normal: Path, scratch: Path) -> dict:
         for path in sorted(normal.iterdir()):
             fs.put_file(str(path), f"bench/fraud/{path.name}")
         env = {**aws, "DDL_CACHE": str(scratch / "s3-cache")}
+        server = server_cpu_seconds()
         cold = train(scratch / "s3-cold", "data.prepared=s3://bench/fraud", *steps, np_=2, env=env)
+        cold["server_cpu_s"] = round(server_cpu_seconds() - server, 1)  # what serving the GETs cost the 2 cores
         warm = train(scratch / "s3-warm", "data.prepared=s3://bench/fraud", *steps, np_=2, env=env)
     base = local["samples_per_s"]["median"]
     return {"local": local, "s3_cold_cache": cold, "s3_warm_cache": warm,
@@ -233,13 +279,26 @@ def object_storage(normal: Path, scratch: Path) -> dict:
             "warm_ratio": round(warm["samples_per_s"]["median"] / base, 3)}
 
 
+def server_cpu_seconds() -> float:
+    """CPU seconds the moto server has used so far (it runs on the same 2 cores as the workers)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            if b"moto.server" in (proc / "cmdline").read_bytes():
+                fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+                return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+        except (OSError, IndexError, ValueError):
+            continue
+    return 0.0
+
+
 def order_cost(scratch: Path) -> dict:
-    """The recipe as shipped (3 epochs, np=1) on the whole table, chunk-aware order against a full permutation."""
+    """The recipe as shipped (3 epochs, np=1) on the whole table, chunk-aware order against a full permutation (both
+    loaded into memory: a full permutation reads every chunk at every step)."""
     rows = {}
     for seed in (0, 1):
         for order in ("chunks", "full"):
             run = scratch / f"order-{order}-{seed}"
-            train(run, f"run.seed={seed}", f"data.shuffle={order}")
+            train(run, f"run.seed={seed}", f"data.shuffle={order}", "data.stream=false")
             test = json.loads((run / "summary.json").read_text())["results"]["model (test)"]
             rows[f"{order}, seed {seed}"] = {k: round(test[k], 4) for k in ("pr_auc", "roc_auc", "recall_at_1pct_fpr")}
     return rows
@@ -254,22 +313,25 @@ def _manifest(folder: Path):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--large-gib", type=float, default=32.0)
+    parser.add_argument("--only", nargs="+", help="measure only these parts, keeping the others' last results")
     args = parser.parse_args()
     SCRATCH.mkdir(parents=True, exist_ok=True)
     normal = prepare_normal()
-    result: dict = {}
+    earlier = read_result("data") if args.only else None
+    result: dict = {k: v for k, v in (earlier or {}).items() if k != "machine"}
     with tempfile.TemporaryDirectory(dir=SCRATCH) as tmp:
         scratch = Path(tmp)
         parts = {
             "bytes_per_worker": lambda: bytes_per_worker(normal),
-            "input": lambda: input_pipeline(normal, train(scratch / "step", f"data.prepared={normal}",
-                                                          "data.stream=false", "run.max_steps=400")),
+            "input": lambda: input_pipeline(scratch),
             "flat": lambda: flat(normal, scratch),
             "object_storage": lambda: object_storage(normal, scratch),
             "order": lambda: order_cost(scratch),
             "larger_than_memory": lambda: larger_than_memory(normal, args.large_gib, scratch),
         }
         for name, part in parts.items():
+            if args.only and name not in args.only:
+                continue
             print(f"-- {name}", flush=True)
             result[name] = part()
             write_result("data", result)  # what is measured so far survives a failure further on

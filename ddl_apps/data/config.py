@@ -3,7 +3,7 @@ it. They are reading options: changing them never calls for preparing the data a
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ddl_apps.recipe import Section
 
@@ -17,11 +17,19 @@ class PreparedData(Section):
     stream: bool = Field(True, description="each worker reads only the chunks of its own examples; false: each "
                          "worker loads the whole prepared split into memory (same examples, same order)")
     shuffle: Literal["chunks", "full"] = Field("chunks", description="'chunks': a new order of chunks, and of examples "
-                                               "within each, every epoch; 'full': a full permutation (every worker "
-                                               "then reads every chunk)")
+                                               "within each, every epoch; 'full': a full permutation (with "
+                                               "data.stream=false only)")
     lanes: int = Field(16, ge=1, description="streams a global step draws from; workers read disjoint lanes when "
                        "their number divides this")
     cache_gb: float = Field(20.0, ge=0, description="local cache of chunks read from object storage, in GiB")
+
+    @model_validator(mode="after")
+    def _full_shuffle_in_memory(self):
+        if self.shuffle == "full" and self.stream:
+            raise ValueError("data.shuffle=full draws every step from every chunk, so a streamed split would read "
+                             "the whole dataset for each step; set data.stream=false to load it into memory, or keep "
+                             "data.shuffle=chunks")
+        return self
 
 
 READING_OPTIONS = frozenset(PreparedData.model_fields)

@@ -144,25 +144,22 @@ class ChunkSupply:
         if in_memory:
             self.fetch(range(len(reader.chunks)))
 
-    def fetch(self, chunks: Any) -> None:
-        """Start reading these chunks (if not held or on their way)."""
+    def fetch(self, chunks: Any) -> dict[int, Future[Columns]]:
+        """These chunks, read or on their way (reading starts for those that are neither); the least recently used
+        others are let go beyond `keep`, never these."""
         with self._lock:
-            for index in chunks:
-                index = int(index)
-                if index in self._chunks:
-                    self._chunks.move_to_end(index)
-                else:
-                    self._chunks[index] = self._pool.submit(self.reader.read_chunk, index)
-            while not self.in_memory and len(self._chunks) > self.keep:
+            futures = {}
+            for index in map(int, chunks):
+                future = self._chunks.pop(index, None) or self._pool.submit(self.reader.read_chunk, index)
+                self._chunks[index] = futures[index] = future  # (re)inserted last: the most recently used
+            while not self.in_memory and len(self._chunks) > max(self.keep, len(futures)):
                 self._chunks.popitem(last=False)
+            return futures
 
     def gather(self, rows: np.ndarray) -> Columns:
         """The given global rows, in the given order."""
         chunk, within = self.reader.locate(rows)
-        wanted = np.unique(chunk)
-        self.fetch(wanted)
-        with self._lock:
-            futures = {int(c): self._chunks[int(c)] for c in wanted}
+        futures = self.fetch(np.unique(chunk))
         out: Columns = {}
         for c, future in futures.items():
             values, picked = future.result(), np.flatnonzero(chunk == c)

@@ -80,3 +80,32 @@ def test_a_split_writer_keeps_every_row_once(tmp_path, shuffle):
     else:
         assert sorted(y.tolist()) == list(range(rows)) and not np.array_equal(y, np.arange(rows))
         assert not list(tmp_path.glob(".*bucket*"))
+
+
+def test_a_step_that_needs_more_chunks_than_are_kept_still_gets_them_all(tmp_path):
+    """A batch drawn from every chunk (as a full permutation draws) while the supply keeps 4: each is read."""
+    from ddl_apps.data.dataset import ChunkSupply
+
+    class Reader:  # 12 chunks of 10 rows; row r holds the value r
+        first_row = np.arange(0, 130, 10)
+        chunks = list(range(12))
+
+        def locate(self, rows):
+            return rows // 10, rows % 10
+
+        def read_chunk(self, index):
+            return {"x": np.arange(index * 10, index * 10 + 10)}
+
+    rows = np.random.default_rng(0).permutation(120)[:50]
+    supply = ChunkSupply(Reader(), keep=4)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(supply.gather(rows)["x"], rows)
+    np.testing.assert_array_equal(supply.gather(rows[::-1])["x"], rows[::-1])
+
+
+def test_a_full_permutation_needs_the_split_in_memory():
+    from ddl_apps.errors import RecipeError
+    from ddl_apps.recipe import load_recipe
+
+    with pytest.raises(RecipeError, match="set data.stream=false"):
+        load_recipe("fraud_mlp", ["data.shuffle=full"])
+    assert load_recipe("fraud_mlp", ["data.shuffle=full", "data.stream=false"]).data.shuffle == "full"
