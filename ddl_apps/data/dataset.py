@@ -281,16 +281,18 @@ class FullOrder:
 
 class StreamedSplit:
     """A training split as a StreamSource: each worker gets its share of each global step, read from the chunks
-    that hold it, `ahead` steps in advance on a background thread (so reading overlaps the step). `augment`, if
-    given, draws per-example randomness (negatives, augmentation) from the rows' ids and the epoch alone, never
-    from a global generator (the thread would race the training step for it), so the draws do not depend on the
-    number of workers and a resumed run draws the same."""
+    that hold it: batches are built `ahead` steps in advance on a background thread, and the chunks a step needs
+    are asked for `read_ahead` steps before it (so reading, from disk or object storage, overlaps training).
+    `augment`, if given, draws per-example randomness (negatives, augmentation) from the rows' ids and the epoch
+    alone, never from a global generator (the thread would race the training step for it), so the draws do not
+    depend on the number of workers and a resumed run draws the same."""
 
     def __init__(self, reader: SplitReader, seed: int, convert: Convert, order: Order = "chunks", lanes: int = 16,
-                 in_memory: bool = False, ahead: int = 4, bucket_by: str | None = None, augment: Augment | None = None):
+                 in_memory: bool = False, ahead: int = 4, read_ahead: int = 16, bucket_by: str | None = None,
+                 augment: Augment | None = None):
         self.reader, self.seed, self.convert, self.order, self.lanes = reader, seed, convert, order, lanes
         self.examples = reader.rows
-        self.ahead, self.bucket_by, self.augment = ahead, bucket_by, augment
+        self.ahead, self.read_ahead, self.bucket_by, self.augment = ahead, read_ahead, bucket_by, augment
         self.supply = ChunkSupply(reader, keep=max(64, 4 * lanes), in_memory=in_memory)
 
     def epoch_order(self, epoch: int, global_batch: int) -> LaneOrder | FullOrder:
@@ -318,8 +320,8 @@ class StreamedSplit:
             return [order.rows_at(step, p) for p in positions]
 
         def produce(step: int) -> list[dict[str, Any]]:
-            if step + self.ahead < steps:  # start reading what a later step needs
-                self.supply.fetch(np.unique(self.reader.locate(np.concatenate(share(step + self.ahead)))[0]))
+            if step + self.read_ahead < steps:  # start reading what a later step needs
+                self.supply.fetch(np.unique(self.reader.locate(np.concatenate(share(step + self.read_ahead)))[0]))
             return [self.convert(self._columns(rows, epoch)) for rows in share(step)]
 
         return _in_background(map(produce, range(first, steps)), self.ahead)
