@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ddl_apps.cache import cache_dir, file_sha256
+from ddl_apps.cache import build_once, cache_dir, file_sha256
 from ddl_apps.core import sharding
 from ddl_apps.data.manifest import MANIFEST, Chunk, File, Manifest, Shard
 from ddl_apps.data.shards import Columns, decode_chunk, schema_of
@@ -39,12 +39,10 @@ class PreparedDataset:
     def split(self, name: str) -> SplitReader:
         return SplitReader(self, name)
 
-    def shards(self) -> list[Shard]:
-        return [shard for shards in self.manifest.splits.values() for shard in shards]
-
     def stored(self) -> dict[str, File | Shard]:
         """Every file of the dataset but the manifest, by name: shards and the files beside them."""
-        return {**{shard.file: shard for shard in self.shards()}, **self.manifest.files}
+        shards = {shard.file: shard for shards in self.manifest.splits.values() for shard in shards}
+        return {**shards, **self.manifest.files}
 
     def file(self, name: str) -> Path:
         """A file beside the shards, as a local path (downloaded once into the cache from object storage), checked
@@ -86,13 +84,16 @@ def _stamp(path: Path, sha256: str) -> Path:
 
 
 def verify_local_file(path: Path, sha256: str, where: str) -> None:
-    stamp = _stamp(path, sha256)
-    if stamp.exists():
-        return
-    if file_sha256(path) != sha256:
-        raise DataError(f"{where} does not match the SHA-256 its manifest gives: it was altered or damaged. "
-                        "Prepare the dataset again (ddl data prepare), or copy the file again")
-    stamp.touch()
+    """Hash the file whole, once per host for each version of it: the workers of a host take turns on the stamp
+    (cache.build_once), so the first hashes it and the others find it stamped."""
+
+    def check() -> None:
+        if file_sha256(path) != sha256:
+            raise DataError(f"{where} does not match the SHA-256 its manifest gives: it was altered or damaged. "
+                            "Prepare the dataset again (ddl data prepare), or copy the file again")
+        _stamp(path, sha256).touch()
+
+    build_once(_stamp(path, sha256), check)
 
 
 def stamp_verified(folder: Path, stored: dict[str, File | Shard]) -> None:

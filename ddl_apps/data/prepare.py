@@ -10,6 +10,8 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from ddl_apps.cache import build_once, cache_dir
 from ddl_apps.data.config import AUTO, READING_OPTIONS
 from ddl_apps.data.dataset import PreparedDataset, stamp_verified
@@ -65,8 +67,6 @@ class DatasetWriter:
 
 
 def _itemsize(column: Column) -> int:
-    import numpy as np
-
     return TEXT_BYTES if column.dtype == TEXT else np.dtype(column.dtype).itemsize
 
 

@@ -76,16 +76,28 @@ def download_wheel(requirement: str, sha256: str, folder: Path) -> Path:
     return wheels[0]
 
 
-def read_table(source: str) -> pd.DataFrame:
+def source_file(source: str) -> Path:
+    """The file data.source names (the shipped table's cached copy for 'ieee-cis'), which must exist."""
     path = ieee_cis_path() if source == IEEE_CIS else Path(source)
     if not path.is_file():
         raise DataError(f"data file {path} does not exist; set data.source to a CSV or Parquet file")
+    return path
+
+
+def is_parquet(path: Path) -> bool:
+    return path.suffix.lower() in (".parquet", ".pq")
+
+
+def unreadable(path: Path, error: Exception) -> DataError:
+    return DataError(f"cannot read {path} as {'Parquet' if is_parquet(path) else 'CSV'}: {error}")
+
+
+def read_table(source: str) -> pd.DataFrame:
+    path = source_file(source)
     try:
-        if path.suffix.lower() in (".parquet", ".pq"):
-            return pd.read_parquet(path)
-        return pd.read_csv(path, low_memory=False)
+        return pd.read_parquet(path) if is_parquet(path) else pd.read_csv(path, low_memory=False)
     except Exception as e:  # pandas raises many kinds for a broken file
-        raise DataError(f"cannot read {path} as {'Parquet' if 'parq' in path.suffix else 'CSV'}: {e}") from None
+        raise unreadable(path, e) from None
 
 
 def feature_columns(cfg: DataConfig, columns: list[str]) -> tuple[list[str], list[str]]:
@@ -135,17 +147,11 @@ class Table:
     first, batch by batch), so memory holds a column, not the table."""
 
     def __init__(self, source: str, scratch: Path):
-        path = ieee_cis_path() if source == IEEE_CIS else Path(source)
-        if not path.is_file():
-            raise DataError(f"data file {path} does not exist; set data.source to a CSV or Parquet file")
-        self.source = source
+        path = source_file(source)
         try:
-            if path.suffix.lower() not in (".parquet", ".pq"):
-                path = csv_to_parquet(path, scratch / "source.parquet")
-            self.file = pq.ParquetFile(path)
+            self.file = pq.ParquetFile(path if is_parquet(path) else csv_to_parquet(path, scratch / "source.parquet"))
         except (pa.ArrowException, OSError) as e:
-            kind = "Parquet" if "parq" in path.suffix else "CSV"
-            raise DataError(f"cannot read {path} as {kind}: {e}") from None
+            raise unreadable(path, e) from None
         self.rows = self.file.metadata.num_rows
         self.columns = self.file.schema_arrow.names
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,11 @@ class TextTask(TorchTask):
         self.train, self.valid, self.test = task_splits(dataset, self.data_cfg, recipe.run.seed, data.to_batch,
                                                         bucket_by="length")
 
+    @cached_property
+    def test_rows(self) -> dict[str, np.ndarray]:
+        """The test split's prepared columns, read once for the baseline and the predictions file."""
+        return self.dataset.split("test").load()
+
     def build_model(self) -> torch.nn.Module:
         return model.build_classifier(self.folder, self.config, self.model_cfg.pretrained)
 
@@ -69,7 +75,7 @@ class TextTask(TorchTask):
     def write_artifacts(self, run_dir: Path, outputs: dict[str, np.ndarray]) -> None:
         """Every test text with its true label and the prediction, as JSON lines (what `ddl predict` prints for
         the same text with the exported model)."""
-        texts = self.dataset.split("test").load()["text"]  # in the split's order, which "index" counts
+        texts = self.test_rows["text"]  # in the split's order, which "index" counts
         with (run_dir / PREDICTIONS).open("w") as f:
             for index, label, probabilities in zip(outputs["index"], outputs["label"], outputs["probabilities"],
                                                    strict=True):
@@ -82,7 +88,7 @@ class TextTask(TorchTask):
     def report(self) -> dict[str, dict[str, float]]:
         """A TF-IDF + logistic-regression baseline on the same split, scored on the same test texts: how much the
         transformer adds over word counts."""
-        train, test = (self.dataset.split(name).load() for name in ("train", "test"))
+        train, test = self.dataset.split("train").load(), self.test_rows
         if not self.model_cfg.baseline or len(np.unique(train["label"])) < 2:
             return {}
         from sklearn.feature_extraction.text import TfidfVectorizer
