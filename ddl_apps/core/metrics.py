@@ -9,6 +9,7 @@ import json
 import time
 from collections import defaultdict
 from dataclasses import dataclass
+from io import FileIO
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +72,7 @@ class RunLog(SilentLog):
 
         self.run_dir = run_dir
         self.console = Console(stderr=True, soft_wrap=True)  # whole lines: paths in messages stay greppable
-        self._jsonl = (run_dir / METRICS_FILE).open("a", buffering=1)
+        self._jsonl = _open_for_appending(run_dir / METRICS_FILE)
         self._tb = Writer(str(run_dir / "tensorboard"))
         self._show_progress = show_progress and self.console.is_terminal
         self._progress: Progress | None = None
@@ -113,7 +114,8 @@ class RunLog(SilentLog):
         return f"{seconds // 60}:{seconds % 60:02d}"
 
     def record(self, split: str, step: int, values: dict[str, float]) -> None:
-        self._jsonl.write(json.dumps({"split": split, "step": step, "time": round(time.time(), 3), **values}) + "\n")
+        row = {"split": split, "step": step, "time": round(time.time(), 3), **values}
+        self._jsonl.write((json.dumps(row) + "\n").encode())  # one write per row: readers see whole lines
         for key, value in values.items():
             self._tb.add_scalar(f"{split}/{key}", value, step)
 
@@ -151,9 +153,21 @@ def summary_table(summary: dict[str, dict[str, float]]) -> Table:
     return table
 
 
+def _open_for_appending(path: Path) -> FileIO:
+    """Unbuffered appends, after cutting off a row that a killed run left unfinished (a resume appends here)."""
+    if path.exists():
+        text = path.read_bytes()
+        if not text.endswith(b"\n"):
+            with path.open("r+b") as file:
+                file.truncate(text.rfind(b"\n") + 1)
+    return path.open("ab", buffering=0)
+
+
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The finished rows: a row still being written (no newline yet) is left for the next read."""
     path = run_dir / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    text = path.read_text() if path.exists() else ""
+    return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines() if line.strip()]
 
 
 def plot_curves(run_dir: Path) -> None:

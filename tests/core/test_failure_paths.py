@@ -16,6 +16,7 @@ import torch
 
 from ddl_apps.cache import build_once
 from ddl_apps.core import checkpointer, rundir, schedule
+from ddl_apps.core.metrics import METRICS_FILE, RunLog, read_metrics
 from ddl_apps.core.torch_engine import pack_rng_state, unpack_rng_state
 from ddl_apps.errors import DataError, RecipeError
 from ddl_apps.recipe import load_recipe
@@ -39,6 +40,16 @@ def test_trained_batch_is_read_from_the_newest_readable_checkpoint(tmp_path):
     assert checkpointer.trained_batch(tmp_path) == TRAINED
     checkpoint_with(tmp_path, 30, {"epoch": 0, "step": 30, "size": 2})  # written before the batch was stored
     assert checkpointer.trained_batch(tmp_path) == TRAINED
+
+
+def test_a_metrics_row_cut_by_a_kill_is_neither_read_nor_continued(tmp_path):
+    finished, cut = '{"split": "train", "step": 10, "loss": 1.0}\n', '{"split": "train", "step": 20, "'
+    (tmp_path / METRICS_FILE).write_text(finished + cut)
+    assert [row["step"] for row in read_metrics(tmp_path)] == [10]  # also what a reader sees while a row is written
+    log = RunLog(tmp_path, show_progress=False)  # the resumed run appends to the same file
+    log.record("train", 30, {"loss": 0.5})
+    log.close()
+    assert [(row["step"], row["loss"]) for row in read_metrics(tmp_path)] == [(10, 1.0), (30, 0.5)]
 
 
 def test_resume_keeps_the_trained_global_batch_on_another_worker_count():
