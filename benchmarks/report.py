@@ -22,6 +22,8 @@ Regenerate everything here with `make bench` (or `ddl bench`; `ddl bench allredu
 writes `benchmarks/results/<part>.json`, then this file and `benchmarks/charts/` are rebuilt from those results.
 Every figure is a median over repeated measurements (calls, or log windows of several steps after a warm-up
 window); brackets give the spread (min-max). Ratios compare against a peer measured in the same `make bench`.
+The `fraud_mlp` figures below were measured while that recipe trained a single MLP; since issue 24 it trains an
+8-member TabM-mini ensemble (about 6x the compute per step), which the next `make bench` measures.
 
 ## What the core ships, and why
 Measured on the machine below before these settings (Horovod 0.28.1 as released, Gloo controller, 5 ms cycle):

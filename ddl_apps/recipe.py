@@ -82,11 +82,11 @@ class Recipe(Section):
     @field_validator("trainer")
     @classmethod
     def _known_trainer(cls, trainer: str) -> str:
-        from ddl_apps.registry import find_trainer, registered
+        from ddl_apps.registry import RENAMED, find_trainer, registered
 
         if find_trainer(trainer) is None:
             raise ValueError(f"unknown trainer{_suggest(trainer, registered())}")
-        return trainer
+        return RENAMED.get(trainer, trainer)
 
 
 def _suggest(word: str, choices) -> str:

@@ -13,6 +13,9 @@ from pathlib import Path
 from ddl_apps.core.contract import ENTRY_POINTS, Trainer
 from ddl_apps.errors import RecipeError
 
+# Trainers that took a new name: recipes that name the old one keep working.
+RENAMED = {"fraud": "tabular"}
+
 
 @cache
 def registered() -> dict[str, EntryPoint]:
@@ -49,6 +52,7 @@ def _module_trainer(name: str) -> Trainer | None:
 @cache
 def find_trainer(name: str) -> Trainer | None:
     """The trainer of a recipe's `trainer:` name, or None when there is none by that name."""
+    name = RENAMED.get(name, name)
     if name in registered():
         return _load(name, registered()[name])
     return _module_trainer(name) if "." in name else None

@@ -142,8 +142,8 @@ def section_value(draw, schema) -> Any:
         return draw(VALUES)
     fields = schema.model_fields
     keys = draw(st.lists(mostly(st.sampled_from(sorted(fields)), st.text(max_size=8)), max_size=4, unique=True))
-    return {k: fields[k].get_default(call_default_factory=True) if k in fields and draw(st.integers(0, 9))
-            else draw(VALUES) for k in keys}
+    return {k: fields[k].get_default(call_default_factory=True)
+            if k in fields and not fields[k].is_required() and draw(st.integers(0, 9)) else draw(VALUES) for k in keys}
 
 
 @st.composite
@@ -202,12 +202,12 @@ FRAUD_COLUMNS = {"isFraud": st.sampled_from([0, 1]), "TransactionDT": st.integer
 @fuzz(60)
 @given(table_files(FRAUD_COLUMNS, [".csv", ".parquet"]), st.sampled_from(["[card]", "[card]", "[]"]), st.booleans())
 def test_fraud_reader(table, categorical, timed):
-    from ddl_apps.trainers.fraud.trainer import build_task
+    from ddl_apps.trainers.tabular.trainer import build_task
 
     with tempfile.TemporaryDirectory() as tmp:
         overrides = [f"data.source={write(Path(tmp), *table)}", f"data.categorical={categorical}",
-                     "model.baseline=false", *([] if timed else ["data.time_column=null"])]
-        task = accepted_or_explained(build_task, load_recipe("fraud_mlp", overrides), None)
+                     "model.baselines=[]", *([] if timed else ["data.time_column=null"])]
+        task = accepted_or_explained(build_task, load_recipe("fraud_mlp", overrides), Topology(0, 1, 0, 1))
     if task is not None:  # no NaN or infinity reaches the model
         assert all(np.isfinite(task.dataset.split(name).load()["numeric"]).all() for name in ("train", "valid", "test"))
 
@@ -216,7 +216,7 @@ def test_fraud_reader(table, categorical, timed):
 @given(tables({"amount": st.none() | st.floats(), "card": CELLS}))
 def test_fraud_scoring_of_any_table(frame):
     """`ddl predict` on a table the model never saw: finite features, or one DataError."""
-    from ddl_apps.trainers.fraud import data
+    from ddl_apps.trainers.tabular import data
 
     training = pd.DataFrame({"amount": [1.0, 2.0, np.nan, 4.0], "card": ["a", "a", "b", None]})
     pre = data.Preprocessor.fit(training, ["amount"], ["card"], load_recipe("fraud_mlp").data)
@@ -440,7 +440,7 @@ def test_cli_fraud_table_with_infinite_amounts(tmp_path):
     frame = pd.DataFrame({"isFraud": [0, 1] * 20, "TransactionDT": range(40), "amount": [1.0, np.inf] * 20})
     frame.to_csv(tmp_path / "t.csv", index=False)
     assert_stops_cleanly(tmp_path / "run", "fraud_mlp", f"data.source={tmp_path / 't.csv'}", "data.categorical=[]",
-                         "data.id_column=null", expected="columns ['amount'] hold infinite values")
+                         "data.id_column=null", expected="column 'amount' holds infinite values")
 
 
 def test_cli_text_table_without_the_label_column(tmp_path):

@@ -33,7 +33,7 @@ BROKEN = {
     "bad_yaml": ("trainer: fraud\noptim: {lr: [1e-3\n", "not valid YAML"),
     "wrong_type": ("trainer: fraud\noptim:\n  batch_size: big\n", "optim.batch_size"),
     "unknown_key": ("trainer: fraud\noptim:\n  learning_rate: 0.1\n", "unknown key"),
-    "unknown_trainer": ("trainer: fruad\n", "did you mean 'fraud'"),
+    "unknown_trainer": ("trainer: tabulr\n", "did you mean 'tabular'"),
     "not_a_mapping": ("- just\n- a list\n", "must be a YAML mapping"),
     "bad_value": ("trainer: fraud\ndist:\n  compression: fp8\n", "dist.compression"),
 }
@@ -71,4 +71,4 @@ def test_recipes_lists_shipped_recipes_with_descriptions():
 
 def test_show_prints_the_resolved_config():
     shown = yaml.safe_load(ddl("show", "fraud_mlp", "optim.lr=0.5").stdout)
-    assert shown["optim"]["lr"] == 0.5 and shown["trainer"] == "fraud" and shown["run"]["seed"] == 0
+    assert shown["optim"]["lr"] == 0.5 and shown["trainer"] == "tabular" and shown["run"]["seed"] == 0

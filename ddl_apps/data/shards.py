@@ -24,6 +24,8 @@ def columns_of(batch: Columns) -> dict[str, Column]:
 
 def schema_of(columns: dict[str, Column]) -> pa.Schema:
     def arrow_type(column: Column) -> pa.DataType:
+        if column.shape and math.prod(column.shape) == 0:
+            return pa.null()  # Arrow has no lists of fixed size 0: an empty row is a null
         scalar = pa.string() if column.dtype == TEXT else pa.from_numpy_dtype(np.dtype(column.dtype))
         return pa.list_(scalar, math.prod(column.shape)) if column.shape else scalar
     return pa.schema([(name, arrow_type(column)) for name, column in columns.items()])
@@ -33,7 +35,9 @@ def to_record_batch(batch: Columns, schema: pa.Schema) -> pa.RecordBatch:
     arrays = []
     for field in schema:
         values = batch[field.name]
-        if values.ndim == 1:
+        if field.type == pa.null():
+            arrays.append(pa.nulls(len(values)))
+        elif values.ndim == 1:
             arrays.append(pa.array(values, type=field.type))
         else:
             flat = pa.array(np.ascontiguousarray(values).reshape(-1), type=field.type.value_type)
@@ -48,6 +52,8 @@ def decode_chunk(data: bytes, schema: pa.Schema, columns: dict[str, Column]) -> 
 
 
 def to_numpy(array: pa.Array, column: Column) -> np.ndarray:
+    if array.type == pa.null():
+        return np.zeros((len(array), *column.shape), dtype=column.dtype)
     if column.shape:
         return array.flatten().to_numpy(zero_copy_only=False).reshape(len(array), *column.shape)
     return array.to_numpy(zero_copy_only=False)

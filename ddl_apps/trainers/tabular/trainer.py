@@ -1,0 +1,207 @@
+"""Tabular trainer (binary classification: fraud, churn): the data, model, loss and metrics the PyTorch engine
+needs, baselines, the charts a scoring team reads, and scoring new rows."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from threadpoolctl import threadpool_limits
+
+from ddl_apps.core.contract import Preparer, TorchTask, TrainerHooks
+from ddl_apps.core.dist import Topology
+from ddl_apps.core.rundir import MODEL_DIR, reading_export
+from ddl_apps.core.torch_engine import Batch, load_weights, save_weights
+from ddl_apps.data.dataset import PreparedDataset, task_splits
+from ddl_apps.data.prepare import open_prepared
+from ddl_apps.errors import DataError
+from ddl_apps.recipe import Recipe
+from ddl_apps.trainers.tabular import charts, data
+from ddl_apps.trainers.tabular.config import ModelConfig
+from ddl_apps.trainers.tabular.model import TabularModel, focal_loss
+
+PREPROCESSING, ARCHITECTURE = "preprocessing.json", "model.json"
+GAINS_PNG, CALIBRATION_PNG = "gains.png", "calibration.png"
+
+
+def binary_metrics(label: np.ndarray, score: np.ndarray) -> dict[str, float]:
+    """On the whole split: PR-AUC (average precision), ROC-AUC, recall at 1 % false-positive rate, lift and capture
+    rate in the top decile of scores, and the Brier score."""
+    from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
+    if label.min() == label.max():
+        return dict.fromkeys(("pr_auc", "roc_auc", "recall_at_1pct_fpr", "top_decile_lift", "top_decile_capture"),
+                             float("nan")) | {"brier": float(np.mean((score - label) ** 2))}
+    fpr, tpr, _ = roc_curve(label, score, drop_intermediate=False)  # (dropped points understate tied scores)
+    capture = captured(label, score, 0.1)
+    return {
+        "pr_auc": float(average_precision_score(label, score)),
+        "roc_auc": float(roc_auc_score(label, score)),
+        "recall_at_1pct_fpr": float(tpr[fpr <= 0.01].max()),
+        "top_decile_lift": capture / 0.1,
+        "top_decile_capture": capture,
+        "brier": float(np.mean((score - label) ** 2)),
+    }
+
+
+def captured(label: np.ndarray, score: np.ndarray, fraction: float) -> float:
+    """The share of all positives among the `fraction` of rows with the highest scores; rows tied at the cut count
+    in proportion (what a random order among them would give on average)."""
+    top = max(1, round(fraction * len(score)))
+    cut = np.partition(score, len(score) - top)[len(score) - top]
+    above, at = score > cut, score == cut
+    taken = label[above].sum() + label[at].sum() * (top - above.sum()) / at.sum()
+    return float(taken / label.sum())
+
+
+def to_torch(columns: dict[str, np.ndarray]) -> Batch:
+    return {name: torch.from_numpy(values) for name, values in columns.items()}
+
+
+class TabularTask(TorchTask):
+    def __init__(self, recipe: Recipe, dataset: PreparedDataset):
+        cfg, self.model_cfg = recipe.data, recipe.model
+        self.seed, self.dataset = recipe.run.seed, dataset
+        fitted = dataset.manifest.fitted
+        self.preprocessor = data.Preprocessor(**fitted["preprocessor"])
+        self.train, self.valid, self.test = task_splits(dataset, cfg, self.seed, to_torch)
+        positives = max(1.0, fitted["train_positives"])
+        self.pos_weight = self.model_cfg.pos_weight or float(np.sqrt((self.train.examples - positives) / positives))
+        self.columns = {"id": cfg.id_column, "label": cfg.label, "score": cfg.score_column}
+        self.baseline_results: dict[str, dict[str, float]] = {}
+
+    def architecture(self) -> dict:
+        m = self.model_cfg
+        return {"num_numeric": self.preprocessor.num_features, "cardinalities": self.preprocessor.cardinalities,
+                "hidden": m.hidden, "embedding_dim": m.embedding_dim, "dropout": m.dropout, "ensemble": m.ensemble,
+                "periodic": m.periodic.model_dump() if m.periodic else None}
+
+    def build_model(self) -> torch.nn.Module:
+        return TabularModel(**self.architecture())
+
+    def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        """Each ensemble member's loss, averaged: the members train as independent models would."""
+        logits = model(batch["numeric"], batch["categories"])
+        target = batch["label"][:, None].expand_as(logits)
+        pos_weight = 1.0 if self.model_cfg.loss == "bce" else self.pos_weight
+        if self.model_cfg.loss == "focal":
+            return focal_loss(logits, target, self.model_cfg.focal_gamma, pos_weight)
+        weight = torch.tensor(pos_weight, device=logits.device)
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits, target, pos_weight=weight)
+
+    def predict(self, model: TabularModel, batch: Batch) -> dict[str, torch.Tensor]:
+        return {"score": model.probability(batch["numeric"], batch["categories"]), "label": batch["label"]}
+
+    def metrics(self, outputs: dict[str, np.ndarray]) -> dict[str, float]:
+        return binary_metrics(outputs["label"], outputs["score"])
+
+    def export(self, model: torch.nn.Module, model_dir: Path) -> None:
+        save_weights(model, model_dir)
+        self.preprocessor.save(model_dir / PREPROCESSING)
+        (model_dir / ARCHITECTURE).write_text(json.dumps({**self.architecture(), **self.columns}))
+
+    def write_artifacts(self, run_dir: Path, outputs: dict[str, np.ndarray]) -> None:
+        """The baselines, trained on the same split and features and scored on the same test rows, then the
+        cumulative-gains chart and the calibration plot of the model and the baselines."""
+        scores = {"model": outputs["score"]}
+        test = self.dataset.split("test").load()
+        for name in self.model_cfg.baselines:
+            start = time.perf_counter()
+            scores[f"baseline {name}"] = baseline_scores(name, self.dataset, test, self.preprocessor, self.model_cfg,
+                                                         self.seed)
+            self.baseline_results[f"baseline {name} (test)"] = {
+                **binary_metrics(test["label"], scores[f"baseline {name}"]),
+                "fit_seconds": round(time.perf_counter() - start, 1)}
+        charts.gains_chart(outputs["label"], scores, run_dir / GAINS_PNG)
+        charts.calibration_plot(outputs["label"], scores, run_dir / CALIBRATION_PNG)
+
+    def report(self) -> dict[str, dict[str, float]]:
+        return self.baseline_results
+
+
+def baseline_scores(name: str, dataset: PreparedDataset, test: dict[str, np.ndarray], pre: data.Preprocessor,
+                    cfg: ModelConfig, seed: int) -> np.ndarray:
+    """A scikit-learn model fitted on (a random sample of) the training split, scoring the test split."""
+    from sklearn.compose import ColumnTransformer
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import OneHotEncoder
+
+    train = dataset.split("train").load(max_rows=cfg.baseline_rows)
+    if name == "gradient_boosting":
+        is_categorical = [False] * pre.num_features + [c <= 255 for c in pre.cardinalities]
+        model = HistGradientBoostingClassifier(max_iter=300, learning_rate=0.1, early_stopping=True,
+                                               categorical_features=is_categorical, random_state=seed)
+    else:  # logistic regression on the scaled numbers and one-hot categories
+        categories = slice(pre.num_features, None)
+        one_hot = ColumnTransformer([("numbers", "passthrough", slice(0, pre.num_features)),
+                                     ("categories", OneHotEncoder(handle_unknown="ignore"), categories)])
+        model = make_pipeline(one_hot, LogisticRegression(max_iter=2000))
+    # The engine gives each worker one share of the cores (which also caps OpenMP); training is over and rank 0
+    # alone runs this, so let it use them all.
+    with threadpool_limits(limits=os.cpu_count(), user_api="openmp"):
+        model.fit(np.hstack([train["numeric"], train["categories"]]), train["label"])
+        return model.predict_proba(np.hstack([test["numeric"], test["categories"]]))[:, 1]
+
+
+PREPARER = Preparer(source=data.source_identity, write=data.write_prepared, columns=data.COLUMNS,
+                    depends_on=data.preparation_depends_on)
+
+
+def build_task(recipe: Recipe, topology: Topology) -> TabularTask:
+    task = TabularTask(recipe, open_prepared(recipe, PREPARER))
+    if topology.is_root:
+        data.say(task.dataset.manifest.fitted["notes"])
+    return task
+
+
+def load_exported(model_dir: Path) -> tuple[TabularModel, data.Preprocessor, dict]:
+    with reading_export(model_dir):
+        architecture = json.loads((model_dir / ARCHITECTURE).read_text())
+    columns = {k: architecture.pop(k) for k in ("id", "label", "score")}
+    model = TabularModel(**architecture)
+    load_weights(model, model_dir)
+    return model.eval(), data.Preprocessor.load(model_dir / PREPROCESSING), columns
+
+
+def predict_file(model_dir: Path, source: Path, output: Path, batch_size: int = 8192) -> int:
+    """Write `output` (CSV), highest score first: the rank, the id column when the data has it, and the score (the
+    probability of the positive label) per row."""
+    model, pre, columns = load_exported(model_dir)
+    frame = data.read_table(str(source))
+    if frame.empty:
+        raise DataError(f"{source} has no rows to score")
+    numeric, categories = pre.transform(frame)
+    with torch.no_grad():
+        scores = np.concatenate([
+            model.probability(torch.from_numpy(numeric[i : i + batch_size]),
+                              torch.from_numpy(categories[i : i + batch_size])).numpy()
+            for i in range(0, len(frame), batch_size)
+        ])
+    result = pd.DataFrame({columns["score"]: scores})
+    if columns["id"] and columns["id"] in frame.columns:
+        result.insert(0, columns["id"], frame[columns["id"]].to_numpy())
+    result = result.iloc[np.argsort(-scores, kind="stable")]
+    result.insert(0, "rank", np.arange(1, len(result) + 1))
+    partial = output.with_name(f".{output.name}.partial")
+    result.to_csv(partial, index=False)
+    partial.rename(output)  # never a half-written scores file
+    return len(result)
+
+
+def predict_cli(run_dir: Path, inputs: list[str], output: Path | None) -> None:
+    """`ddl predict RUN_DIR data.csv -o scores.csv`."""
+    if len(inputs) != 1 or output is None:
+        raise DataError("scoring a table takes one CSV/Parquet file and -o OUTPUT.csv: "
+                        "ddl predict RUN_DIR data.csv -o scores.csv")
+    rows = predict_file(run_dir / MODEL_DIR, Path(inputs[0]), output)
+    print(f"wrote {rows} scores to {output}")
+
+
+HOOKS = TrainerHooks(build_task=build_task, predict=predict_cli, prepare=PREPARER)

@@ -1,0 +1,145 @@
+"""Issue 24: the churn recipe on the tabular trainer (labels of any two values, numbers stored as text, stratified
+split, the figures and charts churn teams read, ranked scores) and its errors on bad input."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ddl_apps.core.rundir import load_run_recipe
+from ddl_apps.errors import DataError
+from ddl_apps.recipe import load_recipe
+from ddl_apps.trainers.tabular import data
+from ddl_apps.trainers.tabular.trainer import binary_metrics, captured
+from tests.engine_runs import ddl, final_weights, summary, train
+
+CHURN = "churn_tabm"
+QUICK = ("optim.epochs=1", "model.baselines=[]", "run.log_every=10")
+
+
+@pytest.fixture(scope="module")
+def churn_table():
+    """The IBM Telco table as the shipped copy holds it (Churn: Yes/No; TotalCharges: text with blank cells)."""
+    return pd.read_csv(data.shipped_path(data.TELCO_CHURN), dtype={"TotalCharges": str}, keep_default_na=False)
+
+
+def test_churn_end_to_end_and_ranked_scores_reproduce_the_evaluation(tmp_path):
+    run = train(tmp_path / "run", "optim.epochs=3", recipe=CHURN)
+    for name in ("gains.png", "calibration.png", "curves.png", "test_outputs.npz", "model/model.json"):
+        assert (run / name).stat().st_size > 0, name
+    results = summary(run)["results"]
+    for row in ("model (test)", "baseline gradient_boosting (test)", "baseline logistic (test)"):
+        figures = results[row]
+        assert figures["roc_auc"] > 0.75 and 0 < figures["brier"] < 0.2, (row, figures)
+        assert figures["top_decile_lift"] > 2 and figures["top_decile_capture"] == pytest.approx(
+            figures["top_decile_lift"] / 10), (row, figures)
+
+    recipe = load_run_recipe(run)
+    table = data.Table(recipe.data.source, tmp_path)
+    label = data.LabelCoding.of(table.column("Churn"), recipe.data).encode(table.column("Churn"), recipe.data)
+    assignment = data.split_rows(table, label, recipe.data, recipe.run.seed)
+    assert [label[assignment == code].mean() for code in range(3)] == pytest.approx([label.mean()] * 3, abs=0.005)
+    test_rows = tmp_path / "test.csv"
+    pd.read_csv(data.shipped_path(data.TELCO_CHURN))[assignment == 2].to_csv(test_rows, index=False)
+    result = ddl("predict", str(run), str(test_rows), "-o", str(tmp_path / "scores.csv"))
+    assert result.returncode == 0, result.stderr
+    scored = pd.read_csv(tmp_path / "scores.csv")
+    assert list(scored.columns) == ["rank", "customerID", "churn_probability"]
+    assert scored["churn_probability"].is_monotonic_decreasing and scored["rank"].tolist() == list(
+        range(1, len(scored) + 1))
+    evaluated = np.load(run / "test_outputs.npz")
+    by_customer = scored.set_index("customerID")["churn_probability"]
+    np.testing.assert_allclose(by_customer[pd.read_csv(test_rows)["customerID"]], evaluated["score"], atol=1e-6)
+
+
+@pytest.mark.distributed
+def test_two_workers_train_identical_weights_with_periodic_embeddings(tmp_path):
+    run = train(tmp_path / "run", *QUICK, "data.rows=3000", "model.periodic={frequencies: 4, width: 4}", np=2,
+                recipe=CHURN)
+    digests = summary(run)["weights_sha256_by_rank"]
+    assert len(digests) == 2 and digests[0] == digests[1]
+
+
+LABELS = {  # the same labels, written as users' tables write them
+    "yes_no": ({"Yes": "Yes", "No": "No"}, ()),
+    "numbers": ({"Yes": 1, "No": 0}, ()),
+    "booleans": ({"Yes": "true", "No": "false"}, ()),
+    "words": ({"Yes": "churned", "No": "stayed"}, ("data.positive_label=churned",)),
+    "inverted": ({"Yes": "stayed", "No": "churned"}, ("data.positive_label=stayed",)),
+}
+
+
+def test_labels_written_as_strings_or_numbers_train_the_same_model(churn_table, tmp_path):
+    weights = {}
+    for name, (mapping, overrides) in LABELS.items():
+        csv = tmp_path / f"{name}.csv"
+        churn_table.assign(Churn=churn_table["Churn"].map(mapping)).to_csv(csv, index=False)
+        run = train(tmp_path / name, *QUICK, f"data.source={csv}", "data.positive_label=null", *overrides,
+                    recipe=CHURN)
+        weights[name] = final_weights(run)
+    for name in LABELS:
+        np.testing.assert_array_equal(weights[name], weights["yes_no"], err_msg=name)
+
+
+def edited(column: str, change):
+    return lambda table: table.assign(**{column: change(table)})
+
+
+BAD_INPUT = {
+    "three label values": (edited("Churn", lambda t: t["Churn"].where(t.index % 50 > 0, "Maybe")), (),
+                           "label column 'Churn' must hold two values for a binary classifier; it holds 3"),
+    "positive label absent": (lambda t: t, ("data.positive_label=Churned",),
+                              "data.positive_label 'Churned' does not occur in label column 'Churn'"),
+    "two unknown label values": (edited("Churn", lambda t: t["Churn"].map({"Yes": "left", "No": "stayed"})),
+                                 ("data.positive_label=null",),
+                                 "label column 'Churn' holds 'left' and 'stayed': set data.positive_label"),
+    "empty label": (edited("Churn", lambda t: t["Churn"].where(t.index != 7, "")), (),
+                    "label column 'Churn' is empty in 1 rows (the first: row 7)"),
+    "numbers mostly text": (edited("TotalCharges", lambda t: t["TotalCharges"].where(t.index % 3 > 0, "unknown")),
+                            (), "numeric column 'TotalCharges' is mostly text ("),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUT))
+def test_bad_input_gives_one_clear_error(case, churn_table, tmp_path):
+    change, overrides, expected = BAD_INPUT[case]
+    csv = tmp_path / "churn.csv"
+    change(churn_table).to_csv(csv, index=False)
+    result = ddl("train", CHURN, f"data.source={csv}", f"run.dir={tmp_path / 'run'}", *overrides)
+    assert result.returncode == 2 and expected in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
+
+
+def test_numbers_stored_as_text_are_parsed_and_the_choice_is_said():
+    cells = pd.Series([" 29.85", "", "1,889.5", "108.15", "yes", "no", None, *["12"] * 100], dtype=object)
+    values, note = data.column_numbers(cells, "TotalCharges", "t.csv")
+    np.testing.assert_array_equal(values[:7], [29.85, np.nan, np.nan, 108.15, 1.0, 0.0, np.nan])
+    assert note == ("column 'TotalCharges' holds numbers as text: read as numbers, 2 blank cells and 1 of other "
+                    "text ('1,889.5') as missing values")
+    flags, note = data.column_numbers(pd.Series([True, False]), "flag", "t.csv")
+    assert flags.tolist() == [1.0, 0.0] and note is None
+    with pytest.raises(DataError, match="column 'x' is mostly text"):
+        data.column_numbers(pd.Series(["a", "b", "1"]), "x", "t.csv")
+
+
+def test_label_coding_reads_two_values_case_blind():
+    cfg = load_recipe(CHURN, ["data.positive_label=null"]).data
+    coding = data.LabelCoding.of(pd.Series(["Yes", "no", "YES", "No"]), cfg)
+    assert (coding.positive, coding.negative) == ("true", "false")
+    assert data.LabelCoding.of(pd.Series([1.0, 0.0]), cfg).encode(pd.Series(["1", "0", 1]), cfg).tolist() == [1, 0, 1]
+    yaml_yes = load_recipe(CHURN, ["data.positive_label=Yes"]).data  # YAML reads a bare Yes as true
+    assert data.LabelCoding.of(pd.Series(["Yes", "No"]), yaml_yes).positive == "true"
+
+
+def test_top_decile_counts_tied_scores_in_proportion():
+    label = np.array([1, 1, 0, 0, 0, 1, 0, 0, 0, 0] * 2, dtype=float)  # 20 rows, 6 positives; top 10 % = 2 rows
+    score = np.array([0.9, 0.5, 0.5, 0.5, 0.5] + [0.1] * 15)  # one sure row, then 1 of the 4 tied rows at 0.5
+    assert captured(label, score, 0.1) == pytest.approx((1 + 1 / 4) / 6)
+    figures = binary_metrics(label, score)
+    assert figures["top_decile_lift"] == pytest.approx(figures["top_decile_capture"] / 0.1)
+    assert figures["brier"] == pytest.approx(np.mean((score - label) ** 2))
+
+
+def test_a_recipe_naming_the_old_fraud_trainer_still_loads(tmp_path):
+    old = tmp_path / "old.yaml"
+    old.write_text("trainer: fraud\ndata:\n  source: ieee-cis\n  label: isFraud\n")
+    assert load_recipe(str(old)).trainer == "tabular"
