@@ -282,8 +282,9 @@ def write_prepared(recipe: Recipe, writer: DatasetWriter) -> dict[str, Any]:
     table = Table(cfg.source, writer.folder)
     check_columns(pd.DataFrame(columns=table.columns), [c for c in (cfg.label, cfg.time_column, cfg.id_column) if c],
                   cfg.source, COLUMNS_FIX)
-    coding = LabelCoding.of(table.column(cfg.label), cfg)
-    assignment = split_rows(table, coding.encode(table.column(cfg.label), cfg), cfg, seed)
+    label_column = table.column(cfg.label)
+    coding = LabelCoding.of(label_column, cfg)
+    assignment = split_rows(table, coding.encode(label_column, cfg), cfg, seed)
     numeric, categorical = feature_columns(cfg, table.columns)
     train = assignment == 0
     pre, notes = Preprocessor.fit_columns(lambda c: table.column(c)[train].reset_index(drop=True), int(train.sum()),

@@ -22,7 +22,6 @@ from ddl_apps.data.prepare import open_prepared
 from ddl_apps.errors import DataError
 from ddl_apps.recipe import Recipe
 from ddl_apps.trainers.tabular import charts, data
-from ddl_apps.trainers.tabular.config import ModelConfig
 from ddl_apps.trainers.tabular.model import TabularModel, focal_loss
 
 PREPROCESSING, ARCHITECTURE = "preprocessing.json", "model.json"
@@ -109,11 +108,12 @@ class TabularTask(TorchTask):
         """The baselines, trained on the same split and features and scored on the same test rows, then the
         cumulative-gains chart and the calibration plot of the model and the baselines."""
         scores = {"model": outputs["score"]}
-        test = self.dataset.split("test").load()
+        if self.model_cfg.baselines:
+            train = self.dataset.split("train").load(max_rows=self.model_cfg.baseline_rows)
+            test = self.dataset.split("test").load()
         for name in self.model_cfg.baselines:
             start = time.perf_counter()
-            scores[f"baseline {name}"] = baseline_scores(name, self.dataset, test, self.preprocessor, self.model_cfg,
-                                                         self.seed)
+            scores[f"baseline {name}"] = baseline_scores(name, train, test, self.preprocessor, self.seed)
             self.baseline_results[f"baseline {name} (test)"] = {
                 **binary_metrics(test["label"], scores[f"baseline {name}"]),
                 "fit_seconds": round(time.perf_counter() - start, 1)}
@@ -124,16 +124,16 @@ class TabularTask(TorchTask):
         return self.baseline_results
 
 
-def baseline_scores(name: str, dataset: PreparedDataset, test: dict[str, np.ndarray], pre: data.Preprocessor,
-                    cfg: ModelConfig, seed: int) -> np.ndarray:
-    """A scikit-learn model fitted on (a random sample of) the training split, scoring the test split."""
+def baseline_scores(name: str, train: dict[str, np.ndarray], test: dict[str, np.ndarray], pre: data.Preprocessor,
+                    seed: int) -> np.ndarray:
+    """A scikit-learn model fitted on the training rows (a random sample of the split: it is shuffled), scoring the
+    test rows."""
     from sklearn.compose import ColumnTransformer
     from sklearn.ensemble import HistGradientBoostingClassifier
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import OneHotEncoder
 
-    train = dataset.split("train").load(max_rows=cfg.baseline_rows)
     if name == "gradient_boosting":
         is_categorical = [False] * pre.num_features + [c <= 255 for c in pre.cardinalities]
         model = HistGradientBoostingClassifier(max_iter=300, learning_rate=0.1, early_stopping=True,
