@@ -205,8 +205,170 @@ def check_sync_batch_norm():
     ok("SyncBatchNormalization layers get unique names")
 
 
+def own_and_averaged_gradients(model, x, y):
+    """This rank's gradients of the mean squared error on its batch (no Horovod), and their mean over ranks."""
+    with tf.GradientTape() as tape:
+        loss = keras.ops.mean((model(x) - y) ** 2)
+    own = [g.numpy() for g in tape.gradient(loss, model.trainable_variables)]
+    return own, [hvd.allreduce(tf.constant(g), op=hvd.Average).numpy() for g in own]
+
+
+def check_local_variables():
+    """Local variables are neither broadcast nor allreduced: each worker keeps its own, updated with its own
+    gradient (divided by the number of workers when scale_local_gradients, as Horovod documents)."""
+    model = make_model(seed=rank)
+    own_init = [v.numpy() for v in model.layers[1].variables]
+    model.compile(optimizer=hvd_keras.DistributedOptimizer(keras.optimizers.SGD(0.0)), loss="mse")
+    callback = hvd_keras.callbacks.BroadcastGlobalVariablesCallback(0, local_variables=model.layers[1].variables)
+    model.fit(X[0, mine], Y[0, mine], batch_size=PER_RANK, epochs=1, verbose=0, callbacks=[callback])
+    assert_same_on_all_ranks(flat(model.layers[0].variables), "broadcast layer")
+    for variable, initial in zip(model.layers[1].variables, own_init, strict=True):
+        assert np.array_equal(variable.numpy(), initial), "a local variable was broadcast"
+    ok("BroadcastGlobalVariablesCallback leaves local_variables alone")
+
+    import horovod.keras as hvd_standalone_keras
+
+    for label, make_optimizer in [
+        ("tensorflow.keras.PartialDistributedOptimizer", lambda model, scale: hvd_keras.PartialDistributedOptimizer(
+            keras.optimizers.SGD(0.1), local_layers=[model.layers[1]], scale_local_gradients=scale)),
+        ("keras.PartialDistributedOptimizer", lambda model, scale: hvd_standalone_keras.PartialDistributedOptimizer(
+            keras.optimizers.SGD(0.1), local_layers=model.layers[1], scale_local_gradients=scale)),
+        ("DistributedOptimizer.register_local_var", lambda model, scale: register_layer(
+            hvd_keras.DistributedOptimizer(keras.optimizers.SGD(0.1), scale_local_gradients=scale), model.layers[1])),
+    ]:
+        for scale in (True, False):
+            model = make_model(seed=0)
+            initial = [v.numpy() for v in model.trainable_variables]
+            own, averaged = own_and_averaged_gradients(model, X[0, mine], Y[0, mine])
+            model.compile(optimizer=make_optimizer(model, scale), loss="mse")
+            model.fit(X[0, mine], Y[0, mine], batch_size=PER_RANK, epochs=1, shuffle=False, verbose=0)
+            local = {id(v) for v in model.layers[1].trainable_variables}
+            for variable, start, mine_g, mean_g in zip(model.trainable_variables, initial, own, averaged, strict=True):
+                gradient = (mine_g / (size if scale else 1)) if id(variable) in local else mean_g
+                np.testing.assert_allclose(variable.numpy(), start - 0.1 * gradient, rtol=1e-5, atol=1e-6,
+                                           err_msg=f"{label} scale_local_gradients={scale}")
+            assert_same_on_all_ranks(flat(model.layers[0].variables), label)
+        ok(f"{label}: local gradients are each worker's own (scaled and not), the others averaged")
+
+
+def register_layer(optimizer, layer):
+    for variable in layer.trainable_weights:
+        optimizer.register_local_var(variable)
+    return optimizer
+
+
+def check_sparse_as_dense():
+    """An Embedding's gradients are IndexedSlices: allgathered, or allreduced as dense with sparse_as_dense; both
+    give one process's update on the combined batch."""
+    ids = np.random.default_rng(1).integers(0, 20, size=(PER_RANK * size, 3))
+    targets = Y[0, :, :1]
+
+    def embedding_model():
+        keras.utils.set_random_seed(0)
+        return keras.Sequential([keras.Input((3,), dtype="int32"), keras.layers.Embedding(20, 4),
+                                 keras.layers.Flatten(), keras.layers.Dense(1)])
+
+    reference = embedding_model()
+    reference.compile(optimizer=keras.optimizers.SGD(0.5), loss="mse")
+    reference.fit(ids, targets, batch_size=len(ids), epochs=2, shuffle=False, verbose=0)
+    for sparse_as_dense in (True, False):
+        model = embedding_model()
+        model.compile(optimizer=hvd_keras.DistributedOptimizer(keras.optimizers.SGD(0.5),
+                                                               sparse_as_dense=sparse_as_dense), loss="mse")
+        model.fit(ids[mine], targets[mine], batch_size=PER_RANK, epochs=2, shuffle=False, verbose=0)
+        deviation = np.abs(flat(model.trainable_variables) - flat(reference.trainable_variables)).max()
+        assert deviation < 1e-6, f"Embedding sparse_as_dense={sparse_as_dense}: deviates by {deviation}"
+        ok(f"Embedding gradients sparse_as_dense={sparse_as_dense} deviation {deviation:.1e}")
+
+
+def check_learning_rate_schedule():
+    """LearningRateScheduleCallback sets initial_lr x multiplier(epoch) from start_epoch to end_epoch, per epoch
+    (staircase) or per batch in fractional epochs."""
+    class RecordLearningRate(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.per_batch = []
+
+        def on_train_batch_begin(self, batch, logs=None):
+            self.per_batch.append(float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)))
+
+    for staircase in (True, False):
+        recorder = RecordLearningRate()
+        schedule = hvd_keras.callbacks.LearningRateScheduleCallback(
+            initial_lr=0.1, multiplier=lambda epoch: 0.5 ** epoch, start_epoch=1, end_epoch=3,
+            staircase=staircase, steps_per_epoch=STEPS)
+        fit_model(hvd_keras.DistributedOptimizer(keras.optimizers.SGD(0.1, momentum=0.9)),
+                  [hvd_keras.callbacks.BroadcastGlobalVariablesCallback(0), schedule, recorder], epochs=4)
+        epochs = np.repeat(np.arange(4), STEPS) + (0 if staircase else np.tile(np.arange(STEPS) / STEPS, 4))
+        expected = np.where((epochs >= 1) & (epochs < 3), 0.1 * 0.5 ** epochs, np.nan)
+        scheduled = ~np.isnan(expected)
+        np.testing.assert_allclose(np.array(recorder.per_batch)[scheduled], expected[scheduled], rtol=1e-6)
+        assert recorder.per_batch[0] == np.float32(0.1), recorder.per_batch
+        ok(f"LearningRateScheduleCallback staircase={staircase}")
+
+
+def check_elastic_state():
+    """hvd.elastic.KerasState with the elastic callbacks under hvd.elastic.run: the first sync hands rank 0's
+    weights to all, training matches one process, commit / restore go back to the committed weights, optimizer
+    state and counters, and sync hands rank 0's committed state to every worker."""
+    model = make_model(seed=rank)
+    optimizer = hvd_keras.DistributedOptimizer(keras.optimizers.SGD(0.1, momentum=0.0))
+    model.compile(optimizer=optimizer, loss="mse")
+    state = hvd_keras.elastic.KerasState(model, batch=0, epoch=0)
+    callbacks = [hvd_keras.elastic.CommitStateCallback(state, batches_per_commit=2),
+                 hvd_keras.elastic.UpdateBatchStateCallback(state),
+                 hvd_keras.elastic.UpdateEpochStateCallback(state)]
+    seen_batches = []
+    callbacks.append(keras.callbacks.LambdaCallback(on_batch_end=lambda batch, logs: seen_batches.append(
+        (state.epoch, state.batch))))
+
+    @hvd_keras.elastic.run
+    def train(state):
+        model.fit(X[:, mine].reshape(-1, FEATURES), Y[:, mine].reshape(-1, 1), batch_size=PER_RANK,
+                  epochs=1 - state.epoch, shuffle=False, verbose=0, callbacks=callbacks)
+        return "trained"
+
+    assert train(state) == "trained"
+    deviation = np.abs(flat(model.trainable_variables) - REFERENCE).max()
+    assert deviation < 1e-6, f"KerasState training deviates from one process by {deviation}"
+    assert (state.epoch, state.batch) == (1, 0) and seen_batches == [(0, b) for b in range(STEPS)], seen_batches
+    ok("KerasState: hvd.elastic.run trains from rank 0's weights, callbacks keep batch and epoch")
+
+    committed = flat(model.variables), flat(optimizer.variables)
+    state.commit()
+    model.fit(X[0, mine], Y[0, mine], batch_size=PER_RANK, epochs=1, verbose=0)
+    state.epoch = 7
+    assert not np.array_equal(flat(model.variables), committed[0])
+    state.restore()
+    assert np.array_equal(flat(model.variables), committed[0]) and np.array_equal(flat(optimizer.variables),
+                                                                                  committed[1])
+    assert state.epoch == 1
+    ok("KerasState: restore goes back to the committed weights, optimizer variables and counters")
+
+    if rank != 0:  # a worker whose state wandered off: sync hands it rank 0's
+        model.layers[0].kernel.assign(np.zeros(model.layers[0].kernel.shape, np.float32))
+        state.epoch = 99
+    state.sync()
+    assert_same_on_all_ranks(np.concatenate([flat(model.variables), flat(optimizer.variables), [state.epoch]]),
+                             "KerasState.sync")
+    assert state.epoch == 1
+    ok("KerasState: sync hands rank 0's state to every worker")
+
+    @hvd_keras.elastic.run
+    def fails(state):
+        raise tf.errors.UnknownError(None, None, "not a Horovod collective")
+
+    try:
+        fails(state)
+    except tf.errors.UnknownError:
+        ok("hvd.elastic.run raises errors that are not Horovod's")
+    else:
+        raise AssertionError("hvd.elastic.run swallowed an error")
+
+
 for check in sys.argv[1:] or ["broadcast_variables", "gradient_tape", "keras_distributed_optimizer",
-                              "callbacks", "sync_batch_norm"]:
+                              "callbacks", "sync_batch_norm", "local_variables", "sparse_as_dense",
+                              "learning_rate_schedule", "elastic_state"]:
     globals()[f"check_{check}"]()
 if rank == 0:
     print("all keras3 checks passed", flush=True)
