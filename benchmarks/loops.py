@@ -146,7 +146,7 @@ def horovod_keras_rates(recipe, task, topology) -> list[float]:
     import keras
     import tensorflow as tf
 
-    from ddl_apps.core.tf_engine import augmented, batch_seed, make_optimizer
+    from ddl_apps.core.tf_engine import augmented, epoch_seed, make_optimizer
 
     optim = recipe.optim
     steps, windows = PLAN[recipe.name]
@@ -157,7 +157,8 @@ def horovod_keras_rates(recipe, task, topology) -> list[float]:
     batch = task.train.take(np.concatenate(step_batches(recipe, task, topology)))
     dataset = tf.data.Dataset.from_tensor_slices((batch["x"], batch["y"])).batch(optim.batch_size)
     if getattr(task, "augment", None) is not None:
-        dataset = augmented(dataset, task.augment, batch_seed(recipe.run.seed, topology.rank, 0), 0)
+        positions = np.arange(len(batch["x"])) * topology.size + topology.rank  # (zip stops at the last batch)
+        dataset = augmented(dataset, task.augment, epoch_seed(recipe.run.seed, 0), positions)
 
     class WindowTimer(keras.callbacks.Callback):
         def on_train_begin(self, logs=None):

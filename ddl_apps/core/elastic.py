@@ -9,6 +9,7 @@ learning rate, the steps and the examples of each step are the same whatever the
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
@@ -49,9 +50,8 @@ class EngineState(State):
         self.engine.resized(dist.topology())
 
 
-def run(engine: Resizable, body: Callable[[Callable[[], None]], Result]) -> Result:
-    """body(commit) under Horovod elastic (PyTorch engine): `commit` saves the engine's state in memory."""
-    import horovod.torch.elastic as hvd_elastic
-
+def run(engine: Resizable, horovod_elastic: str, body: Callable[[Callable[[], None]], Result]) -> Result:
+    """body(commit) under the elastic.run of the engine's framework (`horovod_elastic`, the module): `commit` saves
+    the engine's state in memory."""
     state = EngineState(engine)
-    return hvd_elastic.run(lambda _state: body(state.commit))(state)
+    return importlib.import_module(horovod_elastic).run(lambda _state: body(state.commit))(state)

@@ -5,9 +5,10 @@ epoch's end), each worker reading its share of every step through the feed (core
 (core/checkpointer.py) saves and restores, the evaluator (core/evaluator.py) evaluates, and core/run_end.py ends
 the run. A framework engine supplies `run_steps` (train given global steps of the epoch), `predict_batch`,
 `current_lr`, `weights_bytes`, `parameter_bytes`, and `write_state` / `restore_state` for checkpoints; one whose
-model is partly sharded across ranks also gathers it whole (`gather_state`, `exportable_model`); one that trains
-elastically (core/elastic.py) hands its state over in memory (`modules_state_dict`, `load_modules_state_dict`)
-and reads checkpoints on one rank (`load_checkpoint`).
+model is partly sharded across ranks also gathers it whole (`gather_state`, `exportable_model`). For elastic
+training (core/elastic.py) each names its Horovod elastic module (`elastic`), hands its state over in memory
+(`modules_state_dict`, `load_modules_state_dict`), reads checkpoints on one rank (`load_checkpoint`) and follows a
+change of workers (`resized`).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from ddl_apps.recipe import Recipe
 
 class Engine(ABC):
     init: Any  # staticmethod: start Horovod for this framework, return the Topology
-    elastic: bool = False  # whether this engine can train under `ddl train --elastic`
+    elastic: str  # the Horovod module whose elastic.run trains this engine under `ddl train --elastic`
     model: Any
 
     def __init__(self, recipe: Recipe, task: Task, topology: dist.Topology, run_dir: Path, training: bool = True):

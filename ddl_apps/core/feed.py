@@ -61,13 +61,14 @@ class Feed:
             yield next(live)
         self._live.reached((epoch, first + count, topo.rank, topo.size))
 
-    def _micro_batches(self, size: int) -> int:
+    def micro_batches(self, size: int) -> int:
+        """How many micro-batches each of `size` workers runs per step."""
         return sharding.micro_batches_per_step(self.global_batch, self.batch_size, size)
 
     def _open(self, epoch: int, first: int, topo: dist.Topology) -> Iterator[Step]:
         if isinstance(self.source, StreamSource):
             return self.source.rank_steps(epoch, first, self.global_batch, topo.rank, topo.size,
-                                          self._micro_batches(topo.size))
+                                          self.micro_batches(topo.size))
         source = self.source
         return ([source.take(indices) for indices in self.rank_batches(epoch, step, topo)]
                 for step in range(first, sharding.steps_per_epoch(self.examples, self.global_batch)))
@@ -85,4 +86,4 @@ class Feed:
     def rank_batches(self, epoch: int, step: int, topo: dist.Topology) -> list[np.ndarray]:
         """This worker's micro-batches (example indices) of global step `step` of `epoch`."""
         return sharding.rank_step_batches(self.epoch_order(epoch), step, self.global_batch, topo.rank, topo.size,
-                                          self._micro_batches(topo.size))
+                                          self.micro_batches(topo.size))

@@ -7,10 +7,16 @@ that pipeline, which holds exactly the examples of the PyTorch engine, in the sa
 a fit per log window would start a new pipeline and fit each time (docs/architecture.md has the cost). State is
 checkpointed in the TF checkpoint format; the exported weights are
 `model/model.weights.h5`.
+
+Each step runs as many micro-batches as the worker's share of the global batch holds (Keras' gradient
+accumulation over them, then one allreduce): under `--elastic` that number changes with the number of workers, and
+when the workers do not divide the global batch evenly, each example's loss is weighted so that the allreduced
+gradient is still the global batch's mean gradient.
 """
 
 from __future__ import annotations
 
+import collections
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from ddl_apps.core import dist
+from ddl_apps.core.checkpointer import Found
 from ddl_apps.core.contract import BatchSource, Task
 from ddl_apps.core.engine import Engine
 from ddl_apps.core.feed import LiveIterator
@@ -33,7 +40,9 @@ TF_STATE = "state"  # checkpoint prefix: state.index, state.data-*
 
 @keras.saving.register_keras_serializable(package="ddl_apps")
 class TableSchedule(keras.optimizers.schedules.LearningRateSchedule):
-    """base_lr x factor[optimizer step]; Keras counts micro-batches, so the step is iterations // accumulation."""
+    """base_lr x factor[optimizer step]; Keras counts micro-batches, so the step is iterations // accumulation
+    (the engine keeps `accumulation` equal to the micro-batches of a step, and the train step is traced again when
+    it changes)."""
 
     def __init__(self, base_lr: float, factors: list[float], accumulation: int):
         self.base_lr, self.factors, self.accumulation = base_lr, list(factors), accumulation
@@ -56,29 +65,34 @@ def make_optimizer(optim: OptimConfig, learning_rate) -> keras.optimizers.Optimi
     return keras.optimizers.AdamW(weight_decay=optim.weight_decay, **common)
 
 
-def augmented(dataset: tf.data.Dataset, augment, seed: int, first: int) -> tf.data.Dataset:
-    """`augment(x, y, seed)` on each batch with the seed [seed, index of the batch]: the random draws of a batch
+def augmented(dataset: tf.data.Dataset, augment, seed: int, positions: np.ndarray) -> tf.data.Dataset:
+    """`augment(x, y, seed)` on each batch with the seed [seed, the batch's position]: the random draws of a batch
     depend only on where it is (so a resumed run draws what the uninterrupted one drew), not on a random state that
-    a prefetching pipeline would have advanced by an unknown number of batches. `first`: the index of the first."""
-    def with_seed(index, batch):
-        return augment(*batch, tf.stack([tf.constant(seed, tf.int64), index]))
+    a prefetching pipeline would have advanced by an unknown number of batches."""
+    def with_seed(position, batch):
+        x, y, *weights = batch
+        return (*augment(x, y, tf.stack([tf.constant(seed, tf.int64), position])), *weights)
 
-    return dataset.enumerate(start=first).map(with_seed, num_parallel_calls=tf.data.AUTOTUNE)
-
-
-def batch_seed(run_seed: int, rank: int, epoch: int) -> int:
-    """The augmentation seed of one rank's batches in one epoch."""
-    return int(np.random.SeedSequence([run_seed, rank, epoch]).generate_state(1, np.uint64)[0] >> 1)
+    positions_dataset = tf.data.Dataset.from_tensor_slices(positions.astype(np.int64))
+    return tf.data.Dataset.zip(positions_dataset, dataset).map(with_seed, num_parallel_calls=tf.data.AUTOTUNE)
 
 
-def step_losses(running_means: list[float]) -> np.ndarray:
-    """Each step's loss from the running means Keras reports after each step since its metrics were reset."""
-    totals = np.asarray(running_means) * np.arange(1, len(running_means) + 1)
-    return np.diff(totals, prepend=0.0)
+def epoch_seed(run_seed: int, epoch: int, stream: int = 0) -> int:
+    """The seed of one epoch's random draws of one kind (`stream`: 0 augmentation, 1 + i the i-th dropout layer),
+    which each micro-batch combines with its position in the epoch."""
+    return int(np.random.SeedSequence([run_seed, epoch, stream]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def step_losses(running_means: list[float], sizes: list[int]) -> np.ndarray:
+    """Each micro-batch's loss from the running means Keras reports after each one since its metrics were reset
+    (means weighted by the micro-batches' sizes)."""
+    counts = np.cumsum(sizes)
+    return np.diff(np.asarray(running_means) * counts, prepend=0.0) / np.asarray(sizes)
 
 
 class KerasEngine(Engine):
     init = staticmethod(dist.init_tf)
+    elastic = "horovod.tensorflow.elastic"
 
     def __init__(self, recipe: Recipe, task, topology: dist.Topology, run_dir: Path, training: bool = True):
         assert isinstance(task.train, BatchSource), "check_recipe refuses a streamed split"
@@ -101,32 +115,29 @@ class KerasEngine(Engine):
         if recipe.optim.nonfinite == "skip":
             raise RecipeError("optim.nonfinite=skip needs the PyTorch engine; with Keras a non-finite loss stops the "
                               "run (optim.nonfinite=stop)")
-        workers = recipe.dist.batch_workers
-        if workers not in (None, size):
-            raise RecipeError(
-                f"dist.batch_workers={workers} on {size} worker(s): the Keras engine cannot share a global batch "
-                f"sized for {workers} workers among {size} (Horovod's Keras optimizer aggregates the same number of "
-                f"micro-batches on every worker, and Adam's step count follows them); run on -np {workers} (a run "
-                "resumed with --resume needs the number of workers it was trained on), or leave dist.batch_workers "
-                "unset"
-            )
 
     def _compile(self, recipe: Recipe) -> None:
         import horovod.tensorflow.keras as hvd_keras
 
         optim = recipe.optim
+        self.micro_batches = self.feed.micro_batches(self.topo.size)
         factors = [self.lr_factor(step) for step in range(self.total_steps + 1)]
-        self.schedule = TableSchedule(self.base_lr, factors, optim.accumulation)
+        self.schedule = TableSchedule(self.base_lr, factors, self.micro_batches)
         compression = hvd_keras.Compression.fp16 if recipe.dist.compression == "fp16" else hvd_keras.Compression.none
         self.optimizer = hvd_keras.DistributedOptimizer(
             make_optimizer(optim, self.schedule), compression=compression,
-            backward_passes_per_step=optim.accumulation, average_aggregated_gradients=True,
+            backward_passes_per_step=self.micro_batches, average_aggregated_gradients=True,
         )
+        # Gradient accumulators even for one micro-batch a step: a run resumed (or an elastic one going on) with
+        # another number of workers has another number of micro-batches, and every checkpoint and every worker then
+        # holds the same variables (Keras checkpoints an optimizer's variables by their place in its list).
+        self.optimizer.gradient_accumulation_steps = self.micro_batches
         self.model.compile(optimizer=self.optimizer, loss=self.task.loss)
         self.optimizer.build(self.model.trainable_variables)
-        self._broadcast_from_root()
+        if not dist.is_elastic():  # (an elastic run hands rank 0's state to all when training starts)
+            self._broadcast_from_root()
         self.model.make_train_function()  # model.train_function: one compiled step on the next batch
-        self._stream: LiveIterator[Any] = LiveIterator()  # the epoch's pipeline, at (epoch, next step)
+        self._stream: LiveIterator[Any] = LiveIterator()  # the epoch's pipeline, at (epoch, next step, rank, size)
 
     def _broadcast_from_root(self) -> None:
         """Collective: every rank takes rank 0's weights and optimizer state."""
@@ -138,22 +149,71 @@ class KerasEngine(Engine):
     # ---- training -------------------------------------------------------------------------------------
     def _open_epoch_at(self, first: int) -> Any:
         """This rank's micro-batches from global step `first` to the end of the epoch, as one tf.data pipeline."""
-        steps = range(first, self.steps_per_epoch)
-        rank_indices = [np.concatenate(self.feed.rank_batches(self.state.epoch, s, self.topo)) for s in steps]
-        batch = self.train.take(np.concatenate(rank_indices))
-        dataset = tf.data.Dataset.from_tensor_slices((batch["x"], batch["y"])).batch(self.recipe.optim.batch_size)
+        micro_batches: list[np.ndarray] = []
+        weights: list[float] = []  # of each micro-batch's examples' losses
+        scale = self.topo.size * self.micro_batches / self.global_batch
+        for step in range(first, self.steps_per_epoch):
+            parts = self.feed.rank_batches(self.state.epoch, step, self.topo)
+            # A share smaller than the micro-batches (batch_size 1) has fewer; Keras' accumulation needs the same
+            # number on every worker, so the missing ones repeat an example with weight 0.
+            padding = [parts[0][:1]] * (self.micro_batches - len(parts))
+            micro_batches += parts + padding
+            weights += [scale * len(part) for part in parts] + [0.0] * len(padding)
+        sizes = [len(indices) for indices in micro_batches]
+        self._sizes = collections.deque(sizes)  # of the micro-batches not yet run
+        batch = self.train.take(np.concatenate(micro_batches))
+        if all(size * self.micro_batches * self.topo.size == self.global_batch for size in sizes):  # weights all 1
+            dataset = tf.data.Dataset.from_tensor_slices((batch["x"], batch["y"])).batch(sizes[0])
+        else:
+            dataset = self._weighted_micro_batches(batch["x"], batch["y"], sizes, weights)
         if self._augment is not None:  # the trainer's random augmentation, per batch
-            seed = batch_seed(self.recipe.run.seed, self.topo.rank, self.state.epoch)
-            dataset = augmented(dataset, self._augment, seed, first * self.recipe.optim.accumulation)
+            seed = epoch_seed(self.recipe.run.seed, self.state.epoch)
+            dataset = augmented(dataset, self._augment, seed, self._positions(first, self.steps_per_epoch - first))
         return iter(dataset.prefetch(tf.data.AUTOTUNE))
 
+    def _positions(self, first: int, count: int) -> np.ndarray:
+        """Where this worker's micro-batches of steps first..first+count-1 stand among all the workers' in the epoch:
+        with shares that divide the global batch evenly, the same micro-batch has the same position whatever the
+        number of workers, and so the same random draws (augmentation, dropout)."""
+        micro_batches = self.micro_batches
+        steps, within = np.divmod(np.arange(count * micro_batches), micro_batches)
+        return (first + steps) * micro_batches * self.topo.size + self.topo.rank * micro_batches + within
+
+    def _seed_dropout(self, position: int) -> None:
+        """Dropout's masks (any random layer's draws) for the micro-batch at `position`: each layer's seed generator
+        set to its seed for the epoch and the position (room for 2**20 draws a micro-batch)."""
+        for layer, state in enumerate(self._random_state()):
+            state.assign([epoch_seed(self.recipe.run.seed, self.state.epoch, 1 + layer), position << 20])
+
+    @staticmethod
+    def _weighted_micro_batches(x: np.ndarray, y: np.ndarray, sizes: list[int], weights: list[float]
+                                ) -> tf.data.Dataset:
+        """Micro-batches of different sizes (workers that do not divide the global batch), each example's loss
+        weighted by workers x micro-batches x micro-batch size / global batch: Keras averages a micro-batch's losses,
+        then the micro-batches, and Horovod the workers, so the allreduced gradient is the global batch's mean."""
+        ends = np.cumsum(sizes)
+
+        def micro_batch_slices():
+            for end, size, weight in zip(ends, sizes, weights, strict=True):
+                yield x[end - size : end], y[end - size : end], np.full(size, weight, np.float32)
+
+        return tf.data.Dataset.from_generator(micro_batch_slices, output_signature=(
+            tf.TensorSpec((None, *x.shape[1:]), tf.as_dtype(x.dtype)),
+            tf.TensorSpec((None, *y.shape[1:]), tf.as_dtype(y.dtype)),
+            tf.TensorSpec((None,), tf.float32)))
+
     def run_steps(self, first: int, count: int) -> list[float]:
-        accumulation = self.recipe.optim.accumulation
-        batches = self._stream.at((self.state.epoch, first), lambda: self._open_epoch_at(first))
+        position = (self.state.epoch, first, self.topo.rank, self.topo.size)
+        batches = self._stream.at(position, lambda: self._open_epoch_at(first))
         self.model.reset_metrics()
-        means = [float(self.model.train_function(batches)["loss"]) for _ in range(count * accumulation)]
-        self._stream.reached((self.state.epoch, first + count))
-        return np.mean(np.reshape(step_losses(means), (count, accumulation)), axis=1).tolist()
+        runs = count * self.micro_batches
+        means = []
+        for position in self._positions(first, count):
+            self._seed_dropout(int(position))
+            means.append(float(self.model.train_function(batches)["loss"]))
+        self._stream.reached((self.state.epoch, first + count, self.topo.rank, self.topo.size))
+        losses = step_losses(means, [self._sizes.popleft() for _ in range(runs)])
+        return np.mean(np.reshape(losses, (count, self.micro_batches)), axis=1).tolist()
 
     def _statistic_weights(self) -> list:
         return [w for w in self.model.non_trainable_weights if w.dtype.startswith("float")]
@@ -166,7 +226,7 @@ class KerasEngine(Engine):
             weight.assign(value)
 
     def current_lr(self) -> float:
-        return float(self.schedule(self.optimizer.iterations))
+        return self.base_lr * self.lr_factor(self.state.step)  # (what the schedule gives the next update)
 
     def predict_batch(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {k: np.asarray(v) for k, v in self.task.predict(self.model, batch).items()}
@@ -179,32 +239,69 @@ class KerasEngine(Engine):
 
     # ---- checkpoints ----------------------------------------------------------------------------------
     def _checkpoint(self) -> tf.train.Checkpoint:
-        # The random state of dropout (and any random layer) is an integer seed variable of the model that a
-        # checkpoint of the model leaves out; without it a resumed run drew other dropout masks.
-        random_state = [v for v in self.model.non_trainable_variables if not v.dtype.startswith("float")]
-        return tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, random_state=random_state)
+        return tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, random_state=self._random_state())
+
+    def _random_state(self) -> list:
+        """The seed generators' states of dropout (and any random layer): integer variables of the model."""
+        return [v for v in self.model.non_trainable_variables if not v.dtype.startswith("float")]
 
     def write_state(self, folder: Path, gathered: None) -> None:
         self._checkpoint().write(str(folder / TF_STATE))
 
     def restore_state(self, checkpoint: Path | None) -> None:
         """Rank 0 reads the checkpoint; every rank then takes rank 0's variables."""
-
-        def read() -> None:
-            assert checkpoint is not None, "rank 0 gets the checkpoint's path"
-            try:
-                self._checkpoint().read(str(checkpoint / TF_STATE)).assert_existing_objects_matched()
-            except (tf.errors.OpError, AssertionError, ValueError) as e:
-                raise CheckpointError(f"cannot restore {checkpoint}: {e}") from None
-
-        dist.on_root(read)
+        dist.on_root(lambda: self.load_checkpoint(checkpoint))
         self._broadcast_from_root()
+
+    def restore(self, found: Found | None) -> None:
+        super().restore(found)
+        self._count_micro_batches()
+
+    def _count_micro_batches(self) -> None:
+        """Keras counts micro-batches (`iterations` is this counter // gradient_accumulation_steps): set it to the
+        steps done in this worker's micro-batches per step (the state may come from another number of workers)."""
+        self.optimizer._iterations.assign(self.state.step * self.micro_batches)
+
+    def load_checkpoint(self, checkpoint: Path | None) -> None:
+        assert checkpoint is not None, "rank 0 gets the checkpoint's path"
+        try:
+            self._checkpoint().read(str(checkpoint / TF_STATE)).assert_existing_objects_matched()
+        except (tf.errors.OpError, AssertionError, ValueError) as e:
+            raise CheckpointError(f"cannot restore {checkpoint}: {e}") from None
 
     def load_exported(self, model_dir: Path) -> None:
         try:
             self.model.load_weights(str(model_dir / KERAS_WEIGHTS))
         except (OSError, ValueError) as e:
             raise CheckpointError(f"cannot load weights from {model_dir / KERAS_WEIGHTS}: {e}") from None
+
+    # ---- elastic training -----------------------------------------------------------------------------
+    def _elastic_variables(self) -> list:
+        """What an elastic worker hands over: the model's variables but the random state (set at each micro-batch),
+        and the optimizer's."""
+        random_state = {id(v) for v in self._random_state()}
+        return [v for v in self.model.variables if id(v) not in random_state] + list(self.optimizer.variables)
+
+    def modules_state_dict(self) -> dict:
+        return {"variables": [np.array(v) for v in self._elastic_variables()]}
+
+    def load_modules_state_dict(self, state: dict) -> None:
+        for variable, value in zip(self._elastic_variables(), state["variables"], strict=True):
+            variable.assign(value)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self._count_micro_batches()
+
+    def resized(self, topology: dist.Topology) -> None:
+        super().resized(topology)
+        micro_batches = self.feed.micro_batches(topology.size)
+        if micro_batches != self.micro_batches:  # traced again with the new number
+            self.micro_batches = self.optimizer.gradient_accumulation_steps = micro_batches
+            # (a new schedule: the optimizer holds a copy of the first, which Horovod's wrapper made from its config)
+            self.schedule = TableSchedule(self.base_lr, self.schedule.factors, micro_batches)
+            self.optimizer.learning_rate = self.schedule
+            self.model.make_train_function(force=True)
 
 
 def save_weights(model: keras.Model, model_dir: Path) -> None:

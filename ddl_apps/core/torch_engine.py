@@ -73,7 +73,7 @@ def unpack_rng_state(state: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | No
 
 class TorchEngine(Engine):
     init = staticmethod(dist.init_torch)
-    elastic = True
+    elastic = "horovod.torch.elastic"
 
     def __init__(self, recipe: Recipe, task, topology: dist.Topology, run_dir: Path, training: bool = True):
         super().__init__(recipe, task, topology, run_dir, training)

@@ -14,7 +14,6 @@ from ddl_apps.core.engine import Engine
 from ddl_apps.core.evaluator import final_split
 from ddl_apps.core.feed import train_examples
 from ddl_apps.core.schedule import epoch_steps
-from ddl_apps.errors import RecipeError
 from ddl_apps.recipe import Recipe
 
 ENGINES = {"torch": ("ddl_apps.core.torch_engine", "TorchEngine"),
@@ -33,8 +32,6 @@ def run_training(recipe: Recipe, resume: bool, trainer: Trainer) -> Path:
     os.umask(0o077)  # everything a run writes (metrics, checkpoints, the model) is private to the user
     topology = engine_type.init(recipe.dist.cycle_time_ms)
     is_elastic = dist.is_elastic()
-    if is_elastic and not engine_type.elastic:
-        raise RecipeError(f"--elastic needs the PyTorch engine; {recipe.name} trains with {engine_type.__name__}")
     dist.seed_everything(recipe.run.seed + topology.rank)
     # An elastic run gets run.dir from `ddl train` and makes no collective before training starts: a worker that
     # joins later runs this while the others are already training.
@@ -60,7 +57,10 @@ def run_training(recipe: Recipe, resume: bool, trainer: Trainer) -> Path:
     def train_and_finish(commit=lambda: None) -> run_end.Results:
         return run_end.finish(engine, engine.train_loop(commit))
 
-    elastic.run(engine, train_and_finish) if is_elastic else train_and_finish()
+    if is_elastic:
+        elastic.run(engine, engine_type.elastic, train_and_finish)
+    else:
+        train_and_finish()
     return run_dir
 
 

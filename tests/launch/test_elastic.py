@@ -1,6 +1,7 @@
-"""Issue 11: elastic training. A worker is SIGKILLed mid-epoch; the job goes on from the last commit (with the
-survivor alone when its host is gone, or with a new worker when the machine is still there) and ends with the
-weights of an undisturbed run: the global batch stays that of --max-np workers whatever their number."""
+"""Issues 11 and 25: elastic training, PyTorch and Keras engines. A worker is SIGKILLed mid-epoch; the job goes on
+from the last commit (with the survivor alone when its host is gone, or with a new worker when the machine is still
+there) and ends with the weights of an undisturbed run: the global batch stays that of --max-np workers whatever
+their number."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ import pytest
 
 from ddl_apps.core.hosts import all_local, parse_hostfile
 from ddl_apps.core.metrics import read_metrics
-from tests.engine_runs import PROBE, ddl, final_weights, start_training, summary, train, training_processes
+from tests.engine_runs import PROBE, PROBES, ddl, final_weights, start_training, summary, train, training_processes
 from tests.trainers.asr.test_asr import SMALL_MODEL as ASR_SMALL_MODEL
+from tests.trainers.image.test_image import SLICE as IMAGE_SLICE
 from tests.trainers.nlp.test_nlp import TINY_MODEL as NLP_TINY_MODEL
 from tests.trainers.tabular.test_fraud import SLICE as FRAUD_SLICE
 
@@ -44,11 +46,6 @@ def test_bad_elastic_options_are_refused(tmp_path, args, message):
     assert not (tmp_path / "run").exists()
 
 
-def test_elastic_refuses_a_keras_recipe(tmp_path):
-    result = ddl("train", "tests/probe_keras/digits.yaml", f"run.dir={tmp_path / 'run'}", "--elastic", "--max-np", "2")
-    assert result.returncode == 2 and "--elastic needs the PyTorch engine" in result.stderr, result.stderr
-
-
 def logged_steps(run_dir: Path) -> list[int]:
     return [row["step"] for row in read_metrics(run_dir) if row["split"] == "train"]
 
@@ -73,17 +70,27 @@ def train_and_kill_rank_1(run_dir: Path, kill_after: int, *args: str, recipe: st
 
 @pytest.fixture(scope="module")
 def undisturbed(tmp_path_factory):
-    return train(tmp_path_factory.mktemp("np2") / "run", *LONG, "optim.batch_size=32", np=2)
+    """The undisturbed np=2 run of an engine's probe, trained once."""
+    runs: dict[str, Path] = {}
+
+    def run(engine: str) -> Path:
+        if engine not in runs:
+            runs[engine] = train(tmp_path_factory.mktemp(f"{engine}-np2") / "run", *LONG, "optim.batch_size=32", np=2,
+                                 recipe=PROBES[engine])
+        return runs[engine]
+
+    return run
 
 
 @pytest.mark.distributed
+@pytest.mark.parametrize("engine", sorted(PROBES))
 @pytest.mark.parametrize("hosts,workers_after", [
     (("-H", "localhost:1,127.0.0.1:1"), 1),  # two 'hosts': rank 1's host is gone, the survivor goes on alone
     (("--max-np", "2"), 2),  # one machine: the dead worker's slot is started again and rejoins
 ])
-def test_a_killed_worker_loses_no_committed_step(tmp_path, undisturbed, hosts, workers_after):
+def test_a_killed_worker_loses_no_committed_step(tmp_path, undisturbed, engine, hosts, workers_after):
     kill_after = random.Random().randrange(60, 300, 10)
-    result, last_logged = train_and_kill_rank_1(tmp_path / "run", kill_after, *LONG, *hosts)
+    result, last_logged = train_and_kill_rank_1(tmp_path / "run", kill_after, *LONG, *hosts, recipe=PROBES[engine])
     note = f"killed rank 1 after step {last_logged}:\n{result.stdout[-4000:]}"
     assert result.returncode == 0, note
     resumed = [line for line in result.stdout.splitlines() if "workers changed" in line]
@@ -93,7 +100,62 @@ def test_a_killed_worker_loses_no_committed_step(tmp_path, undisturbed, hosts, w
     assert last_logged < 480, note
     done = summary(tmp_path / "run")
     assert done["steps"] == 480 and done["workers"] == workers_after, note
-    np.testing.assert_allclose(final_weights(tmp_path / "run"), final_weights(undisturbed), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(final_weights(tmp_path / "run"), final_weights(undisturbed(engine)), rtol=0, atol=1e-6)
+
+
+@pytest.mark.distributed
+def test_keras_workers_that_do_not_divide_the_global_batch(tmp_path):
+    """2 workers sharing the global batch of 3 (90 examples: micro-batches of 23 and 22, whose losses the Keras
+    engine weights) train what one worker does on the whole batch, and log the same loss."""
+    recipe = PROBES["keras"]
+    whole = train(tmp_path / "np1", "optim.batch_size=90", recipe=recipe)
+    shared = ddl("train", recipe, f"run.dir={tmp_path / 'run'}", "optim.batch_size=30", "--elastic", "-np", "2",
+                 "-H", "localhost:2", "--max-np", "3")
+    assert shared.returncode == 0, shared.stdout + shared.stderr
+    np.testing.assert_allclose(final_weights(tmp_path / "run"), final_weights(whole), rtol=0, atol=1e-6)
+    whole_losses, shared_losses = ([row["loss"] for row in read_metrics(run) if row["split"] == "train"]
+                                   for run in (whole, tmp_path / "run"))
+    np.testing.assert_allclose(shared_losses, whole_losses, rtol=1e-6)
+
+
+@pytest.mark.distributed
+def test_the_image_recipe_ends_with_the_undisturbed_weights_when_a_new_worker_replaces_a_dead_one(tmp_path):
+    """The Keras recipe with dropout, augmentation, BatchNorm and Adam: dropout and augmentation draw from each
+    micro-batch's position, so the replacement draws what the dead worker would have drawn."""
+    args = (*IMAGE_SLICE, "optim.epochs=8")  # 48 steps
+    undisturbed_run = train(tmp_path / "np2", *args, np=2, recipe="image_resnet")
+    result, last_logged = train_and_kill_rank_1(tmp_path / "run", 15, *args, "--max-np", "2", recipe="image_resnet")
+    note = f"killed rank 1 after step {last_logged}:\n{result.stdout[-4000:]}"
+    assert result.returncode == 0 and "workers changed: training goes on with 2 from step" in result.stdout, note
+    assert summary(tmp_path / "run")["steps"] == 48, note
+    np.testing.assert_allclose(final_weights(tmp_path / "run"), final_weights(undisturbed_run), rtol=0, atol=1e-6)
+
+
+def trained_weights(run_dir: Path) -> np.ndarray:
+    """A Keras run's exported weights but BatchNorm's moving statistics (which N workers average among themselves
+    while one worker updates them micro-batch after micro-batch)."""
+    import h5py
+
+    arrays: list[tuple[str, np.ndarray]] = []
+    with h5py.File(run_dir / "model" / "model.weights.h5", "r") as f:
+        f["layers"].visititems(lambda name, obj: arrays.append((name, obj[()])) if isinstance(obj, h5py.Dataset)
+                               and not ("batch_normalization" in name and name.endswith(("vars/2", "vars/3")))
+                               else None)
+    return np.concatenate([np.ravel(a) for _, a in sorted(arrays, key=lambda item: item[0])]).astype(np.float64)
+
+
+@pytest.mark.distributed
+def test_the_image_recipe_on_one_worker_of_two_trains_the_weights_of_two(tmp_path):
+    """One elastic worker with the global batch of 2 runs both workers' micro-batches (Keras accumulation over 2),
+    with their dropout masks and augmentations: the same weights as 2 workers, exactly (one thread each, so that
+    the convolutions round alike)."""
+    args = (*IMAGE_SLICE, "optim.epochs=2")
+    two = train(tmp_path / "np2", *args, np=2, recipe="image_resnet")
+    with start_training(tmp_path / "run", "image_resnet", *args, "--elastic", "-np", "1", "-H", "localhost:1",
+                        "--max-np", "2") as job:  # (OMP_NUM_THREADS=1, as each of the 2 workers had one core)
+        output, _ = job.communicate(timeout=300)
+    assert job.returncode == 0, output[-4000:]
+    np.testing.assert_array_equal(trained_weights(tmp_path / "run"), trained_weights(two))
 
 
 # The real data paths of the PyTorch recipes, on slices: every worker builds its task (the dataset caches
