@@ -47,3 +47,25 @@ def test_horovod_keras3_api(controller):
     output = launch_worker("keras3_api.py", controller)
     missing = [line for line in EXPECTED if line not in output]  # (each line is the start of one the worker prints)
     assert not missing, f"missing {missing} in:\n{output[-3000:]}"
+
+
+def test_keras_elastic_state_goes_on_without_a_killed_worker(tmp_path):
+    """Horovod's elastic Keras API as its example uses it (tests/workers/keras_elastic.py), on two one-slot 'hosts':
+    rank 1 is SIGKILLed mid-epoch; the survivor goes back to the last commit, finishes every epoch alone, and
+    learns."""
+    import sys
+
+    from ddl_apps.core.launch import Elastic, hostfile_discovery, run_horovod
+    from tests.engine_runs import WORKERS
+
+    hosts = tmp_path / "hosts"
+    hosts.write_text("localhost:1\n127.0.0.1:1\n")
+    marker = tmp_path / "killed"
+    result = run_horovod([sys.executable, str(WORKERS / "keras_elastic.py"), str(marker)], 2, "gloo", timeout=300,
+                         capture=True, elastic=Elastic(1, 2, hostfile_discovery(hosts), "lo"))
+    output = result.stdout + result.stderr
+    assert result.returncode == 0 and marker.exists(), output[-4000:]
+    finished = [line.split("finished ", 1)[1] for line in output.splitlines() if "finished rank" in line]
+    assert len(finished) == 1 and finished[0].startswith("rank 0 of 1: epoch 4 batch 0 resets [1]"), output[-4000:]
+    loss, first_loss = (float(finished[0].split(f"{key} ")[1].split()[0]) for key in ("loss", "first-loss"))
+    assert loss < first_loss / 2, finished
