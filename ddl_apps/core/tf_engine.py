@@ -128,12 +128,14 @@ class KerasEngine(Engine):
             make_optimizer(optim, self.schedule), compression=compression,
             backward_passes_per_step=self.micro_batches, average_aggregated_gradients=True,
         )
-        # Gradient accumulators even for one micro-batch a step: a run resumed (or an elastic one going on) with
-        # another number of workers has another number of micro-batches, and every checkpoint and every worker then
-        # holds the same variables (Keras checkpoints an optimizer's variables by their place in its list).
+        # Gradient accumulators even for one micro-batch a step (built, then left unused): a run resumed (or an
+        # elastic one going on) with another number of workers has another number of micro-batches, and every
+        # checkpoint and every worker then holds the same variables (Keras checkpoints an optimizer's variables by
+        # their place in its list).
         self.optimizer.gradient_accumulation_steps = self.micro_batches
         self.model.compile(optimizer=self.optimizer, loss=self.task.loss)
         self.optimizer.build(self.model.trainable_variables)
+        self._accumulate(self.micro_batches)
         if not dist.is_elastic():  # (an elastic run hands rank 0's state to all when training starts)
             self._broadcast_from_root()
         self.model.make_train_function()  # model.train_function: one compiled step on the next batch
@@ -257,6 +259,11 @@ class KerasEngine(Engine):
         super().restore(found)
         self._count_micro_batches()
 
+    def _accumulate(self, micro_batches: int) -> None:
+        """Keras' gradient accumulation over this many micro-batches a step; none for one (its train step would
+        otherwise run the update in a conditional every micro-batch)."""
+        self.optimizer.gradient_accumulation_steps = micro_batches if micro_batches > 1 else None
+
     def _count_micro_batches(self) -> None:
         """Keras counts micro-batches (`iterations` is this counter // gradient_accumulation_steps): set it to the
         steps done in this worker's micro-batches per step (the state may come from another number of workers)."""
@@ -297,7 +304,8 @@ class KerasEngine(Engine):
         super().resized(topology)
         micro_batches = self.feed.micro_batches(topology.size)
         if micro_batches != self.micro_batches:  # traced again with the new number
-            self.micro_batches = self.optimizer.gradient_accumulation_steps = micro_batches
+            self.micro_batches = micro_batches
+            self._accumulate(micro_batches)
             # (a new schedule: the optimizer holds a copy of the first, which Horovod's wrapper made from its config)
             self.schedule = TableSchedule(self.base_lr, self.schedule.factors, micro_batches)
             self.optimizer.learning_rate = self.schedule
