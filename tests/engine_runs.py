@@ -7,7 +7,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -65,8 +65,9 @@ def training_processes(run_dir: Path, rank: int | None = None) -> list[int]:
     return found
 
 
-def final_weights(run_dir: Path) -> np.ndarray:
-    """The exported weights as one float64 vector (PyTorch: safetensors; Keras: .weights.h5)."""
+def final_weights(run_dir: Path, keep: Callable[[str], bool] = lambda name: True) -> np.ndarray:
+    """The exported weights as one float64 vector (PyTorch: safetensors; Keras: .weights.h5, the datasets whose
+    names `keep` keeps)."""
     torch_weights = run_dir / "model" / "model.safetensors"
     if torch_weights.exists():
         weights = load_file(str(torch_weights))
@@ -75,8 +76,8 @@ def final_weights(run_dir: Path) -> np.ndarray:
 
     arrays = []
     with h5py.File(run_dir / "model" / "model.weights.h5", "r") as f:
-        f["layers"].visititems(lambda name, obj: arrays.append((name, obj[()])) if isinstance(obj, h5py.Dataset)
-                               else None)  # the file also holds the optimizer's variables
+        f["layers"].visititems(lambda name, obj: arrays.append((name, obj[()]))
+                               if isinstance(obj, h5py.Dataset) and keep(name) else None)  # (not the optimizer's)
     return np.concatenate([np.ravel(a) for _, a in sorted(arrays, key=lambda item: item[0])]).astype(np.float64)
 
 

@@ -25,7 +25,6 @@ import numpy as np
 import tensorflow as tf
 
 from ddl_apps.core import dist
-from ddl_apps.core.checkpointer import Found
 from ddl_apps.core.contract import BatchSource, Task
 from ddl_apps.core.engine import Engine
 from ddl_apps.core.feed import LiveIterator
@@ -209,6 +208,9 @@ class KerasEngine(Engine):
         batches = self._stream.at(position, lambda: self._open_epoch_at(first))
         self.model.reset_metrics()
         runs = count * self.micro_batches
+        # Keras counts micro-batches (`iterations` is this counter // gradient_accumulation_steps): the steps done, in
+        # this worker's micro-batches (a restored or handed-over state may come from another number of workers).
+        self.optimizer._iterations.assign(self.state.step * self.micro_batches)
         means = []
         for position in self._positions(first, count):
             self._seed_dropout(int(position))
@@ -241,7 +243,7 @@ class KerasEngine(Engine):
 
     # ---- checkpoints ----------------------------------------------------------------------------------
     def _checkpoint(self) -> tf.train.Checkpoint:
-        return tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, random_state=self._random_state())
+        return tf.train.Checkpoint(model=self.model, optimizer=self.optimizer)
 
     def _random_state(self) -> list:
         """The seed generators' states of dropout (and any random layer): integer variables of the model."""
@@ -255,19 +257,10 @@ class KerasEngine(Engine):
         dist.on_root(lambda: self.load_checkpoint(checkpoint))
         self._broadcast_from_root()
 
-    def restore(self, found: Found | None) -> None:
-        super().restore(found)
-        self._count_micro_batches()
-
     def _accumulate(self, micro_batches: int) -> None:
         """Keras' gradient accumulation over this many micro-batches a step; none for one (its train step would
         otherwise run the update in a conditional every micro-batch)."""
         self.optimizer.gradient_accumulation_steps = micro_batches if micro_batches > 1 else None
-
-    def _count_micro_batches(self) -> None:
-        """Keras counts micro-batches (`iterations` is this counter // gradient_accumulation_steps): set it to the
-        steps done in this worker's micro-batches per step (the state may come from another number of workers)."""
-        self.optimizer._iterations.assign(self.state.step * self.micro_batches)
 
     def load_checkpoint(self, checkpoint: Path | None) -> None:
         assert checkpoint is not None, "rank 0 gets the checkpoint's path"
@@ -284,10 +277,8 @@ class KerasEngine(Engine):
 
     # ---- elastic training -----------------------------------------------------------------------------
     def _elastic_variables(self) -> list:
-        """What an elastic worker hands over: the model's variables but the random state (set at each micro-batch),
-        and the optimizer's."""
-        random_state = {id(v) for v in self._random_state()}
-        return [v for v in self.model.variables if id(v) not in random_state] + list(self.optimizer.variables)
+        """What an elastic worker hands over: the model's and the optimizer's variables."""
+        return list(self.model.variables) + list(self.optimizer.variables)
 
     def modules_state_dict(self) -> dict:
         return {"variables": [np.array(v) for v in self._elastic_variables()]}
@@ -295,10 +286,6 @@ class KerasEngine(Engine):
     def load_modules_state_dict(self, state: dict) -> None:
         for variable, value in zip(self._elastic_variables(), state["variables"], strict=True):
             variable.assign(value)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self._count_micro_batches()
 
     def resized(self, topology: dist.Topology) -> None:
         super().resized(topology)

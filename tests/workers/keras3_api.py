@@ -153,15 +153,24 @@ def check_keras_distributed_optimizer():
     ok("DistributedOptimizer wraps Adam, AdamW, RMSprop")
 
 
+class RecordLearningRate(keras.callbacks.Callback):
+    """The optimizer's learning rate as each batch starts and as each epoch ends."""
+
+    def __init__(self):
+        super().__init__()
+        self.per_batch, self.per_epoch = [], []
+
+    def learning_rate(self):
+        return float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.per_batch.append(self.learning_rate())
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.per_epoch.append(self.learning_rate())
+
+
 def check_callbacks():
-    class RecordLearningRate(keras.callbacks.Callback):
-        def __init__(self):
-            super().__init__()
-            self.per_epoch = []
-
-        def on_epoch_end(self, epoch, logs=None):
-            self.per_epoch.append(float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)))
-
     scaled_lr, warmup_epochs = 0.01 * size, 2
     recorder = RecordLearningRate()
     optimizer = hvd_keras.DistributedOptimizer(keras.optimizers.SGD(scaled_lr, momentum=0.9))
@@ -284,14 +293,6 @@ def check_sparse_as_dense():
 def check_learning_rate_schedule():
     """LearningRateScheduleCallback sets initial_lr x multiplier(epoch) from start_epoch to end_epoch, per epoch
     (staircase) or per batch in fractional epochs."""
-    class RecordLearningRate(keras.callbacks.Callback):
-        def __init__(self):
-            super().__init__()
-            self.per_batch = []
-
-        def on_train_batch_begin(self, batch, logs=None):
-            self.per_batch.append(float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)))
-
     for staircase in (True, False):
         recorder = RecordLearningRate()
         schedule = hvd_keras.callbacks.LearningRateScheduleCallback(
