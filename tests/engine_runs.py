@@ -47,9 +47,17 @@ def start_training(run_dir: Path, recipe: str, *args: str, env: dict[str, str] |
         try:
             yield job
         finally:
-            for pid in training_processes(run_dir):
-                with suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+            kill_training(run_dir)
+
+
+def kill_training(run_dir: Path, rank: int | None = None) -> list[int]:
+    """SIGKILL the launcher and workers of `run_dir` (only the worker of `rank`, if given); the pids found. One that
+    exits before its turn (a worker dies with its launcher) is not an error."""
+    victims = training_processes(run_dir, rank)
+    for pid in victims:
+        with suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return victims
 
 
 def training_processes(run_dir: Path, rank: int | None = None) -> list[int]:

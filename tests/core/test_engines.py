@@ -6,7 +6,6 @@ Each test runs for the PyTorch and the Keras 3 engine, on scikit-learn's digits 
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -23,10 +22,10 @@ from tests.engine_runs import (
     REPO,
     ddl,
     final_weights,
+    kill_training,
     start_training,
     summary,
     train,
-    training_processes,
 )
 
 pytestmark = pytest.mark.distributed
@@ -104,8 +103,7 @@ def test_a_job_killed_at_a_random_step_resumes_exactly(engine, killable_referenc
         while (not list_checkpoints(run / "checkpoints") or list_checkpoints(run / "checkpoints")[-1].name <
                f"step-{kill_at:08d}") and time.monotonic() < deadline and job.poll() is None:
             time.sleep(0.01)
-        for pid in training_processes(run):
-            os.kill(pid, signal.SIGKILL)
+        kill_training(run)
         job.wait(timeout=60)
     checkpoints = list_checkpoints(run / "checkpoints")
     assert len(checkpoints) >= 2 and not (run / "model").exists(), f"killed after {checkpoints[-1:]}"

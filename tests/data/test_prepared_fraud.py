@@ -16,7 +16,7 @@ import pytest
 from ddl_apps.cache import cache_dir
 from ddl_apps.core.checkpoint import list_checkpoints
 from tests.data.s3_server import free_port, s3_server
-from tests.engine_runs import REPO, ddl, final_weights, start_training, summary, train, training_processes
+from tests.engine_runs import REPO, ddl, final_weights, kill_training, start_training, summary, train
 
 SLICE = ("data.rows=6000", "model.dropout=0", "model.baselines=[]", "optim.epochs=2", "optim.warmup_steps=5",
          "dist.scale_lr=false", "run.log_every=5")  # 4,200 training rows: 32 steps of 128 an epoch
@@ -85,8 +85,7 @@ def test_a_killed_job_resumes_on_prepared_data_exactly(prepared, reference, tmp_
         while (not list_checkpoints(run / "checkpoints") or list_checkpoints(run / "checkpoints")[-1].name <
                "step-00000040") and time.monotonic() < deadline and job.poll() is None:
             time.sleep(0.01)
-        for pid in training_processes(run):
-            os.kill(pid, signal.SIGKILL)
+        kill_training(run)
         job.wait(timeout=60)
     assert list_checkpoints(run / "checkpoints") and not (run / "model").exists()
     train(run, *args, np=2, recipe=FRAUD, flags=("--resume",))
