@@ -146,7 +146,8 @@ def horovod_keras_rates(recipe, task, topology) -> list[float]:
     import keras
     import tensorflow as tf
 
-    from ddl_apps.core.tf_engine import augmented, epoch_seed, make_optimizer
+    from ddl_apps.core.sharding import epoch_seed
+    from ddl_apps.core.tf_engine import augmented, make_optimizer
 
     optim = recipe.optim
     steps, windows = PLAN[recipe.name]

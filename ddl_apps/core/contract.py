@@ -6,7 +6,7 @@ sit in a module of their own that imports the frameworks, so that validating a r
 Trainers register under the entry-point group `ddl_apps.trainers` (see ddl_apps/registry.py).
 
 A task is a `TorchTask` or a `KerasTask`; subclass one to inherit the optional hooks' defaults. Its splits are
-`BatchSource`s, read by index; its training split may instead be a `StreamSource` (PyTorch engine), which hands
+`BatchSource`s, read by index; its training split may instead be a `StreamSource`, which hands
 each worker only its own examples, so that no worker needs the whole dataset.
 """
 
@@ -83,11 +83,14 @@ class TorchTask(BaseTask, Protocol):
 
 class KerasTask(BaseTask, Protocol):
     """A task for the Keras engine: `loss` is a Keras loss; `train` has columns `x` and `y` for the tf.data
-    pipeline. `augment(x, y, seed)`, when set, transforms each training batch in that pipeline, drawing at random
-    only from the stateless seed given (a [2] int64 tensor), so a resumed run draws what the first one drew."""
+    pipeline, or is a StreamSource whose micro-batches `decode(columns)` turns into numpy (x, y) in that pipeline's
+    parallel map (encoded images decoded and resized there). `augment(x, y, seed)`, when set, transforms each
+    training batch in that pipeline, drawing at random only from the stateless seed given (a [2] int64 tensor), so
+    a resumed run draws what the first one drew."""
 
     loss: Any
     augment: Callable[[Any, Any, Any], tuple[Any, Any]] | None = None
+    decode: Callable[[dict[str, np.ndarray]], tuple[np.ndarray, np.ndarray]] | None = None
 
 
 Task = Union[TorchTask, KerasTask]  # noqa: UP007 (a runtime alias of Protocols)
@@ -101,12 +104,14 @@ class Preparer:
     rows to `writer`, and returns what it fitted on the training split (JSON); `columns`: for each split, name ->
     numpy dtype of the columns written ("str" for text); `depends_on(recipe)`: what the prepared data depends on
     besides the recipe's data section (the seed that draws a random split, a tokenizer), so that a change to it
-    prepares anew."""
+    prepares anew; `read_at_training`: the data settings it does not depend on (what training does with the rows:
+    resizing, augmentation), which change without preparing anew."""
 
     source: Callable[[Recipe], dict[str, Any]]
     write: Callable[[Recipe, DatasetWriter], dict[str, Any]]
     columns: dict[str, dict[str, str]]
     depends_on: Callable[[Recipe], dict[str, Any]] = lambda recipe: {}
+    read_at_training: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)

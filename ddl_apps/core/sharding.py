@@ -57,3 +57,18 @@ def eval_shard(num_examples: int, rank: int, size: int) -> np.ndarray:
     """Every example exactly once across ranks (no padding, no duplicates), so gathered metrics are exact; a
     contiguous range each, so a rank reading a split from storage reads only its part of it."""
     return np.array_split(np.arange(num_examples), size)[rank]
+
+
+def micro_batch_positions(first: int, count: int, micro_batches: int, rank: int, size: int) -> np.ndarray:
+    """Where this worker's micro-batches of steps first..first+count-1 stand among all the workers' in the epoch,
+    [count, micro_batches]: with shares that divide the global batch evenly, the same micro-batch has the same
+    position whatever the number of workers, and so the same random draws (augmentation, dropout)."""
+    steps, within = np.divmod(np.arange(count * micro_batches), micro_batches)
+    positions = (first + steps) * micro_batches * size + rank * micro_batches + within
+    return positions.reshape(count, micro_batches)
+
+
+def epoch_seed(run_seed: int, epoch: int, stream: int = 0) -> int:
+    """The seed of one epoch's random draws of one kind (`stream`: 0 augmentation, 1 + i the i-th random layer),
+    which each micro-batch combines with its position in the epoch (< 2**63)."""
+    return int(np.random.SeedSequence([run_seed, epoch, stream]).generate_state(1, np.uint64)[0] >> 1)

@@ -17,6 +17,8 @@ gradient is still the global batch's mean gradient.
 from __future__ import annotations
 
 import collections
+import functools
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +26,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from ddl_apps.core import dist
-from ddl_apps.core.contract import BatchSource, Task
+from ddl_apps.core import dist, sharding
+from ddl_apps.core.contract import BatchSource, StreamSource, Task
 from ddl_apps.core.engine import Engine
 from ddl_apps.core.feed import LiveIterator
 from ddl_apps.core.rundir import MODEL_DIR
@@ -76,10 +78,8 @@ def augmented(dataset: tf.data.Dataset, augment, seed: int, positions: np.ndarra
     return tf.data.Dataset.zip(positions_dataset, dataset).map(with_seed, num_parallel_calls=tf.data.AUTOTUNE)
 
 
-def epoch_seed(run_seed: int, epoch: int, stream: int = 0) -> int:
-    """The seed of one epoch's random draws of one kind (`stream`: 0 augmentation, 1 + i the i-th dropout layer),
-    which each micro-batch combines with its position in the epoch."""
-    return int(np.random.SeedSequence([run_seed, epoch, stream]).generate_state(1, np.uint64)[0] >> 1)
+def _tf_dtype(values: np.ndarray) -> tf.DType:
+    return tf.string if values.dtype == object else tf.as_dtype(values.dtype)
 
 
 def step_losses(running_means: list[float], sizes: list[int]) -> np.ndarray:
@@ -94,8 +94,7 @@ class KerasEngine(Engine):
     elastic = "horovod.tensorflow.elastic"
 
     def __init__(self, recipe: Recipe, task, topology: dist.Topology, run_dir: Path, training: bool = True):
-        assert isinstance(task.train, BatchSource), "check_recipe refuses a streamed split"
-        self.train: BatchSource = task.train
+        self.train: BatchSource | StreamSource = task.train
         super().__init__(recipe, task, topology, run_dir, training)
         policy = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}[recipe.run.precision]
         keras.mixed_precision.set_global_policy(policy)
@@ -108,9 +107,6 @@ class KerasEngine(Engine):
 
     @staticmethod
     def check_recipe(recipe: Recipe, task: Task, size: int) -> None:
-        if not isinstance(task.train, BatchSource):
-            raise RecipeError(f"{recipe.name}: the Keras engine reads its training split by index (x and y columns); "
-                              "a streamed split (StreamSource) needs the PyTorch engine")
         if recipe.optim.nonfinite == "skip":
             raise RecipeError("optim.nonfinite=skip needs the PyTorch engine; with Keras a non-finite loss stops the "
                               "run (optim.nonfinite=stop)")
@@ -139,6 +135,7 @@ class KerasEngine(Engine):
             self._broadcast_from_root()
         self.model.make_train_function()  # model.train_function: one compiled step on the next batch
         self._stream: LiveIterator[Any] = LiveIterator()  # the epoch's pipeline, at (epoch, next step, rank, size)
+        self._signature: tuple[list[str], tuple[tf.TensorSpec, ...], tuple[tf.TensorSpec, ...]] | None = None
 
     def _broadcast_from_root(self) -> None:
         """Collective: every rank takes rank 0's weights and optimizer state."""
@@ -150,6 +147,14 @@ class KerasEngine(Engine):
     # ---- training -------------------------------------------------------------------------------------
     def _open_epoch_at(self, first: int) -> Any:
         """This rank's micro-batches from global step `first` to the end of the epoch, as one tf.data pipeline."""
+        dataset = self._indexed_epoch(first) if isinstance(self.train, BatchSource) else self._streamed_epoch(first)
+        if self._augment is not None:  # the trainer's random augmentation, per batch
+            seed = sharding.epoch_seed(self.recipe.run.seed, self.state.epoch)
+            dataset = augmented(dataset, self._augment, seed, self._positions(first, self.steps_per_epoch - first))
+        return iter(dataset.prefetch(tf.data.AUTOTUNE))
+
+    def _indexed_epoch(self, first: int) -> tf.data.Dataset:
+        assert isinstance(self.train, BatchSource)
         micro_batches: list[np.ndarray] = []
         weights: list[float] = []  # of each micro-batch's examples' losses
         scale = self.topo.size * self.micro_batches / self.global_batch
@@ -167,24 +172,67 @@ class KerasEngine(Engine):
             dataset = tf.data.Dataset.from_tensor_slices((batch["x"], batch["y"])).batch(sizes[0])
         else:
             dataset = self._weighted_micro_batches(batch["x"], batch["y"], sizes, weights)
-        if self._augment is not None:  # the trainer's random augmentation, per batch
-            seed = epoch_seed(self.recipe.run.seed, self.state.epoch)
-            dataset = augmented(dataset, self._augment, seed, self._positions(first, self.steps_per_epoch - first))
-        return iter(dataset.prefetch(tf.data.AUTOTUNE))
+        return dataset
+
+    def _streamed_epoch(self, first: int) -> tf.data.Dataset:
+        """A StreamSource's micro-batches (each example's loss weighted as in _weighted_micro_batches), turned into
+        (x, y) by the task's `decode` in a parallel, order-keeping map."""
+        assert isinstance(self.train, StreamSource)
+        source, micro_batches, epoch = self.train, self.micro_batches, self.state.epoch
+        shares = sharding.rank_step_batches(np.arange(self.global_batch), 0, self.global_batch, self.topo.rank,
+                                            self.topo.size, micro_batches)
+        scale = self.topo.size * micro_batches / self.global_batch
+        padding = micro_batches - len(shares)
+        weights = [scale * len(share) for share in shares] + [0.0] * padding
+        sizes = [len(share) for share in shares] + [1] * padding
+        self._sizes = collections.deque(sizes * (self.steps_per_epoch - first))
+        def weighted_micro_batches():
+            for step in source.rank_steps(epoch, first, self.global_batch, self.topo.rank, self.topo.size,
+                                          micro_batches):
+                padded = step + [{k: v[:1] for k, v in step[0].items()}] * padding
+                for columns, weight in zip(padded, weights, strict=True):
+                    yield (*(columns[n] for n in names), np.full(len(columns[names[0]]), weight, np.float32))
+
+        decode = self._decode
+        names, signature, decoded_specs = self._stream_signature()
+
+        def decoded(*tensors):
+            *columns, weight = tensors
+            x, y = tf.numpy_function(lambda *arrays: decode(dict(zip(names, arrays, strict=True))), columns,
+                                     [spec.dtype for spec in decoded_specs])
+            return tf.ensure_shape(x, decoded_specs[0].shape), tf.ensure_shape(y, decoded_specs[1].shape), weight
+
+        dataset = tf.data.Dataset.from_generator(weighted_micro_batches, output_signature=signature)
+        return dataset.map(decoded, num_parallel_calls=tf.data.AUTOTUNE)
+
+    @functools.cached_property
+    def _decode(self) -> Callable[[dict[str, np.ndarray]], tuple[np.ndarray, np.ndarray]]:
+        """A streamed split's micro-batch columns -> numpy (x, y): the task's `decode`, or its x and y columns."""
+        return getattr(self.task, "decode", None) or (lambda columns: (columns["x"], columns["y"]))
+
+    def _stream_signature(self) -> tuple[list[str], tuple[tf.TensorSpec, ...], tuple[tf.TensorSpec, ...]]:
+        """A streamed split's column names, the tf.data signature of its weighted micro-batches, and that of the
+        decoded (x, y): read from its first step (once)."""
+        if self._signature is not None:
+            return self._signature
+        assert isinstance(self.train, StreamSource)
+        columns = next(iter(self.train.rank_steps(0, 0, self.global_batch, 0, 1, 1)))[0]
+        names = list(columns)
+        signature = (*(tf.TensorSpec((None, *columns[n].shape[1:]), _tf_dtype(columns[n])) for n in names),
+                     tf.TensorSpec((None,), tf.float32))
+        decoded = tuple(tf.TensorSpec((None, *a.shape[1:]), tf.as_dtype(a.dtype)) for a in self._decode(columns))
+        self._signature = names, signature, decoded
+        return self._signature
 
     def _positions(self, first: int, count: int) -> np.ndarray:
-        """Where this worker's micro-batches of steps first..first+count-1 stand among all the workers' in the epoch:
-        with shares that divide the global batch evenly, the same micro-batch has the same position whatever the
-        number of workers, and so the same random draws (augmentation, dropout)."""
-        micro_batches = self.micro_batches
-        steps, within = np.divmod(np.arange(count * micro_batches), micro_batches)
-        return (first + steps) * micro_batches * self.topo.size + self.topo.rank * micro_batches + within
+        """This worker's micro-batches' positions in the epoch (sharding.micro_batch_positions), in order."""
+        return sharding.micro_batch_positions(first, count, self.micro_batches, self.topo.rank, self.topo.size).ravel()
 
     def _seed_dropout(self, position: int) -> None:
         """Dropout's masks (any random layer's draws) for the micro-batch at `position`: each layer's seed generator
         set to its seed for the epoch and the position (room for 2**20 draws a micro-batch)."""
         for layer, state in enumerate(self._random_state()):
-            state.assign([epoch_seed(self.recipe.run.seed, self.state.epoch, 1 + layer), position << 20])
+            state.assign([sharding.epoch_seed(self.recipe.run.seed, self.state.epoch, 1 + layer), position << 20])
 
     @staticmethod
     def _weighted_micro_batches(x: np.ndarray, y: np.ndarray, sizes: list[int], weights: list[float]

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ddl_apps.core import checkpoint as ckpt
-from ddl_apps.core import dist
+from ddl_apps.core import dist, sharding
 from ddl_apps.core.engine import Engine
 from ddl_apps.core.feed import examples_in
 from ddl_apps.core.parallel import embedding as parallel
@@ -119,19 +119,26 @@ class TorchEngine(Engine):
     # ---- training -------------------------------------------------------------------------------------
     def run_steps(self, first: int, count: int) -> list[float]:
         steps = self.feed.steps(self.state.epoch, first, count, self.topo)
-        return [self.train_step(micro_batches, self.state.step + 1 + i) for i, micro_batches in enumerate(steps)]
+        positions = sharding.micro_batch_positions(first, count, self.feed.micro_batches(self.topo.size),
+                                                   self.topo.rank, self.topo.size)
+        return [self.train_step(micro_batches, self.state.step + 1 + i, positions[i])
+                for i, micro_batches in enumerate(steps)]
 
-    def train_step(self, micro_batches: list[Batch], step: int) -> float:
+    def train_step(self, micro_batches: list[Batch], step: int, positions: np.ndarray) -> float:
         """Optimizer step `step` over this rank's micro-batches; returns the rank's mean loss (NaN if skipped).
 
         Each micro-batch's loss is weighted by its share of the global batch, so the averaged gradient is the
-        global batch's mean gradient even when ranks' shares differ (an elastic run with fewer workers)."""
+        global batch's mean gradient even when ranks' shares differ (an elastic run with fewer workers). Its random
+        draws (dropout, augmentation in the loss) come from torch's generator seeded by its position in the epoch,
+        so they do not depend on the number of workers, and a resumed run draws them again."""
         self.model.train()
         if len(micro_batches) != self.optimizer.backward_passes_per_step:
             self.optimizer.set_backward_passes_per_step(len(micro_batches))
         self.optimizer.zero_grad()
         total = 0.0
-        for batch in micro_batches:
+        seed = sharding.epoch_seed(self.recipe.run.seed, self.state.epoch, 1)
+        for batch, position in zip(micro_batches, positions, strict=False):  # (a share may have fewer)
+            torch.manual_seed((seed + int(position)) % 2**63)
             with self._autocast():
                 loss = self.task.loss(self.model, self._to_device(batch))
             scaled = loss * (examples_in(batch) * self.topo.size / self.global_batch)

@@ -203,19 +203,12 @@ def test_workers_with_a_share_smaller_than_their_micro_batches_train_exactly(eng
     assert_close(final_weights(shared), final_weights(alone), rtol=1e-5)
 
 
-def test_a_streamed_training_split_trains_as_the_indexed_one(tmp_path):
+def test_a_streamed_training_split_trains_as_the_indexed_one(engine, reference, tmp_path):
     """The probe's training digits as a StreamSource (each worker handed only its share of each step; no __len__,
     no take): on 2 workers with batch 32, stopped mid-epoch and resumed, the weights of the indexed split on one
     worker with batch 64."""
-    indexed = train(tmp_path / "indexed", "optim.batch_size=64")
-    streamed = train(tmp_path / "streamed", "data.stream=true", "optim.batch_size=32", "run.max_steps=37", np=2)
-    train(streamed, "data.stream=true", "optim.batch_size=32", np=2, flags=("--resume",))
-    assert summary(streamed)["steps"] == summary(indexed)["steps"] == 48
-    assert_close(final_weights(streamed), final_weights(indexed), rtol=1e-5)
-
-
-def test_keras_refuses_a_streamed_training_split(tmp_path):
-    result = ddl("train", PROBES["keras"], f"run.dir={tmp_path / 'run'}", "data.stream=true")
-    assert result.returncode == 2 and "a streamed split (StreamSource) needs the PyTorch engine" in result.stderr, \
-        result.stderr
-    assert not (tmp_path / "run").exists()
+    streamed = train(tmp_path / "streamed", "data.stream=true", "optim.batch_size=32", "run.max_steps=37", np=2,
+                     recipe=PROBES[engine])
+    train(streamed, "data.stream=true", "optim.batch_size=32", np=2, flags=("--resume",), recipe=PROBES[engine])
+    assert summary(streamed)["steps"] == summary(reference)["steps"] == 48
+    assert_close(final_weights(streamed), final_weights(reference), rtol=1e-5)
