@@ -73,13 +73,20 @@ def training_processes(run_dir: Path, rank: int | None = None) -> list[int]:
     return found
 
 
+def trained(name: str) -> bool:
+    """Not BatchNorm's moving statistics (a filter for final_weights; Keras and PyTorch names), which N workers
+    average among themselves while one worker updates them micro-batch after micro-batch."""
+    keras_statistic = "batch_normalization" in name and name.endswith(("vars/2", "vars/3"))
+    return not (keras_statistic or name.endswith(("running_mean", "running_var", "num_batches_tracked")))
+
+
 def final_weights(run_dir: Path, keep: Callable[[str], bool] = lambda name: True) -> np.ndarray:
-    """The exported weights as one float64 vector (PyTorch: safetensors; Keras: .weights.h5, the datasets whose
-    names `keep` keeps)."""
+    """The exported weights whose names `keep` keeps, as one float64 vector (PyTorch: safetensors; Keras:
+    .weights.h5)."""
     torch_weights = run_dir / "model" / "model.safetensors"
     if torch_weights.exists():
         weights = load_file(str(torch_weights))
-        return np.concatenate([weights[k].ravel() for k in sorted(weights)]).astype(np.float64)
+        return np.concatenate([weights[k].ravel() for k in sorted(weights) if keep(k)]).astype(np.float64)
     import h5py
 
     arrays = []

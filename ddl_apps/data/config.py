@@ -33,3 +33,12 @@ class PreparedData(Section):
 
 
 READING_OPTIONS = frozenset(PreparedData.model_fields)
+
+
+class OptionalPreparedData(PreparedData):
+    """For trainers that can also read their source directly (every worker all of it): preparing is chosen."""
+
+    prepared: str | None = Field(None, description="a prepared dataset (a folder, or an s3:// URL) made by 'ddl "  # type: ignore[assignment]
+                                 "data prepare': each worker streams its examples from the shards, decoding them in "
+                                 "the input pipeline; 'auto' prepares one into the cache on first use; none: every "
+                                 "worker reads and decodes the whole source first")

@@ -368,13 +368,14 @@ def _consume(buffer: queue.Queue[tuple[str, Any]], stop: threading.Event) -> Ite
 
 
 def task_splits(dataset: PreparedDataset, cfg: Any, seed: int, convert: Convert, bucket_by: str | None = None,
-                augment: Augment | None = None) -> tuple[Any, ...]:
+                augment: Augment | None = None, train_convert: Convert | None = None) -> tuple[Any, ...]:
     """(train, valid, test) of a prepared dataset for a task, read as `cfg` (a PreparedData section) says: the
-    training split streamed (its steps bucketed by the column `bucket_by`, and `augment`ed, if given), the others
-    read by index; with `stream: false` all of them loaded into memory."""
+    training split streamed (its steps bucketed by the column `bucket_by`, `augment`ed, and converted by
+    `train_convert` instead of `convert`, if given), the others read by index; with `stream: false` all of them
+    loaded into memory."""
     in_memory = not cfg.stream
-    train = StreamedSplit(dataset.split("train"), seed, convert, cfg.shuffle, cfg.lanes, in_memory=in_memory,
-                          bucket_by=bucket_by, augment=augment)
+    train = StreamedSplit(dataset.split("train"), seed, train_convert or convert, cfg.shuffle, cfg.lanes,
+                          in_memory=in_memory, bucket_by=bucket_by, augment=augment)
     valid, test = (IndexedSplit(dataset.split(name), convert, in_memory=in_memory) if name in dataset.manifest.splits
                    else None for name in ("valid", "test"))
     return train, valid, test

@@ -5,18 +5,15 @@ to a local folder or object storage, so that nothing looks complete until everyt
 from __future__ import annotations
 
 import hashlib
-import math
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import numpy as np
 
 from ddl_apps.cache import build_once, cache_dir
 from ddl_apps.data.config import AUTO, READING_OPTIONS
 from ddl_apps.data.dataset import PreparedDataset, stamp_verified
 from ddl_apps.data.manifest import FORMAT, MANIFEST, Column, File, Manifest, ddl_apps_version, settings_digest
-from ddl_apps.data.shards import TEXT, TEXT_BYTES, Columns, SplitWriter, columns_of
+from ddl_apps.data.shards import Columns, SplitWriter, columns_of, row_bytes
 from ddl_apps.data.store import Store, is_remote
 from ddl_apps.errors import DataError
 
@@ -29,8 +26,10 @@ CHUNKS_PER_SHARD = 256
 
 
 def preparation_settings(recipe: Recipe, preparer: Preparer) -> dict[str, Any]:
-    """What the prepared data depends on: the data section less its reading options, and what the trainer adds."""
-    return {**recipe.data.model_dump(exclude=READING_OPTIONS), **preparer.depends_on(recipe)}
+    """What the prepared data depends on: the data section less its reading options and what the trainer reads at
+    training, and what the trainer adds."""
+    return {**recipe.data.model_dump(exclude=READING_OPTIONS | preparer.read_at_training),
+            **preparer.depends_on(recipe)}
 
 
 class DatasetWriter:
@@ -50,8 +49,7 @@ class DatasetWriter:
     def add(self, split: str, batch: Columns) -> None:
         if split not in self._splits:
             columns = self.columns[split] = columns_of(batch)
-            row_bytes = sum(math.prod(c.shape) * _itemsize(c) for c in columns.values())
-            chunk_rows = max(1, CHUNK_BYTES // max(1, row_bytes))
+            chunk_rows = max(1, int(CHUNK_BYTES // max(1.0, row_bytes(batch))))
             rows, seed = self._plans.get(split, (0, None))
             self._splits[split] = SplitWriter(self.folder, split, columns, chunk_rows, chunk_rows * CHUNKS_PER_SHARD,
                                               rows, seed)
@@ -64,10 +62,6 @@ class DatasetWriter:
 
     def finish(self) -> dict[str, Any]:
         return {name: writer.finish() for name, writer in self._splits.items()}
-
-
-def _itemsize(column: Column) -> int:
-    return TEXT_BYTES if column.dtype == TEXT else np.dtype(column.dtype).itemsize
 
 
 def prepare(recipe: Recipe, preparer: Preparer, location: str | None) -> str:

@@ -1,6 +1,6 @@
 """Shards: Arrow IPC files (readable by any Arrow tool) of record batches, the chunks, each read on its own by byte
-range. Columns hold one value or one fixed-shape array per example (a FixedSizeList, flattened row-major), or a
-text (dtype "str", numpy object arrays of str)."""
+range. Columns hold one value or one fixed-shape array per example (a FixedSizeList, flattened row-major), a text
+(dtype "str", numpy object arrays of str) or bytes (dtype "bytes", numpy object arrays of bytes: an encoded file)."""
 
 from __future__ import annotations
 
@@ -14,19 +14,31 @@ import pyarrow as pa
 from ddl_apps.data.manifest import Chunk, Column, Shard
 
 Columns = dict[str, np.ndarray]
-TEXT, TEXT_BYTES = "str", 128  # the dtype of text columns, and what a text is guessed to weigh when sizing chunks
+TEXT, BYTES = "str", "bytes"  # the dtypes of text and of bytes columns (numpy object arrays)
+ARROW_OBJECTS = {TEXT: pa.string(), BYTES: pa.binary()}
+
+
+def dtype_of(values: np.ndarray) -> str:
+    if values.dtype != object:
+        return str(values.dtype)
+    return BYTES if len(values) and isinstance(values[0], bytes) else TEXT
 
 
 def columns_of(batch: Columns) -> dict[str, Column]:
-    return {name: Column(dtype=TEXT if values.dtype == object else str(values.dtype), shape=list(values.shape[1:]))
-            for name, values in batch.items()}
+    return {name: Column(dtype=dtype_of(values), shape=list(values.shape[1:])) for name, values in batch.items()}
+
+
+def row_bytes(batch: Columns) -> float:
+    """What one row of `batch` weighs, on average (texts and bytes by their length)."""
+    rows = max(1, len(next(iter(batch.values()))))
+    return sum(sum(map(len, values)) if values.dtype == object else values.nbytes for values in batch.values()) / rows
 
 
 def schema_of(columns: dict[str, Column]) -> pa.Schema:
     def arrow_type(column: Column) -> pa.DataType:
         if column.shape and math.prod(column.shape) == 0:
             return pa.null()  # Arrow has no lists of fixed size 0: an empty row is a null
-        scalar = pa.string() if column.dtype == TEXT else pa.from_numpy_dtype(np.dtype(column.dtype))
+        scalar = ARROW_OBJECTS.get(column.dtype) or pa.from_numpy_dtype(np.dtype(column.dtype))
         return pa.list_(scalar, math.prod(column.shape)) if column.shape else scalar
     return pa.schema([(name, arrow_type(column)) for name, column in columns.items()])
 

@@ -17,7 +17,17 @@ import pytest
 
 from ddl_apps.core.hosts import all_local, parse_hostfile
 from ddl_apps.core.metrics import read_metrics
-from tests.engine_runs import PROBE, PROBES, ddl, final_weights, start_training, summary, train, training_processes
+from tests.engine_runs import (
+    PROBE,
+    PROBES,
+    ddl,
+    final_weights,
+    start_training,
+    summary,
+    train,
+    trained,
+    training_processes,
+)
 from tests.trainers.asr.test_asr import SMALL_MODEL as ASR_SMALL_MODEL
 from tests.trainers.image.test_image import SLICE as IMAGE_SLICE
 from tests.trainers.nlp.test_nlp import TINY_MODEL as NLP_TINY_MODEL
@@ -129,12 +139,6 @@ def test_the_image_recipe_ends_with_the_undisturbed_weights_when_a_new_worker_re
     assert result.returncode == 0 and "workers changed: training goes on with 2 from step" in result.stdout, note
     assert summary(tmp_path / "run")["steps"] == 30, note
     np.testing.assert_allclose(final_weights(tmp_path / "run"), final_weights(undisturbed_run), rtol=0, atol=1e-6)
-
-
-def trained(name: str) -> bool:
-    """Not BatchNorm's moving statistics, which N workers average among themselves while one worker updates them
-    micro-batch after micro-batch."""
-    return not ("batch_normalization" in name and name.endswith(("vars/2", "vars/3")))
 
 
 @pytest.mark.distributed

@@ -1,0 +1,48 @@
+"""Checking a source's files once, while preparing: in parallel processes, in order, with a progress bar. Every bad
+file is named at the end, in one error, instead of the first one in the middle of training."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from typing import Any
+
+from ddl_apps.data.progress import progress
+from ddl_apps.errors import DataError
+
+BATCH = 256  # items handed to a checking process at a time
+SHOWN = 10  # bad files named in the error (and how many more there are)
+
+
+class FileChecks:
+    """A pool of checking processes (spawned: the caller may hold framework threads) and the bad files found."""
+
+    def __init__(self, kind: str):
+        self.kind = kind  # "image", "audio": what the error calls the files
+        self.bad: list[str] = []  # "file: what is wrong with it", for each bad file
+        self._pool = ProcessPoolExecutor(os.cpu_count() or 1, mp_context=get_context("spawn"))
+
+    def __enter__(self) -> FileChecks:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._pool.shutdown(cancel_futures=True)
+
+    def results(self, check: Callable[[Any], list[Any]], items: Sequence[Any] | Any, label: str
+                ) -> Iterator[list[Any]]:
+        """`check` (a module-level function: it runs in another process) on batches of `items`, which returns one
+        result per item, or a text saying what is wrong with it: the results, batch after batch in order, while no
+        item was bad. Once one is, the others are still checked (to name them all), not handed out."""
+        batches = [items[start : start + BATCH] for start in range(0, len(items), BATCH)]
+        for result in progress(self._pool.map(check, batches), len(items), label):
+            self.bad += [r for r in result if isinstance(r, str)]
+            if not self.bad:
+                yield result
+
+    def raise_if_bad(self) -> None:
+        if self.bad:
+            more = f" (and {len(self.bad) - SHOWN} more)" if len(self.bad) > SHOWN else ""
+            raise DataError(f"{len(self.bad)} {self.kind} file(s) cannot be used: " + "; ".join(self.bad[:SHOWN]) +
+                            f"{more}. Remove or replace them, then prepare again")
