@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from math import gcd
 from pathlib import Path
 
@@ -22,11 +23,12 @@ def resample(audio: np.ndarray, rate: int) -> np.ndarray:
     return resample_poly(audio, SAMPLE_RATE // common, rate // common).astype(np.float32)
 
 
-def read_samples(path: Path) -> tuple[np.ndarray, int]:
-    """Mono float32 samples of an audio file at its own rate, and the rate; or a DataError naming the file and what
-    is wrong (unreadable, corrupt, shorter than 50 ms, NaN or infinite samples)."""
+def read_samples(path: Path, encoded: bytes | None = None) -> tuple[np.ndarray, int]:
+    """Mono float32 samples of an audio file (read from `encoded`, its bytes, when given) at its own rate, and the
+    rate; or a DataError naming the file and what is wrong (unreadable, corrupt, shorter than 50 ms, NaN or
+    infinite samples)."""
     try:
-        audio, rate = sf.read(str(path), dtype="float32", always_2d=True)
+        audio, rate = sf.read(str(path) if encoded is None else io.BytesIO(encoded), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, OSError) as e:
         raise DataError(f"cannot read audio file {path}: {e}. Is it a WAV/FLAC/OGG file? Re-export or remove it "
                         "from the manifest.") from None
@@ -39,6 +41,6 @@ def read_samples(path: Path) -> tuple[np.ndarray, int]:
     return audio, rate
 
 
-def load_audio(path: Path) -> np.ndarray:
-    """16 kHz mono float32 samples of an audio file, or a DataError (see read_samples)."""
-    return resample(*read_samples(path))
+def load_audio(path: Path, encoded: bytes | None = None) -> np.ndarray:
+    """16 kHz mono float32 samples of an audio file (or of its bytes), or a DataError (see read_samples)."""
+    return resample(*read_samples(path, encoded))

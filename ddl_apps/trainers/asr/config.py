@@ -2,12 +2,13 @@
 
 from pydantic import Field
 
+from ddl_apps.data.config import OptionalPreparedData
 from ddl_apps.recipe import Section
 
 ASR_COMMANDS = "asr-commands"
 
 
-class DataConfig(Section):
+class DataConfig(OptionalPreparedData):
     source: str = Field(ASR_COMMANDS, description=f"'{ASR_COMMANDS}' (the synthesised spoken-command corpus, "
                                                   "generated once into the cache) or a folder with train.jsonl, "
                                                   "valid.jsonl and test.jsonl manifests")

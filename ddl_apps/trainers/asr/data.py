@@ -53,6 +53,12 @@ class Manifest:
 
 def read_manifest(path: Path, limit: int | None = None) -> Manifest:
     """Read and check a manifest: every line parses, names a readable audio file, and has a text."""
+    paths, texts = manifest_entries(path, limit)
+    return Manifest(paths, texts, np.asarray([seconds(audio) for audio in paths], dtype=np.float64))
+
+
+def manifest_entries(path: Path, limit: int | None = None) -> tuple[list[Path], list[str]]:
+    """A manifest's audio files (each there) and normalised transcripts, every line checked; no audio is read."""
     if not path.is_file():
         raise DataError(f"manifest {path} does not exist")
     paths, texts = [], []
@@ -77,7 +83,7 @@ def read_manifest(path: Path, limit: int | None = None) -> Manifest:
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise DataError(f"{path}: {len(missing)} audio file(s) missing, e.g. {', '.join(missing[:3])}")
-    return Manifest(paths, texts, np.asarray([seconds(audio) for audio in paths], dtype=np.float64))
+    return paths, texts
 
 
 def manifest_lines(path: Path) -> list[str]:
@@ -134,23 +140,34 @@ class Utterances:
         return len(self.manifest.paths)
 
     def _features(self, index: int) -> torch.Tensor:
-        audio = torch.from_numpy(load_audio(self.manifest.paths[index]))
+        factor = 1.0
         if self.speed_factors:
             factor = self.speed_factors[int(torch.randint(len(self.speed_factors), ()))]
-            if factor != 1.0:
-                audio = torchaudio.functional.speed(audio[None], SAMPLE_RATE, factor)[0][0]
-        return self.features(audio)
+        return utterance_features(self.manifest.paths[index], None, factor, self.features)
 
     def take(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
-        features = [self._features(int(i)) for i in indices]
-        targets = [torch.tensor(encode(self.manifest.texts[int(i)]), dtype=torch.long) for i in indices]
-        return {
-            "features": torch.nn.utils.rnn.pad_sequence(features, batch_first=True),
-            "lengths": torch.tensor([len(f) for f in features]),
-            "targets": torch.nn.utils.rnn.pad_sequence(targets, batch_first=True) if targets else torch.zeros(0, 0),
-            "target_lengths": torch.tensor([len(t) for t in targets]),
-            "index": torch.as_tensor(np.asarray(indices, dtype=np.int64)),
-        }
+        return padded_batch([self._features(int(i)) for i in indices], [self.manifest.texts[int(i)] for i in indices],
+                            indices)
+
+
+def utterance_features(path: Path | str, encoded: bytes | None, speed: float, features: LogMel) -> torch.Tensor:
+    """An audio file's (or its bytes') log-mel features, played at `speed`."""
+    audio = torch.from_numpy(load_audio(Path(path), encoded))
+    if speed != 1.0:
+        audio = torchaudio.functional.speed(audio[None], SAMPLE_RATE, speed)[0][0]
+    return features(audio)
+
+
+def padded_batch(features: list[torch.Tensor], texts: list[str], indices: np.ndarray) -> dict[str, torch.Tensor]:
+    """Utterances' features and transcripts as a batch: padded, with their lengths and their indices."""
+    targets = [torch.tensor(encode(text), dtype=torch.long) for text in texts]
+    return {
+        "features": torch.nn.utils.rnn.pad_sequence(features, batch_first=True),
+        "lengths": torch.tensor([len(f) for f in features]),
+        "targets": torch.nn.utils.rnn.pad_sequence(targets, batch_first=True) if targets else torch.zeros(0, 0),
+        "target_lengths": torch.tensor([len(t) for t in targets]),
+        "index": torch.as_tensor(np.asarray(indices, dtype=np.int64)),
+    }
 
 
 def load_splits(folder: Path, cfg: DataConfig) -> dict[str, Manifest]:

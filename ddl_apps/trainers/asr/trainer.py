@@ -3,20 +3,25 @@ engine; word and character error rates over whole splits; `ddl transcribe` for a
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torchaudio
 
-from ddl_apps.core.contract import TorchTask, TrainerHooks
+from ddl_apps.core.contract import Preparer, TorchTask, TrainerHooks
 from ddl_apps.core.dist import Topology
 from ddl_apps.core.rundir import MODEL_DIR, reading_export
 from ddl_apps.core.torch_engine import Batch, load_weights, save_weights
+from ddl_apps.data.dataset import task_splits
+from ddl_apps.data.prepare import open_prepared
 from ddl_apps.recipe import Recipe
 from ddl_apps.trainers import file_inputs
-from ddl_apps.trainers.asr import data
+from ddl_apps.trainers.asr import data, prepared
 from ddl_apps.trainers.asr.audio import load_audio
 from ddl_apps.trainers.asr.model import ConformerCTC, greedy_decode
 
@@ -64,11 +69,12 @@ class SpecAugment(torch.nn.Module):
 
 
 class AsrTask(TorchTask):
-    def __init__(self, recipe: Recipe, splits: dict[str, data.Manifest]):
+    """`test_references()`: each test utterance's audio file and transcript, in the test split's order."""
+
+    def __init__(self, recipe: Recipe, train: Any, valid: Any, test: Any,
+                 test_references: Callable[[], tuple[Sequence[Any], Sequence[Any]]]):
         self.data_cfg, self.model_cfg = recipe.data, recipe.model
-        features = data.LogMel(self.data_cfg.n_mels)
-        self.train = data.Utterances(splits["train"], features, self.data_cfg.speed_factors)
-        self.valid, self.test = (data.Utterances(splits[s], features) for s in ("valid", "test"))
+        self.train, self.valid, self.test, self.test_references = train, valid, test, test_references
         self.spec_augment = SpecAugment(self.data_cfg)
 
     def architecture(self) -> dict:
@@ -98,10 +104,10 @@ class AsrTask(TorchTask):
 
     def write_artifacts(self, run_dir: Path, outputs: dict[str, np.ndarray]) -> None:
         """Every test utterance's file, reference and hypothesis, as JSON lines."""
-        manifest = self.test.manifest
+        files, texts = self.test_references()
         with (run_dir / TRANSCRIPTS).open("w") as f:
             for index, tokens in zip(outputs["index"], outputs["hypothesis"], strict=True):
-                f.write(json.dumps({"audio_filepath": str(manifest.paths[index]), "text": manifest.texts[index],
+                f.write(json.dumps({"audio_filepath": str(files[index]), "text": texts[index],
                                     "hypothesis": data.decode(tokens.tolist())}) + "\n")
 
     def export(self, model: ConformerCTC, model_dir: Path) -> None:
@@ -112,8 +118,30 @@ class AsrTask(TorchTask):
         return {}
 
 
+PREPARER = Preparer(source=prepared.source_identity, write=prepared.write_prepared, columns=prepared.COLUMNS,
+                    depends_on=prepared.depends_on, read_at_training=prepared.READ_AT_TRAINING)
+
+
 def build_task(recipe: Recipe, topology: Topology) -> AsrTask:
-    return AsrTask(recipe, data.load_splits(data.corpus_folder(recipe.data), recipe.data))
+    """Every worker reading the manifests (each audio file decoded once to check it), or, with data.prepared,
+    streaming a prepared dataset: training steps of utterances of similar duration, decoded as they are read."""
+    cfg = recipe.data
+    features = data.LogMel(cfg.n_mels)
+    if cfg.prepared is None:
+        splits = data.load_splits(data.corpus_folder(cfg), cfg)
+        return AsrTask(recipe, data.Utterances(splits["train"], features, cfg.speed_factors),
+                       data.Utterances(splits["valid"], features), data.Utterances(splits["test"], features),
+                       lambda: (splits["test"].paths, splits["test"].texts))
+    dataset = open_prepared(recipe, PREPARER)
+    speeds = prepared.speeds(cfg.speed_factors, recipe.run.seed) if set(cfg.speed_factors) - {1.0} else None
+    train, valid, test = task_splits(dataset, cfg, recipe.run.seed, functools.partial(prepared.to_batch,
+                                     features=features), bucket_by="duration", augment=speeds)
+
+    def test_references() -> tuple[Sequence[Any], Sequence[Any]]:
+        rows = dataset.split("test").load()
+        return rows["file"].tolist(), rows["text"].tolist()
+
+    return AsrTask(recipe, train, valid, test, test_references)
 
 
 def transcribe(model_dir: Path, files: list[Path]) -> list[str]:
@@ -140,4 +168,4 @@ def predict_cli(run_dir: Path, inputs: list[str], output: Path | None) -> None:
     file_inputs.print_rows(["file", "transcript"], rows, output)
 
 
-HOOKS = TrainerHooks(build_task=build_task, predict=predict_cli)
+HOOKS = TrainerHooks(build_task=build_task, predict=predict_cli, prepare=PREPARER)

