@@ -1,4 +1,5 @@
-"""`ddl bench data` (issue 22): prepared data streamed per worker against the in-memory path, on the fraud recipe.
+"""`ddl bench data` (issue 22): prepared data streamed per worker against the in-memory path, on the fraud recipe;
+and (issue 23, benchmarks/media.py) the image and speech recipes from shards of encoded files.
 
 - larger than memory: a prepared fraud table of >= 32 GiB (the prepared IEEE-CIS training split, copied with
   Gaussian noise on the numeric features; written here, deleted after), trained at np=2 for 2,000 steps: each
@@ -335,7 +336,11 @@ def main() -> None:
             "object_storage": lambda: object_storage(normal, scratch),
             "order": lambda: order_cost(scratch),
             "larger_than_memory": lambda: larger_than_memory(normal, args.large_gib, scratch),
+            "images": lambda: media.images(scratch),
+            "speech": lambda: media.speech(scratch),
         }
+        from benchmarks import media  # (it imports this module)
+
         for name, part in parts.items():
             if args.only and name not in args.only:
                 continue

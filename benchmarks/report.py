@@ -289,6 +289,49 @@ def data_section(result: dict) -> tuple[list[str], list[tuple]]:
                   "| order, seed | PR-AUC | ROC-AUC | recall at 1 % FPR |", "|---|---|---|---|",
                   *[f"| {k} | {v['pr_auc']:.4f} | {v['roc_auc']:.4f} | {v['recall_at_1pct_fpr']:.4f} |"
                     for k, v in result["order"].items()], ""]
+    for kind in ("images", "speech"):
+        if kind in result:
+            more_lines, more_summaries = media_lines(kind, result[kind])
+            lines += more_lines
+            summaries += more_summaries
+    return lines, summaries
+
+
+MEDIA = {"images": ("image_resnet", "generated digit files (PNG, one in five JPEG, 24-40 px), 1x = 10,000 files"),
+         "speech": ("asr_conformer", "an espeak-ng corpus, 1x = its first tenth")}
+
+
+def media_lines(kind: str, r: dict) -> tuple[list[str], list[tuple]]:
+    """Issue 23: a recipe of encoded files (images, audio) prepared into shards and streamed."""
+    recipe, what = MEDIA[kind]
+    lines = [f"**{kind.capitalize()} from shards of encoded files** (`{recipe}`; {what}"
+             + (f"; {r['hours']} hours at 10x" if "hours" in r else "") + "): prepared once, trained np=2 and np=1 "
+             "(first step: seconds from the last worker's start):", "",
+             "| data | training files | prepare (s) | shards (GiB) | peak RssAnon np=2 (MiB) | first step np=2 (s) | "
+             "np=1 (s) | np=2 / np=1 |", "|---|---|---|---|---|---|---|---|"]
+    flat = r["flat"]
+    for size, runs in flat["runs"].items():
+        prepared = r["prepare"][size]
+        lines.append(f"| {size} | {prepared['train_rows']:,} | {prepared['seconds']} | {prepared['gib']} | "
+                     f"{', '.join(map(str, runs['np2']['peak_rss_anon_mib']))} | "
+                     f"{runs['np2']['worker_first_step_s']} | {runs['np1']['worker_first_step_s']} | "
+                     f"{flat['first_step_np2_vs_np1'][size]:.3f} |")
+    largest = list(flat["runs"])[-1]
+    i, shipped = r["input"], r["shipped"]
+    stages = "; ".join(f"{stage.replace('_', ' ')}: {fmt(v['median'])}"
+                       for stage, v in i["pipeline_one_core_samples_per_s"].items())
+    lines += ["", f"Input pipeline alone on one core, samples/s ({stages}) against the training step "
+              f"({fmt(i['training_step_samples_per_s'])} samples/s, np=1, data in memory): {i['ratio']:.2f}x. "
+              f"Training from the shipped data's shards: {', '.join(map(fmt, shipped['shards_samples_per_s']))} "
+              f"samples/s, against {', '.join(map(fmt, shipped['in_memory_samples_per_s']))} in memory "
+              f"(np=1, in turns): {shipped['ratio']:.3f}x.", ""]
+    summaries = [target_row(f"{kind}: peak memory per worker, 10x / 1x the files", "<= 1.2x", flat["memory_ratio"],
+                            1.2, False),
+                 target_row(f"{kind}: time to first step np=2 / np=1 ({largest})", "<= 1.1x",
+                            flat["first_step_np2_vs_np1"][largest], 1.1, False),
+                 target_row(f"{kind}: input pipeline on one core / training step", ">= 3x", i["ratio"], 3, True),
+                 target_row(f"{kind}: samples/s from shards / in memory (shipped data)", ">= 0.95x", shipped["ratio"],
+                            0.95, True)]
     return lines, summaries
 
 

@@ -110,6 +110,33 @@ def test_report_judges_the_prepared_data_benchmark(results):
     assert "| chunks, seed 0 | 0.4400 | 0.8600 | 0.3700 |" in text
 
 
+def test_report_judges_images_and_speech_from_shards(results):
+    def media(first_np2: float, memory: float, ratio: float) -> dict:
+        runs = {size: {"np2": data_run(100.0, [700, 720], first), "np1": data_run(60.0, [650], 10.0)}
+                for size, first in (("1x", 10.0), ("10x", first_np2))}
+        stages = {"read": spread(9000.0), "read_decode_resize": spread(3000.0),
+                  "read_decode_resize_augment": spread(1000.0)}
+        return {"prepare": {size: {"seconds": 12.5, "gib": 0.1, "train_rows": rows}
+                            for size, rows in (("1x", 7000), ("10x", 70000), ("shipped", 3500))},
+                "flat": {"runs": runs, "memory_ratio": memory,
+                         "first_step_np2_vs_np1": {"1x": 1.0, "10x": first_np2 / 10.0}},
+                "input": {"pipeline_one_core_samples_per_s": stages, "training_step_samples_per_s": 400.0,
+                          "ratio": 2.5},
+                "shipped": {"shards_samples_per_s": [390.0, 400.0], "in_memory_samples_per_s": [400.0, 410.0],
+                            "ratio": ratio}}
+
+    write(results, "data", {"images": media(10.5, 1.02, 0.96), "speech": {**media(12.0, 1.3, 0.9), "hours": 20.4}})
+    text = report.build().read_text()
+    assert "| images: peak memory per worker, 10x / 1x the files | <= 1.2x | 1.020x | met |" in text
+    assert "| images: time to first step np=2 / np=1 (10x) | <= 1.1x | 1.050x | met |" in text
+    assert "| images: input pipeline on one core / training step | >= 3x | 2.500x | **missed** |" in text
+    assert "| images: samples/s from shards / in memory (shipped data) | >= 0.95x | 0.960x | met |" in text
+    assert "| speech: peak memory per worker, 10x / 1x the files | <= 1.2x | 1.300x | **missed** |" in text
+    assert "| speech: time to first step np=2 / np=1 (10x) | <= 1.1x | 1.200x | **missed** |" in text
+    assert "20.4 hours at 10x" in text and "| 10x | 70,000 | 12.5 | 0.1 | 700, 720 | 12.0 | 10.0 | 1.200 |" in text
+    assert "read decode resize augment: 1,000" in text
+
+
 def phase(pid: int, name: str, start: int, end: int, inner: str | None = None) -> list[dict]:
     nested = [{"ph": "B", "name": inner, "ts": start + 1, "pid": pid}, {"ph": "E", "ts": end - 1, "pid": pid}]
     return [{"ph": "B", "name": name, "ts": start, "pid": pid}, *(nested if inner else []),
