@@ -251,6 +251,7 @@ def speech(scratch: Path) -> dict:
     pipeline = speech_pipeline((*sources["10x"], f"data.prepared={prepared['10x']}"))["read_decode_features"]
     return {"hours": hours, "prepare": preparing,
             "flat": flat(SPEECH, sources, prepared, 20, scratch),
-            "input": {"pipeline_one_core_samples_per_s": spread([pipeline], 1), "training_step_samples_per_s": step,
+            "input": {"pipeline_one_core_samples_per_s": {"read_decode_features": spread([pipeline], 1)},
+                      "training_step_samples_per_s": step,
                       "ratio": round(pipeline / step, 2)},
             "shipped": shards_against_memory(SPEECH, SPEECH_RUN, shipped, 40, scratch)}
