@@ -212,11 +212,12 @@ class KerasEngine(Engine):
 
     def _stream_signature(self) -> tuple[list[str], tuple[tf.TensorSpec, ...], tuple[tf.TensorSpec, ...]]:
         """A streamed split's column names, the tf.data signature of its weighted micro-batches, and that of the
-        decoded (x, y): read from its first step (once)."""
+        decoded (x, y): read from this worker's first micro-batch (once; only its own chunks)."""
         if self._signature is not None:
             return self._signature
         assert isinstance(self.train, StreamSource)
-        columns = next(iter(self.train.rank_steps(0, 0, self.global_batch, 0, 1, 1)))[0]
+        columns = next(iter(self.train.rank_steps(0, 0, self.global_batch, self.topo.rank, self.topo.size,
+                                                  self.micro_batches)))[0]
         names = list(columns)
         signature = (*(tf.TensorSpec((None, *columns[n].shape[1:]), _tf_dtype(columns[n])) for n in names),
                      tf.TensorSpec((None,), tf.float32))
