@@ -26,6 +26,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import numpy as np
@@ -218,28 +220,47 @@ def input_pipeline(scratch: Path) -> dict:
     return rows
 
 
-def stream_rates(recipe: str, overrides: tuple[str, ...], seconds: float = 20.0) -> list[float]:
-    import torch
-
+def built_task(recipe: str, overrides: list[str]):
+    """The recipe's config and task as one worker of one builds them (its training source ready to stream)."""
     from ddl_apps.core.dist import Topology
     from ddl_apps.recipe import load_recipe
     from ddl_apps.registry import load_trainer
 
-    config = load_recipe(recipe, [o for o in overrides if not o.startswith("run.")])
-    task = load_trainer(config.trainer).load_hooks().build_task(config, Topology(0, 1, 0, 1))
+    config = load_recipe(recipe, overrides)
+    return config, load_trainer(config.trainer).load_hooks().build_task(config, Topology(0, 1, 0, 1))
+
+
+@contextmanager
+def one_core() -> Iterator[None]:
+    """This process pinned to one core, torch (and TensorFlow, once imported) on one thread."""
+    import torch
+
     os.sched_setaffinity(0, {0})
     torch.set_num_threads(1)
+    if "tensorflow" in sys.modules:
+        tf = sys.modules["tensorflow"]
+        with suppress(RuntimeError):  # (already set)
+            tf.config.threading.set_intra_op_parallelism_threads(1)
+            tf.config.threading.set_inter_op_parallelism_threads(1)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
+
+
+def stream_rates(recipe: str, overrides: tuple[str, ...], seconds: float = 20.0) -> list[float]:
+    config, task = built_task(recipe, [o for o in overrides if not o.startswith("run.")])
     rates, epoch = [], 0
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        started, samples = time.perf_counter(), 0
-        for micro_batches in task.train.rank_steps(epoch, 0, config.optim.batch_size, 0, 1, 1):
-            samples += sum(len(next(iter(b.values()))) for b in micro_batches)
-            if time.perf_counter() - started > seconds / 4:
-                break
-        rates.append(samples / (time.perf_counter() - started))
-        epoch += 1
-    os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
+    with one_core():
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            started, samples = time.perf_counter(), 0
+            for micro_batches in task.train.rank_steps(epoch, 0, config.optim.batch_size, 0, 1, 1):
+                samples += sum(len(next(iter(b.values()))) for b in micro_batches)
+                if time.perf_counter() - started > seconds / 4:
+                    break
+            rates.append(samples / (time.perf_counter() - started))
+            epoch += 1
     return rates
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import LAUNCH_ENV, VENV_BIN, spread
-from benchmarks.data import SCRATCH, train
+from benchmarks.data import SCRATCH, built_task, one_core, train
 
 IMAGE, SPEECH = "image_resnet", "asr_conformer"
 IMAGE_RUN = ("run.progress=false",)
@@ -143,32 +143,11 @@ def shards_against_memory(recipe: str, base: tuple[str, ...], shipped: Path, ste
             "ratio": round(statistics.median(rates["shards"]) / statistics.median(rates["in_memory"]), 3)}
 
 
-def one_core(measure) -> float:
-    """`measure()` (samples, seconds) with this process and its framework pinned to one core."""
-    import tensorflow as tf
-    import torch
-
-    os.sched_setaffinity(0, {0})
-    torch.set_num_threads(1)
-    try:
-        tf.config.threading.set_intra_op_parallelism_threads(1)
-        tf.config.threading.set_inter_op_parallelism_threads(1)
-    except RuntimeError:  # (already set)
-        pass
-    try:
+def one_core_rate(measure) -> float:
+    """`measure()` (samples, seconds) on one core: samples/s."""
+    with one_core():
         samples, seconds = measure()
-    finally:
-        os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
     return samples / seconds
-
-
-def built_task(recipe: str, overrides: tuple[str, ...]):
-    from ddl_apps.core.dist import Topology
-    from ddl_apps.recipe import load_recipe
-    from ddl_apps.registry import load_trainer
-
-    config = load_recipe(recipe, list(overrides))
-    return config, load_trainer(config.trainer).load_hooks().build_task(config, Topology(0, 1, 0, 1))
 
 
 def image_pipeline(overrides: tuple[str, ...], seconds: float = 15.0) -> dict:
@@ -176,7 +155,7 @@ def image_pipeline(overrides: tuple[str, ...], seconds: float = 15.0) -> dict:
     + augmenting (the recipe's random affine in TensorFlow), at the recipe's batch."""
     import tensorflow as tf
 
-    config, task = built_task(IMAGE, overrides)
+    config, task = built_task(IMAGE, list(overrides))
     augment = tf.function(task.augment, reduce_retracing=True)
 
     def stage(decode: bool, augmented: bool):
@@ -194,14 +173,14 @@ def image_pipeline(overrides: tuple[str, ...], seconds: float = 15.0) -> dict:
             return samples, time.perf_counter() - started
         return measure
 
-    return {name: round(one_core(stage(*flags)), 1) for name, flags in
+    return {name: round(one_core_rate(stage(*flags)), 1) for name, flags in
             (("read", (False, False)), ("read_decode_resize", (True, False)),
              ("read_decode_resize_augment", (True, True)))}
 
 
 def speech_pipeline(overrides: tuple[str, ...], seconds: float = 20.0) -> dict:
     """The speech recipe's training stream on one core: read, decode, resample, speed, log-mel, pad."""
-    config, task = built_task(SPEECH, overrides)
+    config, task = built_task(SPEECH, list(overrides))
 
     def measure():
         started, samples = time.perf_counter(), 0
@@ -211,7 +190,7 @@ def speech_pipeline(overrides: tuple[str, ...], seconds: float = 20.0) -> dict:
                 break
         return samples, time.perf_counter() - started
 
-    return {"read_decode_features": round(one_core(measure), 1)}
+    return {"read_decode_features": round(one_core_rate(measure), 1)}
 
 
 def training_step(recipe: str, base: tuple[str, ...], steps: int, scratch: Path) -> float:

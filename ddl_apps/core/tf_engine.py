@@ -135,7 +135,6 @@ class KerasEngine(Engine):
             self._broadcast_from_root()
         self.model.make_train_function()  # model.train_function: one compiled step on the next batch
         self._stream: LiveIterator[Any] = LiveIterator()  # the epoch's pipeline, at (epoch, next step, rank, size)
-        self._signature: tuple[list[str], tuple[tf.TensorSpec, ...], tuple[tf.TensorSpec, ...]] | None = None
 
     def _broadcast_from_root(self) -> None:
         """Collective: every rank takes rank 0's weights and optimizer state."""
@@ -153,48 +152,47 @@ class KerasEngine(Engine):
             dataset = augmented(dataset, self._augment, seed, self._positions(first, self.steps_per_epoch - first))
         return iter(dataset.prefetch(tf.data.AUTOTUNE))
 
+    def _step_layout(self) -> tuple[list[int], list[float]]:
+        """The sizes of this worker's micro-batches in each step, and the weight of each one's examples' losses
+        (see _weighted_micro_batches). A share smaller than the micro-batches (batch_size 1) has fewer; Keras'
+        accumulation needs the same number on every worker, so the missing ones are one example of weight 0."""
+        shares = sharding.rank_step_batches(np.arange(self.global_batch), 0, self.global_batch, self.topo.rank,
+                                            self.topo.size, self.micro_batches)
+        scale = self.topo.size * self.micro_batches / self.global_batch
+        padding = self.micro_batches - len(shares)
+        sizes = [len(share) for share in shares]
+        return sizes + [1] * padding, [scale * size for size in sizes] + [0.0] * padding
+
     def _indexed_epoch(self, first: int) -> tf.data.Dataset:
         assert isinstance(self.train, BatchSource)
+        sizes, weights = self._step_layout()
+        steps = self.steps_per_epoch - first
         micro_batches: list[np.ndarray] = []
-        weights: list[float] = []  # of each micro-batch's examples' losses
-        scale = self.topo.size * self.micro_batches / self.global_batch
         for step in range(first, self.steps_per_epoch):
             parts = self.feed.rank_batches(self.state.epoch, step, self.topo)
-            # A share smaller than the micro-batches (batch_size 1) has fewer; Keras' accumulation needs the same
-            # number on every worker, so the missing ones repeat an example with weight 0.
-            padding = [parts[0][:1]] * (self.micro_batches - len(parts))
-            micro_batches += parts + padding
-            weights += [scale * len(part) for part in parts] + [0.0] * len(padding)
-        sizes = [len(indices) for indices in micro_batches]
-        self._sizes = collections.deque(sizes)  # of the micro-batches not yet run
+            micro_batches += parts + [parts[0][:1]] * (len(sizes) - len(parts))
+        self._sizes = collections.deque(sizes * steps)  # of the micro-batches not yet run
         batch = self.train.take(np.concatenate(micro_batches))
         if all(size * self.micro_batches * self.topo.size == self.global_batch for size in sizes):  # weights all 1
-            dataset = tf.data.Dataset.from_tensor_slices((batch["x"], batch["y"])).batch(sizes[0])
-        else:
-            dataset = self._weighted_micro_batches(batch["x"], batch["y"], sizes, weights)
-        return dataset
+            return tf.data.Dataset.from_tensor_slices((batch["x"], batch["y"])).batch(sizes[0])
+        return self._weighted_micro_batches(batch["x"], batch["y"], sizes * steps, weights * steps)
 
     def _streamed_epoch(self, first: int) -> tf.data.Dataset:
-        """A StreamSource's micro-batches (each example's loss weighted as in _weighted_micro_batches), turned into
-        (x, y) by the task's `decode` in a parallel, order-keeping map."""
+        """A StreamSource's micro-batches (padded and weighted as _step_layout says), turned into (x, y) by the
+        task's `decode` in a parallel, order-keeping map."""
         assert isinstance(self.train, StreamSource)
-        source, micro_batches, epoch = self.train, self.micro_batches, self.state.epoch
-        shares = sharding.rank_step_batches(np.arange(self.global_batch), 0, self.global_batch, self.topo.rank,
-                                            self.topo.size, micro_batches)
-        scale = self.topo.size * micro_batches / self.global_batch
-        padding = micro_batches - len(shares)
-        weights = [scale * len(share) for share in shares] + [0.0] * padding
-        sizes = [len(share) for share in shares] + [1] * padding
+        source, epoch, (names, signature, decoded_specs) = self.train, self.state.epoch, self._stream_signature
+        sizes, weights = self._step_layout()
         self._sizes = collections.deque(sizes * (self.steps_per_epoch - first))
+
         def weighted_micro_batches():
             for step in source.rank_steps(epoch, first, self.global_batch, self.topo.rank, self.topo.size,
-                                          micro_batches):
-                padded = step + [{k: v[:1] for k, v in step[0].items()}] * padding
+                                          self.micro_batches):
+                padded = step + [{k: v[:1] for k, v in step[0].items()}] * (len(sizes) - len(step))
                 for columns, weight in zip(padded, weights, strict=True):
                     yield (*(columns[n] for n in names), np.full(len(columns[names[0]]), weight, np.float32))
 
         decode = self._decode
-        names, signature, decoded_specs = self._stream_signature()
 
         def decoded(*tensors):
             *columns, weight = tensors
@@ -210,11 +208,10 @@ class KerasEngine(Engine):
         """A streamed split's micro-batch columns -> numpy (x, y): the task's `decode`, or its x and y columns."""
         return getattr(self.task, "decode", None) or (lambda columns: (columns["x"], columns["y"]))
 
+    @functools.cached_property
     def _stream_signature(self) -> tuple[list[str], tuple[tf.TensorSpec, ...], tuple[tf.TensorSpec, ...]]:
         """A streamed split's column names, the tf.data signature of its weighted micro-batches, and that of the
         decoded (x, y): read from this worker's first micro-batch (once; only its own chunks)."""
-        if self._signature is not None:
-            return self._signature
         assert isinstance(self.train, StreamSource)
         columns = next(iter(self.train.rank_steps(0, 0, self.global_batch, self.topo.rank, self.topo.size,
                                                   self.micro_batches)))[0]
@@ -222,8 +219,7 @@ class KerasEngine(Engine):
         signature = (*(tf.TensorSpec((None, *columns[n].shape[1:]), _tf_dtype(columns[n])) for n in names),
                      tf.TensorSpec((None,), tf.float32))
         decoded = tuple(tf.TensorSpec((None, *a.shape[1:]), tf.as_dtype(a.dtype)) for a in self._decode(columns))
-        self._signature = names, signature, decoded
-        return self._signature
+        return names, signature, decoded
 
     def _positions(self, first: int, count: int) -> np.ndarray:
         """This worker's micro-batches' positions in the epoch (sharding.micro_batch_positions), in order."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from multiprocessing import get_context
 from typing import Any
 
@@ -41,8 +42,26 @@ class FileChecks:
             if not self.bad:
                 yield result
 
+    def files(self, check: Callable[[str], Any], paths: Sequence[str], label: str) -> Iterator[list[Any]]:
+        """`results` of `check(path)` on each file (a module-level function; a DataError or any other exception
+        it raises says what is wrong with the file)."""
+        return self.results(partial(_check_each, check), paths, label)
+
     def raise_if_bad(self) -> None:
         if self.bad:
             more = f" (and {len(self.bad) - SHOWN} more)" if len(self.bad) > SHOWN else ""
             raise DataError(f"{len(self.bad)} {self.kind} file(s) cannot be used: " + "; ".join(self.bad[:SHOWN]) +
                             f"{more}. Remove or replace them, then prepare again")
+
+
+def _check_each(check: Callable[[str], Any], paths: Sequence[str]) -> list[Any]:
+    """`check` on each path, or the text of what it raised (named after the file unless a DataError names it)."""
+    results = []
+    for path in paths:
+        try:
+            results.append(check(path))
+        except DataError as e:
+            results.append(str(e))
+        except Exception as e:  # decoders raise many kinds for a broken file: OSError, SyntaxError, ValueError...
+            results.append(f"{path}: {e}")
+    return results

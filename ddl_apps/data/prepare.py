@@ -32,6 +32,11 @@ def preparation_settings(recipe: Recipe, preparer: Preparer) -> dict[str, Any]:
             **preparer.depends_on(recipe)}
 
 
+def run_seed(recipe: Recipe) -> dict[str, Any]:
+    """A Preparer's `depends_on` for data whose split, sample or shuffle the run's seed draws."""
+    return {"seed": recipe.run.seed}
+
+
 class DatasetWriter:
     """Splits written batch by batch into a staging folder; see SplitWriter."""
 

@@ -5,7 +5,6 @@ log-mel features in its input pipeline, in steps of utterances of similar durati
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -29,19 +28,11 @@ READ_AT_TRAINING = frozenset({"n_mels", "speed_factors", "freq_masks", "freq_mas
 DECODERS = ThreadPoolExecutor(4, thread_name_prefix="ddl-audio")  # libsndfile and torch let go of the GIL
 
 
-def check_audio(paths: Sequence[str]) -> list[tuple[bytes, float] | str]:
-    """Each file's bytes and duration in seconds (decoded whole), or what is wrong with it."""
-    results: list[tuple[bytes, float] | str] = []
-    for path in paths:
-        try:
-            encoded = Path(path).read_bytes()
-            samples, rate = read_samples(Path(path), encoded)
-            results.append((encoded, len(samples) / rate))
-        except DataError as e:
-            results.append(str(e))
-        except OSError as e:
-            results.append(f"{path}: {e}")
-    return results
+def checked_audio(path: str) -> tuple[bytes, float]:
+    """A file's bytes and its duration in seconds (decoded whole: a bad file raises a DataError naming it)."""
+    encoded = Path(path).read_bytes()
+    samples, rate = read_samples(Path(path), encoded)
+    return encoded, len(samples) / rate
 
 
 def write_prepared(recipe: Recipe, writer: Any) -> dict[str, Any]:
@@ -55,7 +46,7 @@ def write_prepared(recipe: Recipe, writer: Any) -> dict[str, Any]:
         for split, (paths, texts) in entries.items():
             writer.plan(split, len(paths), recipe.run.seed if split == "train" else None)
             kept[split], start = 0, 0
-            for batch in checks.results(check_audio, [str(p) for p in paths], f"checking {split} audio"):
+            for batch in checks.files(checked_audio, [str(p) for p in paths], f"checking {split} audio"):
                 rows = np.arange(start, start + len(batch))
                 start += len(batch)
                 durations = np.array([duration for _, duration in batch])
@@ -81,11 +72,6 @@ def source_identity(recipe: Recipe) -> dict[str, Any]:
     manifests = [folder / name for name in corpus.MANIFESTS.values()]
     return {"source": str(folder), "manifests": [[m.stat().st_size, m.stat().st_mtime_ns] if m.exists() else None
                                                  for m in manifests]}
-
-
-def depends_on(recipe: Recipe) -> dict[str, Any]:
-    """The training split is shuffled with the run's seed."""
-    return {"seed": recipe.run.seed}
 
 
 def speeds(factors: list[float], seed: int) -> Any:

@@ -18,7 +18,7 @@ from ddl_apps.core.dist import Topology
 from ddl_apps.core.rundir import MODEL_DIR, reading_export
 from ddl_apps.core.torch_engine import Batch, load_weights, save_weights
 from ddl_apps.data.dataset import task_splits
-from ddl_apps.data.prepare import open_prepared
+from ddl_apps.data.prepare import open_prepared, run_seed
 from ddl_apps.recipe import Recipe
 from ddl_apps.trainers import file_inputs
 from ddl_apps.trainers.asr import data, prepared
@@ -119,7 +119,7 @@ class AsrTask(TorchTask):
 
 
 PREPARER = Preparer(source=prepared.source_identity, write=prepared.write_prepared, columns=prepared.COLUMNS,
-                    depends_on=prepared.depends_on, read_at_training=prepared.READ_AT_TRAINING)
+                    depends_on=run_seed, read_at_training=prepared.READ_AT_TRAINING)
 
 
 def build_task(recipe: Recipe, topology: Topology) -> AsrTask:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,15 +53,22 @@ def decode_image(data: bytes, size: int, channels: int):
     return np.asarray(converted, dtype=np.uint8).reshape(size, size, channels)
 
 
-def load_image_files(paths: list[Path], size: int, channels: int) -> np.ndarray:
-    """Decode (decode_image): uint8 [n, size, size, channels]; names a file it cannot read."""
+def decode_images(encoded: Iterable[bytes], size: int, channels: int, names: list[Path] | None = None
+                  ) -> np.ndarray:
+    """Decode (decode_image) each: uint8 [n, size, size, channels]; names (when given) the file it cannot read."""
     images = []
-    for path in paths:
+    for i, data in enumerate(encoded):
         try:
-            images.append(decode_image(path.read_bytes(), size, channels))
+            images.append(decode_image(data, size, channels))
         except Exception as e:  # Pillow raises many kinds for a broken file: OSError, SyntaxError, ValueError...
-            raise DataError(f"cannot read image {path}: {e}; remove or replace the file") from None
+            if names is None:
+                raise
+            raise DataError(f"cannot read image {names[i]}: {e}; remove or replace the file") from None
     return np.stack(images) if images else np.zeros((0, size, size, channels), np.uint8)
+
+
+def load_image_files(paths: list[Path], size: int, channels: int) -> np.ndarray:
+    return decode_images((path.read_bytes() for path in paths), size, channels, names=paths)
 
 
 def read_folder(root: Path, size: int, channels: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -117,12 +125,17 @@ def check_arrays(path: Path, x: np.ndarray, y: np.ndarray) -> None:
         raise DataError(f"{path}: x holds NaN, infinite or out-of-range pixel values; replace them before training")
 
 
+def in_unit_range(pixels: np.ndarray) -> bool:
+    """Pixels at most 1 are read as 0-1 intensities, others as 0-255."""
+    return bool(pixels.max(initial=0) <= 1.0)
+
+
 def to_model_input(images: np.ndarray, size: int, channels: int) -> np.ndarray:
     """uint8 (or float) images of any size and channel count -> float32 [n, size, size, channels] in [0, 1]."""
     import tensorflow as tf
 
     x = images.astype(np.float32)
-    if x.max(initial=0) > 1.0:
+    if not in_unit_range(x):
         x /= 255.0
     if x.shape[-1] != channels:
         x = x.mean(-1, keepdims=True) if channels == 1 else np.repeat(x[..., :1], 3, axis=-1)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -58,15 +58,8 @@ def checked(encoded: bytes, channels: int) -> tuple[bytes, int, int]:
     return encoded, upright.height, upright.width
 
 
-def check_files(paths: Sequence[str], channels: int) -> list[tuple[bytes, int, int] | str]:
-    """For each file: what `checked` keeps, or what is wrong with it."""
-    results: list[tuple[bytes, int, int] | str] = []
-    for path in paths:
-        try:
-            results.append(checked(Path(path).read_bytes(), channels))
-        except Exception as e:  # Pillow raises many kinds for a broken file: OSError, SyntaxError, ValueError...
-            results.append(f"{path}: {e}")
-    return results
+def checked_file(path: str, channels: int) -> tuple[bytes, int, int]:
+    return checked(Path(path).read_bytes(), channels)
 
 
 def png_images(pixels: np.ndarray) -> list[tuple[bytes, int, int]]:
@@ -82,8 +75,8 @@ def png_images(pixels: np.ndarray) -> list[tuple[bytes, int, int]]:
 
 
 def as_uint8(x: np.ndarray) -> np.ndarray:
-    """Pixels as the in-memory path reads them (0-1 floats when at most 1, else 0-255), in 8 bits."""
-    scale = 255.0 if x.dtype.kind == "f" and x.max(initial=0) <= 1.0 else 1.0
+    """Pixels as the in-memory path reads them (data.in_unit_range), in 8 bits."""
+    scale = 255.0 if data.in_unit_range(x) else 1.0
     return np.clip(np.rint(x.astype(np.float64) * scale), 0, 255).astype(np.uint8)
 
 
@@ -114,7 +107,7 @@ class ImageSource:
         if self.files is None:
             assert self.pixels is not None
             return checks.results(png_images, self.pixels[rows], label)
-        return checks.results(partial(check_files, channels=self.channels), [str(self.files[i]) for i in rows], label)
+        return checks.files(partial(checked_file, channels=self.channels), [str(self.files[i]) for i in rows], label)
 
 
 def write_prepared(recipe: Recipe, writer: Any) -> dict[str, Any]:
@@ -150,13 +143,7 @@ def source_identity(recipe: Recipe) -> dict[str, Any]:
             "mtime_ns": max((s.st_mtime_ns for s in stats), default=0)}
 
 
-def depends_on(recipe: Recipe) -> dict[str, Any]:
-    """The splits are drawn with the run's seed."""
-    return {"seed": recipe.run.seed}
-
-
 def decoded(columns: dict[str, np.ndarray], size: int, channels: int) -> tuple[np.ndarray, np.ndarray]:
-    """Prepared rows as the model's input: float32 [n, size, size, channels] in [0, 1], and the labels."""
-    x = np.stack([data.decode_image(image, size, channels) for image in columns["image"]]) if len(
-        columns["image"]) else np.zeros((0, size, size, channels), np.uint8)
-    return x.astype(np.float32) / 255.0, columns["label"]
+    """Prepared rows as the model's input: float32 [n, size, size, channels] in [0, 1] (decoded images are 8-bit
+    whatever a batch holds), and the labels."""
+    return data.decode_images(columns["image"], size, channels).astype(np.float32) / 255.0, columns["label"]

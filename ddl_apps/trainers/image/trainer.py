@@ -16,7 +16,7 @@ from ddl_apps.core.dist import Topology
 from ddl_apps.core.rundir import MODEL_DIR, reading_export
 from ddl_apps.core.tf_engine import ColumnSource, save_weights
 from ddl_apps.data.dataset import task_splits
-from ddl_apps.data.prepare import open_prepared
+from ddl_apps.data.prepare import open_prepared, run_seed
 from ddl_apps.recipe import Recipe
 from ddl_apps.trainers import file_inputs
 from ddl_apps.trainers.image import data, prepared
@@ -53,9 +53,9 @@ def random_affine(images, seed, shift: float, rotation: float, zoom: float):
 class ImageTask(KerasTask):
     loss = "sparse_categorical_crossentropy"
 
-    def __init__(self, recipe: Recipe, classes: list[str], train: Any, valid: Any, test: Any):
+    def __init__(self, recipe: Recipe, classes: list[str], train: Any, valid: Any, test: Any, decode: Any = None):
         self.data_cfg, self.model_cfg, self.classes = recipe.data, recipe.model, classes
-        self.train, self.valid, self.test = train, valid, test
+        self.train, self.valid, self.test, self.decode = train, valid, test, decode
 
     def build_model(self) -> keras.Model:
         size, m = self.data_cfg.image_size, self.model_cfg
@@ -106,7 +106,7 @@ class ImageTask(KerasTask):
 
 
 PREPARER = Preparer(source=prepared.source_identity, write=prepared.write_prepared, columns=prepared.COLUMNS,
-                    depends_on=prepared.depends_on, read_at_training=prepared.READ_AT_TRAINING)
+                    depends_on=run_seed, read_at_training=prepared.READ_AT_TRAINING)
 
 
 def build_task(recipe: Recipe, topology: Topology) -> ImageTask:
@@ -121,9 +121,7 @@ def build_task(recipe: Recipe, topology: Topology) -> ImageTask:
     x_and_y = lambda rows: dict(zip("xy", decode(rows), strict=True))  # noqa: E731
     train, valid, test = task_splits(dataset, cfg, recipe.run.seed, x_and_y,
                                      train_convert=lambda rows: {k: rows[k] for k in ("image", "label")})
-    task = ImageTask(recipe, dataset.manifest.fitted["classes"], train, valid, test)
-    task.decode = decode
-    return task
+    return ImageTask(recipe, dataset.manifest.fitted["classes"], train, valid, test, decode)
 
 
 def classify_files(model_dir: Path, files: list[Path]) -> list[tuple[str, float]]:

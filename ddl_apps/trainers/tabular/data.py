@@ -270,11 +270,6 @@ def source_identity(recipe: Recipe) -> dict[str, Any]:
     return file_identity(recipe.data.source, recipe.data.source in SHIPPED)
 
 
-def preparation_depends_on(recipe: Recipe) -> dict[str, Any]:
-    """The run's seed draws the sample (data.rows), a random split and the shuffle."""
-    return {"seed": recipe.run.seed}
-
-
 def write_prepared(recipe: Recipe, writer: DatasetWriter) -> dict[str, Any]:
     """One pass: split, fit the preprocessing on the training rows column by column, then transform the table
     batch by batch into the splits (the training split shuffled once)."""

@@ -18,7 +18,7 @@ from ddl_apps.core.dist import Topology
 from ddl_apps.core.rundir import MODEL_DIR, reading_export
 from ddl_apps.core.torch_engine import Batch, load_weights, save_weights
 from ddl_apps.data.dataset import PreparedDataset, task_splits
-from ddl_apps.data.prepare import open_prepared
+from ddl_apps.data.prepare import open_prepared, run_seed
 from ddl_apps.errors import DataError
 from ddl_apps.recipe import Recipe
 from ddl_apps.trainers.tabular import charts, data
@@ -151,7 +151,7 @@ def baseline_scores(name: str, train: dict[str, np.ndarray], test: dict[str, np.
 
 
 PREPARER = Preparer(source=data.source_identity, write=data.write_prepared, columns=data.COLUMNS,
-                    depends_on=data.preparation_depends_on)
+                    depends_on=run_seed)  # (it draws the sample, a random split, the shuffle)
 
 
 def build_task(recipe: Recipe, topology: Topology) -> TabularTask:
