@@ -6,7 +6,9 @@ Only rank 0 holds a `RunLog` that writes; other ranks get a `SilentLog` with the
 from __future__ import annotations
 
 import json
+import sys
 import time
+import types
 from collections import defaultdict
 from dataclasses import dataclass
 from io import FileIO
@@ -68,12 +70,10 @@ class SilentLog:
 
 class RunLog(SilentLog):
     def __init__(self, run_dir: Path, show_progress: bool = True):
-        from tensorboard.summary import Writer  # TensorBoard's own writer: no framework (torch's loaded torch)
-
         self.run_dir = run_dir
         self.console = Console(stderr=True, soft_wrap=True)  # whole lines: paths in messages stay greppable
         self._jsonl = _open_for_appending(run_dir / METRICS_FILE)
-        self._tb = Writer(str(run_dir / "tensorboard"))
+        self._tb = tensorboard_writer(run_dir / "tensorboard")
         self._show_progress = show_progress and self.console.is_terminal
         self._progress: Progress | None = None
         self._task: TaskID | None = None
@@ -133,6 +133,21 @@ class RunLog(SilentLog):
         plot_curves(self.run_dir)
         if summary:
             self.console.print(summary_table(summary))
+
+
+NO_TENSORFLOW = "tensorboard.compat.notf"
+
+
+def tensorboard_writer(log_dir: Path):
+    """TensorBoard's own event writer (torch's would load torch into Keras runs). It reaches files through
+    `tensorboard.compat.tf`, which imports TensorFlow whenever it is installed: 5 s and 700 MB more in each PyTorch
+    worker. Unless this process runs TensorFlow anyway, TensorBoard's switch for its builds without TensorFlow (a
+    module named `tensorboard.compat.notf`) makes it use its own file-system stub instead."""
+    if "tensorflow" not in sys.modules:
+        sys.modules.setdefault(NO_TENSORFLOW, types.ModuleType(NO_TENSORFLOW))
+    from tensorboard.summary import Writer
+
+    return Writer(str(log_dir))
 
 
 def _fmt(value: float) -> str:
