@@ -18,7 +18,7 @@ test: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -d $${TMPDIR:-/tmp}/ddl_apps_site
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --durations=25
 
 test-fast: setup
 	$(VENV)/bin/pytest -q -m "not distributed"

@@ -6,9 +6,11 @@ Each test runs for the PyTorch and the Keras 3 engine, on scikit-learn's digits 
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -76,12 +78,29 @@ def test_fp16_compression_stays_close(engine, reference, tmp_path):
     assert abs(accuracy[run] - accuracy[reference]) <= 0.01, accuracy
 
 
-@pytest.mark.parametrize("controller", ["--gloo", "--mpi"])
-def test_stop_and_resume_gives_the_uninterrupted_weights(engine, two_workers, tmp_path, controller):
-    run, recipe = tmp_path / "run", PROBES[engine]
-    train(run, "optim.batch_size=32", "run.max_steps=37", np=2, flags=(controller,), recipe=recipe)  # mid-epoch 1
+def stopped_at_37(run: Path, engine: str, controller: str) -> Path:
+    """Two workers stopped at step 37 (mid-epoch 1) with a checkpoint and no exported model."""
+    train(run, "optim.batch_size=32", "run.max_steps=37", np=2, flags=(controller,), recipe=PROBES[engine])
     assert not (run / "model").exists()
-    train(run, "optim.batch_size=32", np=2, flags=(controller, "--resume"), recipe=recipe)
+    return run
+
+
+@pytest.fixture(scope="module")
+def stopped_on_mpi(engine, tmp_path_factory):
+    """Resumed by two tests, each on a copy: on two workers over MPI, and on one worker."""
+    return stopped_at_37(tmp_path_factory.mktemp(f"{engine}-stopped") / "run", engine, "--mpi")
+
+
+def copy_of(run: Path, tmp_path: Path) -> Path:
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+@pytest.mark.parametrize("controller", ["--gloo", "--mpi"])
+def test_stop_and_resume_gives_the_uninterrupted_weights(engine, two_workers, stopped_on_mpi, tmp_path, controller):
+    run = copy_of(stopped_on_mpi, tmp_path) if controller == "--mpi" else stopped_at_37(tmp_path / "run", engine,
+                                                                                        controller)
+    train(run, "optim.batch_size=32", np=2, flags=(controller, "--resume"), recipe=PROBES[engine])
     np.testing.assert_allclose(final_weights(run), final_weights(two_workers), rtol=0, atol=1e-6)
 
 
@@ -156,13 +175,16 @@ def test_nan_steps_can_be_skipped(engine, reference, tmp_path):
 
 
 @pytest.mark.parametrize("trained,resumed", [(2, 1), (1, 2)])
-def test_resume_on_another_worker_count_keeps_the_trained_global_batch(engine, reference, two_workers, tmp_path,
-                                                                       trained, resumed):
-    """Stopped at step 20 on N workers, resumed on M: the steps, their examples and the learning rates stay the
-    trained run's, so the weights are the uninterrupted run's."""
-    run, recipe = tmp_path / "run", PROBES[engine]
+def test_resume_on_another_worker_count_keeps_the_trained_global_batch(engine, reference, two_workers,
+                                                                       stopped_on_mpi, tmp_path, trained, resumed):
+    """Stopped mid-epoch on N workers (2: at step 37; 1: at step 20), resumed on M: the steps, their examples and
+    the learning rates stay the trained run's, so the weights are the uninterrupted run's."""
+    recipe = PROBES[engine]
     batch = f"optim.batch_size={64 // trained}"
-    train(run, batch, "run.max_steps=20", np=trained, recipe=recipe)
+    if trained == 2:
+        run = copy_of(stopped_on_mpi, tmp_path)
+    else:
+        run = train(tmp_path / "run", batch, "run.max_steps=20", np=trained, recipe=recipe)
     result = ddl("train", recipe, f"run.dir={run}", batch, "-np", str(resumed), "--resume")
     assert result.returncode == 0, result.stderr
     assert f"global batch stays {64 // trained} x {trained} workers x 1 = 64 examples, shared by {resumed}" \

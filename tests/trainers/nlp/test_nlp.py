@@ -239,8 +239,8 @@ def test_predict_refuses_empty_texts_and_missing_models(tiny_run, tmp_path):
 @pytest.mark.distributed
 def test_two_workers_fine_tune_identically_and_beat_chance(tmp_path):
     """The pretrained MiniLM on a 2,000-snippet slice at np=2: the ranks end with identical weights, and the test
-    accuracy beats always answering the commoner label."""
-    run = train(tmp_path / "run", "data.rows=2000", "optim.batch_size=16", "optim.epochs=2", "optim.warmup_steps=10",
+    accuracy beats always answering the commoner label (one epoch, 50 steps: 0.695 against 0.58)."""
+    run = train(tmp_path / "run", "data.rows=2000", "optim.batch_size=16", "optim.epochs=1", "optim.warmup_steps=10",
                 "run.log_every=10", np=2, recipe=RECIPE)
     result = summary(run)
     assert len(result["weights_sha256_by_rank"]) == 2 and len(set(result["weights_sha256_by_rank"])) == 1
