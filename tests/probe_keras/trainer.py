@@ -7,7 +7,7 @@ import numpy as np
 
 from ddl_apps.core.contract import KerasTask, TrainerHooks
 from ddl_apps.core.tf_engine import save_weights
-from tests.probe.trainer import DigitsTask
+from tests.probe.data import DigitsTask
 
 
 class KerasDigitsTask(DigitsTask, KerasTask):
