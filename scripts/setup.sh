@@ -138,8 +138,25 @@ install_horovod() {
     echo "$want" > "$VENV/.ddl-horovod"
 }
 
+# Where patch python/0016 has horovodrun read how Horovod was built (instead of loading an extension to ask, on
+# every launch): removed before --check-build asks the extensions themselves, then written from what they answered.
+built_record() {
+    echo "$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/horovod/common/built.json"
+}
+
+record_horovod_build() {
+    "$VENV/bin/python" - "$1" "$(built_record)" <<'PY'
+import json, os, sys
+report, path = sys.argv[1:]
+json.dump({label.lower(): f"[X] {label}" in report for label in ("MPI", "Gloo", "NCCL", "DDL", "CCL")},
+          open(path + ".tmp", "w"))
+os.replace(path + ".tmp", path)
+PY
+}
+
 check_horovod_build() {
     local report
+    rm -f "$(built_record)"
     report=$("$VENV/bin/horovodrun" --check-build 2>&1) || die "horovodrun --check-build failed: $report"
     local missing=() wanted=(TensorFlow PyTorch MPI Gloo)
     [ -z "${HOROVOD_GPU_OPERATIONS:-}" ] || wanted+=("$HOROVOD_GPU_OPERATIONS")
@@ -148,6 +165,7 @@ check_horovod_build() {
     done
     [ ${#missing[@]} -eq 0 ] || die "Horovod was built without: ${missing[*]}. Delete $CACHE/wheels and $VENV/.ddl-horovod, then run 'make setup' again.
 $report"
+    record_horovod_build "$report"
     log "Horovod $HOROVOD_VERSION ready: TensorFlow, PyTorch, MPI and Gloo"
 }
 

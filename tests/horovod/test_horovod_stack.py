@@ -1,6 +1,8 @@
 """Issue 2: the Horovod build works under horovodrun -np 2 with Gloo and with MPI."""
 
+import json
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +14,17 @@ def test_check_build_lists_frameworks_and_controllers():
     report = subprocess.run([horovodrun_executable(), "--check-build"], capture_output=True, text=True).stdout
     for component in ("TensorFlow", "PyTorch", "MPI", "Gloo"):
         assert f"[X] {component}" in report, report
+
+
+def test_the_recorded_build_is_what_the_extensions_answer():
+    """Patch python/0016: horovodrun reads whether Horovod was built with Gloo, MPI... from the record setup wrote,
+    instead of loading an extension to ask on every launch; the record holds what the extension answers."""
+    from horovod.common import util
+
+    recorded = json.loads(Path(util.BUILT_RECORD).read_text())
+    asked = {name: util._check_extension_lambda("torch", lambda ext, name=name: getattr(ext, f"{name}_built")(),
+                                                f"built with {name}", False) for name in recorded}
+    assert recorded == asked and recorded["mpi"] and recorded["gloo"], (recorded, asked)
 
 
 @pytest.mark.distributed
