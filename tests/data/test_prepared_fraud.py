@@ -92,6 +92,7 @@ def test_a_killed_job_resumes_on_prepared_data_exactly(prepared, reference, tmp_
     assert_close(final_weights(run), final_weights(reference))
 
 
+# Slow because it must: three runs (prepared, reused at np=2, prepared anew) on the real table.
 def test_auto_prepares_once_into_the_cache_and_reuses_it(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     cache.mkdir()
@@ -111,6 +112,7 @@ def test_auto_prepares_once_into_the_cache_and_reuses_it(tmp_path, monkeypatch):
     assert len(prepared()) == 2  # another data section: prepared anew
 
 
+# Slow because it must: the whole 590,540-row table, so that the kill lands while the buckets are written.
 def test_a_killed_prepare_leaves_nothing_that_looks_complete_and_running_it_again_finishes(tmp_path):
     """SIGKILL `ddl data prepare` of the whole IEEE-CIS table while it writes; then prepare again."""
     target = tmp_path / "fraud"
@@ -208,6 +210,7 @@ def s3():
         yield aws
 
 
+# Slow because it must: prepared into a bucket served by a local S3 server, then trained from it at np=2.
 @pytest.mark.distributed
 def test_train_from_a_local_s3_server(s3, reference, tmp_path, monkeypatch):
     """Prepared into the bucket, trained from it on 2 workers: the weights of the local run; the chunks land in the

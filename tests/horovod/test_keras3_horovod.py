@@ -42,6 +42,7 @@ EXPECTED = [
 ]
 
 
+# Slow because it must: 26 checks of Horovod's Keras API in one launch per controller.
 @pytest.mark.parametrize("controller", ["gloo", "mpi"])
 def test_horovod_keras3_api(controller):
     output = launch_worker("keras3_api.py", controller)

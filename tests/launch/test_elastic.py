@@ -92,6 +92,7 @@ def undisturbed(tmp_path_factory):
     return run
 
 
+# Slow because it must: a kill test (480 steps, so the kill lands mid-run, then recovery and the rest).
 @pytest.mark.distributed
 @pytest.mark.parametrize("engine", sorted(PROBES))
 @pytest.mark.parametrize("hosts,workers_after", [
@@ -128,6 +129,7 @@ def test_keras_workers_that_do_not_divide_the_global_batch(tmp_path):
     np.testing.assert_allclose(shared_losses, whole_losses, rtol=1e-6)
 
 
+# Slow because it must: a kill test of the Keras recipe against its undisturbed run; the newcomer starts afresh.
 @pytest.mark.distributed
 def test_the_image_recipe_ends_with_the_undisturbed_weights_when_a_new_worker_replaces_a_dead_one(tmp_path):
     """The Keras recipe with dropout, augmentation, BatchNorm and Adam: dropout and augmentation draw from each
@@ -141,6 +143,7 @@ def test_the_image_recipe_ends_with_the_undisturbed_weights_when_a_new_worker_re
     np.testing.assert_allclose(final_weights(tmp_path / "run"), final_weights(undisturbed_run), rtol=0, atol=1e-6)
 
 
+# Slow because it must: two Keras runs of the image recipe, one of them elastic.
 @pytest.mark.distributed
 def test_the_image_recipe_on_one_worker_of_two_trains_the_weights_of_two(tmp_path):
     """One elastic worker with the global batch of 2 runs both workers' micro-batches (Keras accumulation over 2),
@@ -169,6 +172,7 @@ REAL_RECIPES = {  # each recipe's own test slice, run long enough to kill a work
 }
 
 
+# Slow because it must: a kill test on a recipe's real data; the replacement builds its task from it.
 @pytest.mark.distributed
 @pytest.mark.parametrize("recipe", sorted(REAL_RECIPES))
 def test_a_real_recipe_recovers_when_a_new_worker_replaces_a_dead_one(tmp_path, recipe):

@@ -67,6 +67,7 @@ def test_shards_hold_the_encoded_files_with_transcripts_and_durations(small_corp
     assert dataset.manifest.rows("train") == 160
 
 
+# Slow because it must: five launches (stopped, resumed, in memory, two workers, transcribe) compared.
 @pytest.mark.distributed
 def test_streamed_speech_trains_alike_on_one_and_two_workers_and_in_memory(small_corpus, shards,  # noqa: F811
                                                                           tmp_path, monkeypatch):

@@ -19,6 +19,7 @@ def save_png(array: np.ndarray, path):
     Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(path)
 
 
+# Slow because it must: a Keras run at np=2 with its full export (SavedModel included), then predict and eval.
 @pytest.mark.distributed
 def test_two_workers_artifacts_and_predict_agrees_with_evaluation(tmp_path):
     run = train(tmp_path / "run", *SLICE, np=2, recipe="image_resnet")
@@ -92,6 +93,7 @@ def test_npz_source_and_its_errors(tmp_path):
         data.read_images(data.DataConfig(source=str(tmp_path / "bad.npz")))
 
 
+# Slow because it must: three Keras runs (uninterrupted, stopped, resumed).
 def test_augmented_training_resumes_exactly(tmp_path):
     """Stopped mid-epoch and resumed, a run with random augmentation and dropout ends with the uninterrupted run's
     weights: each batch's augmentation is drawn from its position, not from a layer's random state (which lived

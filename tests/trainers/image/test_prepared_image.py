@@ -111,6 +111,7 @@ def test_shards_hold_the_split_encoded(shards):
     assert Image.open(io.BytesIO(test["image"][0])).format == "PNG"
 
 
+# Slow because it must: two Keras runs (in memory, two workers) against the streamed one.
 @pytest.mark.distributed
 def test_two_workers_streaming_shards_train_as_one_and_as_in_memory(shards, streamed_alone, tmp_path, monkeypatch):
     """One worker holding the prepared split in memory ends with the weights and the test predictions of the one

@@ -236,6 +236,7 @@ def test_predict_refuses_empty_texts_and_missing_models(tiny_run, tmp_path):
         model.load_exported(tmp_path)
 
 
+# Slow because it must: the pretrained 22.7 M-parameter MiniLM has to learn past chance on two workers.
 @pytest.mark.distributed
 def test_two_workers_fine_tune_identically_and_beat_chance(tmp_path):
     """The pretrained MiniLM on a 2,000-snippet slice at np=2: the ranks end with identical weights, and the test

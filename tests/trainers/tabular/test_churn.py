@@ -68,6 +68,7 @@ LABELS = {  # the same labels, written as users' tables write them
 }
 
 
+# Slow because it must: one training per way of writing the labels (5), each compared with the others.
 def test_labels_written_as_strings_or_numbers_train_the_same_model(churn_table, tmp_path):
     weights = {}
     for name, (mapping, overrides) in LABELS.items():
