@@ -4,7 +4,7 @@
 #   2. .venv with the project and its pinned dependencies;
 #   3. Horovod 0.28.1 from the PyPI sdist with our build patches, as a wheel cached outside the repo and keyed
 #      on everything that changes the binary; then our Python patches on the installed package;
-#   4. a check that Horovod was built with PyTorch, TensorFlow, Gloo and MPI.
+#   4. a check that Horovod was built with PyTorch, TensorFlow, Gloo and MPI, recorded for horovodrun (python/0016).
 # Re-running it is cheap: every step is skipped when its result is already there and still valid.
 # The Docker images run it too: DDL_EXTRAS=gpu (TensorFlow with CUDA), DDL_TORCH_INDEX (the index that serves the
 # wanted torch build), DDL_DEV=0 (no development tools), HOROVOD_GPU_OPERATIONS=NCCL (Horovod for CUDA GPUs).
