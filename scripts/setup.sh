@@ -117,6 +117,8 @@ build_horovod_wheel() {
     rm -rf "$work"
 }
 
+site_packages() { "$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'; }
+
 install_horovod() {
     local key wheel_dir wheel installed_key
     key=$(wheel_cache_key)
@@ -131,7 +133,7 @@ install_horovod() {
     log "installing Horovod from $wheel"
     "$VENV/bin/pip" install -q --no-deps --force-reinstall "$wheel"   # its dependencies are in pyproject.toml
     local site
-    site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    site=$(site_packages)
     for p in $(find "$PATCHES/python" -name '*.patch' | sort); do
         patch -s -p1 -d "$site" < "$p" || die "Python patch $(basename "$p") does not apply to the installed Horovod"
     done
@@ -140,18 +142,18 @@ install_horovod() {
 
 # Where patch python/0016 has horovodrun read how Horovod was built (instead of loading an extension to ask, on
 # every launch): removed before --check-build asks the extensions themselves, then written from what they answered.
-built_record() {
-    echo "$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/horovod/common/built.json"
-}
+built_record() { echo "$(site_packages)/horovod/common/built.json"; }
+
+# Whether the --check-build report $1 ticks $2 (a framework, controller or tensor operation).
+built_with() { grep -qE "\[X\] $2\b" <<<"$1"; }
 
 record_horovod_build() {
-    "$VENV/bin/python" - "$1" "$(built_record)" <<'PY'
-import json, os, sys
-report, path = sys.argv[1:]
-json.dump({label.lower(): f"[X] {label}" in report for label in ("MPI", "Gloo", "NCCL", "DDL", "CCL")},
-          open(path + ".tmp", "w"))
-os.replace(path + ".tmp", path)
-PY
+    local fields=() name record
+    for name in MPI Gloo NCCL DDL CCL; do
+        if built_with "$1" "$name"; then fields+=("\"${name,,}\": true"); else fields+=("\"${name,,}\": false"); fi
+    done
+    record=$(built_record)
+    (IFS=,; echo "{${fields[*]}}") > "$record.tmp" && mv "$record.tmp" "$record"
 }
 
 check_horovod_build() {
@@ -161,7 +163,7 @@ check_horovod_build() {
     local missing=() wanted=(TensorFlow PyTorch MPI Gloo)
     [ -z "${HOROVOD_GPU_OPERATIONS:-}" ] || wanted+=("$HOROVOD_GPU_OPERATIONS")
     for want in "${wanted[@]}"; do
-        echo "$report" | grep -qE "\[X\] $want\b" || missing+=("$want")
+        built_with "$report" "$want" || missing+=("$want")
     done
     [ ${#missing[@]} -eq 0 ] || die "Horovod was built without: ${missing[*]}. Delete $CACHE/wheels and $VENV/.ddl-horovod, then run 'make setup' again.
 $report"
