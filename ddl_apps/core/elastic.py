@@ -13,6 +13,7 @@ import importlib
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
+import numpy as np
 from horovod.common.elastic import State
 
 from ddl_apps.core import dist
@@ -25,6 +26,7 @@ class Resizable(Stateful, Protocol):
     topo: dist.Topology
 
     def resized(self, topology: dist.Topology) -> None: ...
+    def handed_over(self, holder: int) -> None: ...
 
 
 class EngineState(State):
@@ -34,6 +36,7 @@ class EngineState(State):
         super().__init__(bcast_object=dist.broadcast_object, get_rank=lambda: engine.topo.rank)
         self.engine = engine
         self.saved: dict[str, Any] = engine.state_dict()
+        self.resets = 0  # changes of workers this worker went through
 
     def save(self) -> None:
         self.saved = self.engine.state_dict()
@@ -42,11 +45,17 @@ class EngineState(State):
         self.engine.load_state_dict(self.saved)
 
     def sync(self) -> None:
-        """Rank 0's committed state on every worker (the start, and after each change of workers)."""
-        self.saved = dist.broadcast_object(self.saved)
+        """Collective: the newest commit (the most steps; the lowest rank among equals) on every worker, at the start
+        (where rank 0 holds the one it resumed from, if any) and after each change of workers."""
+        steps_and_resets = dist.allgather_array(np.array([[self.saved["train_state"]["step"], self.resets]]))
+        holder = int(np.argmax(steps_and_resets[:, 0]))
+        self.saved = dist.broadcast_object(self.saved, root_rank=holder)
         self.restore()
+        if steps_and_resets[:, 1].any():  # (a worker that joined has none; those it joined have some)
+            self.engine.handed_over(holder)
 
     def reset(self) -> None:
+        self.resets += 1
         self.engine.resized(dist.topology())
 
 

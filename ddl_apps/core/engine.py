@@ -150,12 +150,19 @@ class Engine(ABC):
         self.state.load_state_dict(state["train_state"])
 
     def resized(self, topology: dist.Topology) -> None:
-        """After workers left or joined: the new rank and size; a rank that became rank 0 starts writing the log."""
+        """After workers left or joined: the new rank and size; a rank that became rank 0 starts writing the log, one
+        that is no longer rank 0 stops."""
         self.topo = topology
         if self.training and topology.is_root and type(self.log) is SilentLog:
             self.log = RunLog(self.run_dir, self.recipe.run.progress)
-            self.log.start(self.total_steps, self.state.step)
-        self.log.message(f"workers changed: training goes on with {topology.size} from step {self.state.step}")
+        elif not topology.is_root and type(self.log) is not SilentLog:
+            self.log.close()
+            self.log = SilentLog()
+
+    def handed_over(self, holder: int) -> None:
+        """After workers changed, every worker took the newest commit, rank `holder`'s."""
+        self.log.message(f"workers changed: training goes on with {self.topo.size} workers from step "
+                         f"{self.state.step}, the last commit (rank {holder}'s)")
 
     # ---- the loop -------------------------------------------------------------------------------------
     def _next_event(self) -> int:

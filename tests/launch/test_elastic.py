@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import subprocess
 import time
@@ -60,22 +61,40 @@ def logged_steps(run_dir: Path) -> list[int]:
     return [row["step"] for row in read_metrics(run_dir) if row["split"] == "train"]
 
 
-def train_and_kill_rank_1(run_dir: Path, kill_after: int, *args: str, recipe: str = PROBE,
-                          env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, int]:
-    """Start an elastic run, SIGKILL rank 1 once step `kill_after` is logged; the run's result and the last step
-    logged before the kill."""
+def train_and_kill(run_dir: Path, kills: tuple[tuple[int, int], ...], *args: str, recipe: str = PROBE,
+                   env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, list[int]]:
+    """Start an elastic run; for each (rank, step) of `kills` in turn, SIGKILL the worker started as that rank once
+    the step is logged. The run's result, and the last step logged before each kill."""
+    last_logged = []
     with start_training(run_dir, recipe, "--elastic", *args, env=env) as job:
         deadline = time.monotonic() + 300
-        while (max(logged_steps(run_dir), default=0) < kill_after and time.monotonic() < deadline
-               and job.poll() is None):
-            time.sleep(0.02)
-        victims = training_processes(run_dir, rank=1)
-        last_logged = max(logged_steps(run_dir), default=0)
-        assert victims and job.poll() is None, f"no rank 1 to kill at step {last_logged}"
-        for pid in victims:
-            os.kill(pid, signal.SIGKILL)
+        for rank, kill_after in kills:
+            while (max(logged_steps(run_dir), default=0) < kill_after and time.monotonic() < deadline
+                   and job.poll() is None):
+                time.sleep(0.02)
+            victims = training_processes(run_dir, rank=rank)
+            last_logged.append(max(logged_steps(run_dir), default=0))
+            assert victims and job.poll() is None, f"no rank {rank} to kill at step {last_logged[-1]}"
+            for pid in victims:
+                os.kill(pid, signal.SIGKILL)
         output, _ = job.communicate(timeout=300)
     return subprocess.CompletedProcess(job.args, job.returncode, output), last_logged
+
+
+def handovers(output: str) -> list[tuple[int, int, int]]:
+    """(workers, step, rank) of each "workers changed: training goes on with W workers from step S, the last commit
+    (rank R's)" line."""
+    found = re.findall(r"workers changed: training goes on with (\d+) workers from step (\d+), the last commit "
+                       r"\(rank (\d+)'s\)", output)
+    return [(int(workers), int(step), int(rank)) for workers, step, rank in found]
+
+
+def assert_steps_continue(run_dir: Path, note: str) -> None:
+    """The training rows of metrics.jsonl go on from the last commit after each change of workers: in order, every
+    log_every-th step, none missing (a step logged between the last commit and the kill is logged again)."""
+    steps = logged_steps(run_dir)
+    every = steps[0]
+    assert steps == sorted(steps) and sorted(set(steps)) == list(range(every, steps[-1] + 1, every)), note
 
 
 @pytest.fixture(scope="module")
@@ -92,23 +111,30 @@ def undisturbed(tmp_path_factory):
     return run
 
 
+TWO_HOSTS = ("-H", "localhost:1,127.0.0.1:1")  # a dead worker's host is gone: the other goes on alone, as rank 0
+ONE_MACHINE = ("--max-np", "2")  # the dead worker's slot starts a new worker, which holds no commit and rejoins
+
+
 # Slow because it must: a kill test (480 steps, so the kill lands mid-run, then recovery and the rest).
 @pytest.mark.distributed
 @pytest.mark.parametrize("engine", sorted(PROBES))
-@pytest.mark.parametrize("hosts,workers_after", [
-    (("-H", "localhost:1,127.0.0.1:1"), 1),  # two 'hosts': rank 1's host is gone, the survivor goes on alone
-    (("--max-np", "2"), 2),  # one machine: the dead worker's slot is started again and rejoins
-])
-def test_a_killed_worker_loses_no_committed_step(tmp_path, undisturbed, engine, hosts, workers_after):
-    kill_after = random.Random().randrange(60, 300, 10)
-    result, last_logged = train_and_kill_rank_1(tmp_path / "run", kill_after, *LONG, *hosts, recipe=PROBES[engine])
-    note = f"killed rank 1 after step {last_logged}:\n{result.stdout[-4000:]}"
+@pytest.mark.parametrize("hosts,victims", [(TWO_HOSTS, (1,)), (TWO_HOSTS, (0,)), (ONE_MACHINE, (1, 0))],
+                         ids=["host-of-rank-1", "host-of-rank-0", "rank-1-then-rank-0"])
+def test_a_killed_worker_loses_no_committed_step(tmp_path, undisturbed, engine, hosts, victims):
+    """Whichever worker dies, the newest commit goes on: on one machine rank 0's replacement takes rank 0 and holds
+    nothing, and the survivor, now rank 1, hands its commit to it."""
+    first_kill = random.Random().randrange(60, 200, 10)
+    kills = tuple(zip(victims, (first_kill, first_kill + 120), strict=False))
+    result, last_logged = train_and_kill(tmp_path / "run", kills, *LONG, *hosts, recipe=PROBES[engine])
+    note = f"killed ranks {victims} after steps {last_logged}:\n{result.stdout[-4000:]}"
     assert result.returncode == 0, note
-    resumed = [line for line in result.stdout.splitlines() if "workers changed" in line]
-    assert resumed and f"goes on with {workers_after} from step" in resumed[0], note
-    from_step = int(resumed[0].rsplit(" ", 1)[1])
-    assert last_logged - 10 <= from_step <= last_logged + 10, note  # commits come with each log line (every 10)
-    assert last_logged < 480, note
+    workers_after = 1 if hosts == TWO_HOSTS else 2
+    holders = [1 if hosts == ONE_MACHINE and victim == 0 else 0 for victim in victims]  # the survivor's new rank
+    changes = handovers(result.stdout)
+    assert [(workers, rank) for workers, _, rank in changes] == [(workers_after, h) for h in holders], note
+    for (_, from_step, _), logged in zip(changes, last_logged, strict=True):  # commits come with each log line
+        assert logged - 10 <= from_step <= logged + 10 and logged < 480, note
+    assert_steps_continue(tmp_path / "run", note)
     done = summary(tmp_path / "run")
     assert done["steps"] == 480 and done["workers"] == workers_after, note
     np.testing.assert_allclose(final_weights(tmp_path / "run"), final_weights(undisturbed(engine)), rtol=0, atol=1e-6)
@@ -131,14 +157,16 @@ def test_keras_workers_that_do_not_divide_the_global_batch(tmp_path):
 
 # Slow because it must: a kill test of the Keras recipe against its undisturbed run; the newcomer starts afresh.
 @pytest.mark.distributed
-def test_the_image_recipe_ends_with_the_undisturbed_weights_when_a_new_worker_replaces_a_dead_one(tmp_path):
+def test_the_image_recipe_ends_with_the_undisturbed_weights_when_a_new_worker_replaces_a_dead_rank_0(tmp_path):
     """The Keras recipe with dropout, augmentation, BatchNorm and Adam: dropout and augmentation draw from each
-    micro-batch's position, so the replacement draws what the dead worker would have drawn."""
+    micro-batch's position, so the replacement draws what the dead worker would have drawn. It takes rank 0 and
+    gets rank 1's commit."""
     args = (*IMAGE_SLICE, "optim.epochs=5")  # 30 steps
     undisturbed_run = train(tmp_path / "np2", *args, np=2, recipe="image_resnet")
-    result, last_logged = train_and_kill_rank_1(tmp_path / "run", 15, *args, "--max-np", "2", recipe="image_resnet")
-    note = f"killed rank 1 after step {last_logged}:\n{result.stdout[-4000:]}"
-    assert result.returncode == 0 and "workers changed: training goes on with 2 from step" in result.stdout, note
+    result, last_logged = train_and_kill(tmp_path / "run", ((0, 15),), *args, *ONE_MACHINE, recipe="image_resnet")
+    note = f"killed rank 0 after step {last_logged}:\n{result.stdout[-4000:]}"
+    assert result.returncode == 0 and [(2, 1)] == [(w, r) for w, _, r in handovers(result.stdout)], note
+    assert_steps_continue(tmp_path / "run", note)
     assert summary(tmp_path / "run")["steps"] == 30, note
     np.testing.assert_allclose(final_weights(tmp_path / "run"), final_weights(undisturbed_run), rtol=0, atol=1e-6)
 
@@ -176,14 +204,17 @@ REAL_RECIPES = {  # each recipe's own test slice, run long enough to kill a work
 @pytest.mark.distributed
 @pytest.mark.parametrize("recipe", sorted(REAL_RECIPES))
 def test_a_real_recipe_recovers_when_a_new_worker_replaces_a_dead_one(tmp_path, recipe):
-    """Rank 1 SIGKILLed after step 15; its slot is started again, builds the task from the real data (the speech
-    corpus from an empty cache, so the first two workers also build it together) and rejoins: the run ends."""
+    """A worker SIGKILLed after step 15 (rank 0 of the fraud recipe, rank 1 of the others); its slot is started
+    again, builds the task from the real data (the speech corpus from an empty cache, so the first two workers also
+    build it together) and rejoins, taking the survivor's commit: the run goes on from there to the end."""
     env = {"DDL_CACHE": str(tmp_path / "cache")} if recipe == "asr_conformer" else None
-    result, last_logged = train_and_kill_rank_1(tmp_path / "run", 15, *REAL_RECIPES[recipe], "--max-np", "2",
-                                                recipe=recipe, env=env)
-    note = f"killed rank 1 after step {last_logged}:\n{result.stdout[-4000:]}"
+    victim = 0 if recipe == "fraud_mlp" else 1
+    result, last_logged = train_and_kill(tmp_path / "run", ((victim, 15),), *REAL_RECIPES[recipe], *ONE_MACHINE,
+                                         recipe=recipe, env=env)
+    note = f"killed rank {victim} after step {last_logged}:\n{result.stdout[-4000:]}"
     assert result.returncode == 0, note
-    assert "workers changed: training goes on with 2 from step" in result.stdout, note
+    assert [(w, r) for w, _, r in handovers(result.stdout)] == [(2, 1 - victim)], note
+    assert_steps_continue(tmp_path / "run", note)
     done = summary(tmp_path / "run")
     assert done["workers"] == 2 and len(set(done["weights_sha256_by_rank"])) == 1, note
-    assert done["steps"] > last_logged, note  # (summary.json is written only by a run that finished)
+    assert done["steps"] > last_logged[0], note  # (summary.json is written only by a run that finished)
