@@ -66,6 +66,18 @@ def make_optimizer(optim: OptimConfig, learning_rate) -> keras.optimizers.Optimi
     return keras.optimizers.AdamW(weight_decay=optim.weight_decay, **common)
 
 
+class AgreedLossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
+    """Keras' dynamic loss scaling (run.precision=fp16) with one overflow decision for all workers. Keras checks a
+    worker's own gradients, before the update and so before the allreduce Horovod's optimizer makes in it: a worker
+    whose gradients alone overflowed skipped its update and its allreduce, and the others waited in theirs."""
+
+    def check_finite(self, grads):
+        import horovod.tensorflow as hvd
+
+        overflowed = 1.0 - tf.cast(super().check_finite(grads), tf.float32)
+        return tf.equal(hvd.allreduce(overflowed, op=hvd.Sum, name="loss_scale_overflow"), 0.0)
+
+
 def augmented(dataset: tf.data.Dataset, augment, seed: int, positions: np.ndarray) -> tf.data.Dataset:
     """`augment(x, y, seed)` on each batch with the seed [seed, the batch's position]: the random draws of a batch
     depend only on where it is (so a resumed run draws what the uninterrupted one drew), not on a random state that
@@ -119,7 +131,7 @@ class KerasEngine(Engine):
         factors = [self.lr_factor(step) for step in range(self.total_steps + 1)]
         self.schedule = TableSchedule(self.base_lr, factors, self.micro_batches)
         compression = hvd_keras.Compression.fp16 if recipe.dist.compression == "fp16" else hvd_keras.Compression.none
-        self.optimizer = hvd_keras.DistributedOptimizer(
+        self.distributed = hvd_keras.DistributedOptimizer(
             make_optimizer(optim, self.schedule), compression=compression,
             backward_passes_per_step=self.micro_batches, average_aggregated_gradients=True,
         )
@@ -127,7 +139,11 @@ class KerasEngine(Engine):
         # elastic one going on) with another number of workers has another number of micro-batches, and every
         # checkpoint and every worker then holds the same variables (Keras checkpoints an optimizer's variables by
         # their place in its list).
-        self.optimizer.gradient_accumulation_steps = self.micro_batches
+        self.distributed.gradient_accumulation_steps = self.micro_batches
+        # What the model trains with, whose variables are broadcast, handed over and checkpointed: under fp16 the
+        # loss scale's with the distributed optimizer's (compile would wrap it in Keras' own LossScaleOptimizer).
+        self.optimizer = (AgreedLossScaleOptimizer(self.distributed, name="loss_scale_optimizer")
+                          if recipe.run.precision == "fp16" else self.distributed)
         self.model.compile(optimizer=self.optimizer, loss=self.task.loss)
         self.optimizer.build(self.model.trainable_variables)
         self._accumulate(self.micro_batches)
@@ -255,7 +271,7 @@ class KerasEngine(Engine):
         runs = count * self.micro_batches
         # Keras counts micro-batches (`iterations` is this counter // gradient_accumulation_steps): the steps done, in
         # this worker's micro-batches (a restored or handed-over state may come from another number of workers).
-        self.optimizer._iterations.assign(self.state.step * self.micro_batches)
+        self.distributed._iterations.assign(self.state.step * self.micro_batches)
         means = []
         for position in self._positions(first, count):
             self._seed_dropout(int(position))
@@ -305,7 +321,7 @@ class KerasEngine(Engine):
     def _accumulate(self, micro_batches: int) -> None:
         """Keras' gradient accumulation over this many micro-batches a step; none for one (its train step would
         otherwise run the update in a conditional every micro-batch)."""
-        self.optimizer.gradient_accumulation_steps = micro_batches if micro_batches > 1 else None
+        self.distributed.gradient_accumulation_steps = micro_batches if micro_batches > 1 else None
 
     def load_checkpoint(self, checkpoint: Path | None) -> None:
         assert checkpoint is not None, "rank 0 gets the checkpoint's path"

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from ddl_apps.core import sharding
-from ddl_apps.core.checkpoint import list_checkpoints
+from ddl_apps.core.checkpoint import list_checkpoints, load_state
 from ddl_apps.core.metrics import read_metrics
 from tests.engine_runs import (
     PROBE,
@@ -142,17 +142,46 @@ def test_bf16_mixed_precision_trains(engine, reference, tmp_path):
     assert abs(accuracy[run] - accuracy[reference]) <= 0.03, accuracy
 
 
+def loss_scaler_steps(run: Path) -> int:
+    """The fp16 loss scaler's count of finite steps since its scale last changed, in the run's newest checkpoint
+    (PyTorch: GradScaler's state; Keras: its LossScaleOptimizer's variables)."""
+    newest = list_checkpoints(run / "checkpoints")[-1]
+    if (newest / "training.json").exists():
+        return int(load_state(newest, "training")["scaler"]["_growth_tracker"])
+    import tensorflow as tf
+
+    return int(tf.train.load_checkpoint(str(newest / "state")).get_tensor(
+        "optimizer/step_counter/.ATTRIBUTES/VARIABLE_VALUE"))
+
+
+def test_fp16_mixed_precision_resumes_with_its_loss_scale(engine, reference, tmp_path):
+    """fp16 autocast with GradScaler (PyTorch) / mixed_float16 with dynamic loss scaling (Keras), on 2 workers
+    stopped at step 20 and resumed: the loss scaler's state is checkpointed and restored (its count of finite
+    steps goes on to 48, where Keras' started again from 0), and the run learns as well as fp32, within 3
+    points."""
+    run = train(tmp_path / "run", "optim.batch_size=32", "run.precision=fp16", "run.max_steps=20", np=2,
+                recipe=PROBES[engine])
+    assert loss_scaler_steps(run) == 20
+    train(run, "optim.batch_size=32", "run.precision=fp16", np=2, flags=("--resume",), recipe=PROBES[engine])
+    assert loss_scaler_steps(run) == 48
+    accuracy = {r: summary(r)["results"]["model (valid)"]["accuracy"] for r in (run, reference)}
+    assert abs(accuracy[run] - accuracy[reference]) <= 0.03, accuracy
+
+
 def step_holding(example: int, epoch: int, global_batch: int = 64, seed: int = 0, examples: int = 1536) -> int:
     """The (1-based) global step in which the probe trains `example` in `epoch`."""
     position = int(np.flatnonzero(sharding.epoch_order(examples, seed, epoch) == example)[0])
     return epoch * (examples // global_batch) + position // global_batch + 1
 
 
-def test_a_nan_loss_stops_the_run_naming_its_step(engine, tmp_path):
-    """A NaN in one example's features, trained by one of two ranks: both stop at that step, exit code 2."""
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_a_nan_loss_stops_the_run_naming_its_step(engine, tmp_path, precision):
+    """A NaN in one example's features, trained by one of two ranks: both stop at that step, exit code 2. Under
+    fp16 the loss scaler decides overflow for all ranks together (Keras' checked each rank's own gradients, and the
+    rank holding the NaN skipped the allreduce the other waited in: a hang)."""
     run = tmp_path / "run"
     result = ddl("train", PROBES[engine], f"run.dir={run}", "optim.batch_size=32", "data.nan_examples=[700]",
-                 "-np", "2")
+                 f"run.precision={precision}", "-np", "2", timeout=120)
     assert result.returncode == 2, result.stderr
     assert f"the loss became NaN or infinite at step {step_holding(700, 0)} (epoch 1)" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and not (run / "model").exists()
