@@ -5,6 +5,7 @@ allgather; any mismatch raises (non-zero exit). Prints one 'ok <check>' line per
 """
 
 import sys
+import warnings
 
 import horovod.tensorflow as hvd
 import horovod.tensorflow.keras as hvd_keras
@@ -201,6 +202,20 @@ def check_callbacks():
     ok("MetricAverageCallback logs the mean of the ranks' metrics")
 
 
+def check_groups():
+    """DistributedOptimizer(groups=...): a number of groups, and a list of groups matched to the gradients by the
+    variables' paths (every Dense layer's kernel is named 'kernel'), allreduce what no grouping does."""
+    for label in ("groups=2", "groups as a list"):
+        model = make_model(seed=0)
+        groups = 2 if label == "groups=2" else [list(model.layers[0].trainable_variables), [model.layers[1].kernel]]
+        model.compile(optimizer=hvd_keras.DistributedOptimizer(keras.optimizers.SGD(0.1), groups=groups), loss="mse")
+        model.fit(X[:, mine].reshape(-1, FEATURES), Y[:, mine].reshape(-1, 1), batch_size=PER_RANK, epochs=1,
+                  shuffle=False, verbose=0)
+        deviation = np.abs(flat(model.trainable_variables) - REFERENCE).max()
+        assert deviation < 1e-6, f"DistributedOptimizer {label}: deviates from one process by {deviation}"
+        ok(f"DistributedOptimizer {label} deviation {deviation:.1e}")
+
+
 def check_sync_batch_norm():
     layer = hvd.SyncBatchNormalization(axis=-1, momentum=0.0, epsilon=0.0, center=False, scale=False)
     data = rng.normal(size=(PER_RANK * size, 3)).astype("float32") * 3 + 1
@@ -212,6 +227,18 @@ def check_sync_batch_norm():
     stacked = keras.Sequential([keras.Input((3,)), hvd.SyncBatchNormalization(), hvd.SyncBatchNormalization()])
     assert len({layer.name for layer in stacked.layers}) == 2
     ok("SyncBatchNormalization layers get unique names")
+    # After Masking, the statistics leave the masked steps out, as Keras' BatchNormalization does (the same data on
+    # every rank, so the combined batch's statistics are each rank's).
+    steps = np.zeros((2, 4, 3), np.float32)
+    steps[:, :2] = [[[1, 2, 3], [5, 4, 3]], [[2, 3, 4], [4, 3, 2]]]
+    means = []
+    for normalization in (hvd.SyncBatchNormalization(momentum=0.0), keras.layers.BatchNormalization(momentum=0.0)):
+        inputs = keras.Input((4, 3))
+        keras.Model(inputs, normalization(keras.layers.Masking(0.0)(inputs)))(steps, training=True)
+        means.append(keras.ops.convert_to_numpy(normalization.moving_mean))
+    np.testing.assert_allclose(means[0], means[1], rtol=1e-6)
+    np.testing.assert_allclose(means[0], [3.0, 3.0, 3.0], rtol=1e-6)
+    ok("SyncBatchNormalization leaves masked steps out of its statistics")
 
 
 def own_and_averaged_gradients(model, x, y):
@@ -292,20 +319,24 @@ def check_sparse_as_dense():
 
 def check_learning_rate_schedule():
     """LearningRateScheduleCallback sets initial_lr x multiplier(epoch) from start_epoch to end_epoch, per epoch
-    (staircase) or per batch in fractional epochs."""
+    (staircase) or per batch in fractional epochs. Momentum correction (the default) cannot apply to a Keras 3
+    optimizer: a warning says so."""
     for staircase in (True, False):
         recorder = RecordLearningRate()
         schedule = hvd_keras.callbacks.LearningRateScheduleCallback(
             initial_lr=0.1, multiplier=lambda epoch: 0.5 ** epoch, start_epoch=1, end_epoch=3,
             staircase=staircase, steps_per_epoch=STEPS)
-        fit_model(hvd_keras.DistributedOptimizer(keras.optimizers.SGD(0.1, momentum=0.9)),
-                  [hvd_keras.callbacks.BroadcastGlobalVariablesCallback(0), schedule, recorder], epochs=4)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fit_model(hvd_keras.DistributedOptimizer(keras.optimizers.SGD(0.1, momentum=0.9)),
+                      [hvd_keras.callbacks.BroadcastGlobalVariablesCallback(0), schedule, recorder], epochs=4)
+        assert any("momentum correction is not applied" in str(w.message) for w in caught), caught
         epochs = np.repeat(np.arange(4), STEPS) + (0 if staircase else np.tile(np.arange(STEPS) / STEPS, 4))
         expected = np.where((epochs >= 1) & (epochs < 3), 0.1 * 0.5 ** epochs, np.nan)
         scheduled = ~np.isnan(expected)
         np.testing.assert_allclose(np.array(recorder.per_batch)[scheduled], expected[scheduled], rtol=1e-6)
         assert recorder.per_batch[0] == np.float32(0.1), recorder.per_batch
-        ok(f"LearningRateScheduleCallback staircase={staircase}")
+        ok(f"LearningRateScheduleCallback staircase={staircase}, warning that momentum correction is not applied")
 
 
 def check_elastic_state():
@@ -367,7 +398,7 @@ def check_elastic_state():
         raise AssertionError("hvd.elastic.run swallowed an error")
 
 
-for check in sys.argv[1:] or ["broadcast_variables", "gradient_tape", "keras_distributed_optimizer",
+for check in sys.argv[1:] or ["broadcast_variables", "gradient_tape", "keras_distributed_optimizer", "groups",
                               "callbacks", "sync_batch_norm", "local_variables", "sparse_as_dense",
                               "learning_rate_schedule", "elastic_state"]:
     globals()[f"check_{check}"]()
