@@ -94,6 +94,16 @@ def _tf_dtype(values: np.ndarray) -> tf.DType:
     return tf.string if values.dtype == object else tf.as_dtype(values.dtype)
 
 
+def train_micro_batch(model: keras.Model, batches: Any, unchanged: list) -> float:
+    """The compiled train step on the next micro-batch, and its mean loss; the variables `unchanged` left as they
+    were (BatchNorm's moving statistics, for a padding micro-batch: its example weighs 0 in the loss, not in them)."""
+    kept = [keras.ops.convert_to_numpy(variable) for variable in unchanged]
+    loss = float(model.train_function(batches)["loss"])
+    for variable, value in zip(unchanged, kept, strict=True):
+        variable.assign(value)
+    return loss
+
+
 def step_losses(running_means: list[float], sizes: list[int]) -> np.ndarray:
     """Each micro-batch's loss from the running means Keras reports after each one since its metrics were reset
     (means weighted by the micro-batches' sizes)."""
@@ -272,10 +282,11 @@ class KerasEngine(Engine):
         # Keras counts micro-batches (`iterations` is this counter // gradient_accumulation_steps): the steps done, in
         # this worker's micro-batches (a restored or handed-over state may come from another number of workers).
         self.distributed._iterations.assign(self.state.step * self.micro_batches)
+        statistics, (_, weights) = self._statistic_weights(), self._step_layout()
         means = []
-        for position in self._positions(first, count):
+        for position, weight in zip(self._positions(first, count), weights * count, strict=True):
             self._seed_dropout(int(position))
-            means.append(float(self.model.train_function(batches)["loss"]))
+            means.append(train_micro_batch(self.model, batches, statistics if weight == 0.0 else []))
         self._stream.reached((self.state.epoch, first + count, self.topo.rank, self.topo.size))
         losses = step_losses(means, [self._sizes.popleft() for _ in range(runs)])
         return np.mean(np.reshape(losses, (count, self.micro_batches)), axis=1).tolist()
