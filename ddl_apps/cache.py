@@ -3,6 +3,7 @@
 import fcntl
 import hashlib
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,6 +28,21 @@ def build_once(target: Path, build: Callable[[], object]) -> Path:
         if not target.exists():
             build()
     return target
+
+
+def build_again(target: Path, damaged: Callable[[], bool], build: Callable[[], object]) -> Path | None:
+    """Set `target` aside (renamed `.NAME.damaged-TIME`) and build it again, under the lock build_once takes, unless
+    it is no longer `damaged()` (another worker of the host found it damaged first and built it again). Where the
+    damaged one went, or None."""
+    with open(target.with_name(f".{target.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if target.exists() and not damaged():
+            return None
+        aside = target.with_name(f".{target.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+        if target.exists():
+            target.rename(aside)
+        build()
+    return aside
 
 
 def file_sha256(path: Path) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -277,9 +278,9 @@ def prepare(recipe: str, overrides: tuple[str, ...], output: str | None) -> None
     manifest = PreparedDataset(location).manifest
     rows = ", ".join(f"{split} {manifest.rows(split):,}" for split in manifest.splits)
     size = sum(shard.bytes for shards in manifest.splits.values() for shard in shards) / 2**20
+    command = shlex.join(["ddl", "train", recipe, *overrides, f"data.prepared={location}"])
     console.print(f"prepared {rows} rows ({size:,.1f} MiB) in {time.perf_counter() - start:.1f} s: {location}\n"
-                  f"train from it with: ddl train {' '.join([recipe, *overrides])} data.prepared={location}",
-                  highlight=False)
+                  f"train from it with: {command}", highlight=False, markup=False)  # (runs as printed)
 
 
 @data.command("asr-commands")

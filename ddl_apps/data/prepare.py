@@ -9,10 +9,11 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ddl_apps.cache import build_once, cache_dir
+from ddl_apps.cache import build_again, build_once, cache_dir
 from ddl_apps.data.config import AUTO, READING_OPTIONS
 from ddl_apps.data.dataset import PreparedDataset, stamp_verified
 from ddl_apps.data.manifest import FORMAT, MANIFEST, Column, File, Manifest, ddl_apps_version, settings_digest
+from ddl_apps.data.progress import message as progress_message
 from ddl_apps.data.shards import Columns, SplitWriter, columns_of, row_bytes
 from ddl_apps.data.store import Store, is_remote
 from ddl_apps.errors import DataError
@@ -97,17 +98,33 @@ def _write(recipe: Recipe, preparer: Preparer, folder: Path) -> None:
     (folder / MANIFEST).write_text(manifest.to_json())
 
 
+def _check_replaceable(target: Path) -> None:
+    """A folder -o may replace: missing, empty, or a prepared dataset of this format (anything else holds files of
+    the user's, which replacing would delete)."""
+    if not target.exists() or not any(target.iterdir()):
+        return
+    try:
+        Manifest.parse((target / MANIFEST).read_bytes(), str(target / MANIFEST))
+    except (OSError, DataError):
+        raise DataError(f"{target} exists and is not a prepared dataset of format {FORMAT} (no {MANIFEST} of this "
+                        "format in it), so preparing into it would delete what it holds; nothing was changed. "
+                        "Choose a new or empty folder for -o") from None
+
+
 def _write_local(recipe: Recipe, preparer: Preparer, target: Path) -> None:
-    """Write beside `target` and rename: a killed prepare leaves a hidden partial folder (removed by the next
-    prepare), never a folder that looks complete; an existing dataset is replaced only once the new one is whole."""
-    if target.exists() and any(target.iterdir()) and not (target / MANIFEST).exists():
-        raise DataError(f"{target} exists and is not a prepared dataset (it has no {MANIFEST}); choose a new or "
-                        "empty folder for -o")
+    """Write beside `target` and rename: a failed prepare removes its hidden partial folder, a killed one leaves it
+    (removed by the next prepare), never a folder that looks complete; an existing dataset is replaced only once
+    the new one is whole."""
+    _check_replaceable(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.with_name(f".{target.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    _write(recipe, preparer, staging)
+    try:
+        _write(recipe, preparer, staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     if target.exists():
         old = target.with_name(f".{target.name}.old")
         shutil.rmtree(old, ignore_errors=True)
@@ -143,10 +160,32 @@ def _upload(store: Store, staging: Path) -> None:
 
 
 def open_prepared(recipe: Recipe, preparer: Preparer) -> PreparedDataset:
-    """The recipe's prepared dataset, made first when `data.prepared` is auto, checked against the recipe."""
+    """The recipe's prepared dataset, made first when `data.prepared` is auto, checked against the recipe. One made
+    by `auto` and found damaged is set aside and prepared again (the cache's key covers the settings and the
+    version, so a failed check can only be damage)."""
     cfg = recipe.data
-    location = prepare(recipe, preparer, None) if cfg.prepared == AUTO else cfg.prepared
-    dataset = PreparedDataset(location, int(cfg.cache_gb * 2**30))
+    if cfg.prepared != AUTO:
+        return _opened(cfg.prepared, recipe, preparer)
+    location = prepare(recipe, preparer, None)
+    try:
+        return _opened(location, recipe, preparer)
+    except DataError as damage:
+        def damaged() -> bool:
+            try:
+                _opened(location, recipe, preparer)
+            except DataError:
+                return True
+            return False
+
+        aside = build_again(Path(location), damaged, lambda: _write_local(recipe, preparer, Path(location)))
+        if aside is not None:
+            progress_message(f"the prepared dataset {location} was damaged ({damage}); it was moved to {aside} and "
+                             "prepared again (delete that folder once you have looked at it)")
+        return _opened(location, recipe, preparer)
+
+
+def _opened(location: str, recipe: Recipe, preparer: Preparer) -> PreparedDataset:
+    dataset = PreparedDataset(location, int(recipe.data.cache_gb * 2**30))
     dataset.manifest.check(dataset.where, recipe.trainer, preparation_settings(recipe, preparer), preparer.columns)
     dataset.verify()
     return dataset

@@ -1,4 +1,5 @@
-"""A progress bar on stderr for long preparation passes (quiet when stderr is not a terminal, as in CI logs)."""
+"""A progress bar on stderr for long preparation passes (quiet when stderr is not a terminal, as in CI logs), and
+messages about the data."""
 
 from __future__ import annotations
 
@@ -21,3 +22,10 @@ def progress(items: Iterable[Item], total_rows: int, what: str) -> Iterator[Item
         for item in items:
             yield item
             bar.advance(task, len(item))  # type: ignore[arg-type]
+
+
+def message(text: str) -> None:
+    """One line on stderr, kept whole (paths in it stay greppable)."""
+    from rich.console import Console
+
+    Console(stderr=True, soft_wrap=True).print(text, highlight=False, markup=False)
