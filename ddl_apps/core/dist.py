@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from ddl_apps.cpus import usable_cpus
+
 
 @dataclass(frozen=True)
 class Topology:
@@ -86,7 +88,7 @@ def is_elastic() -> bool:
 
 
 def _cores_per_worker(local_size: int) -> int:
-    return max(1, (os.cpu_count() or 1) // local_size)
+    return max(1, usable_cpus() // local_size)
 
 
 def share_torch_cores(topology: Topology) -> None:

@@ -3,13 +3,13 @@ file is named at the end, in one error, instead of the first one in the middle o
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from multiprocessing import get_context
 from typing import Any
 
+from ddl_apps.cpus import usable_cpus
 from ddl_apps.data.progress import progress
 from ddl_apps.errors import DataError
 
@@ -23,7 +23,7 @@ class FileChecks:
     def __init__(self, kind: str):
         self.kind = kind  # "image", "audio": what the error calls the files
         self.bad: list[str] = []  # "file: what is wrong with it", for each bad file
-        self._pool = ProcessPoolExecutor(os.cpu_count() or 1, mp_context=get_context("spawn"))
+        self._pool = ProcessPoolExecutor(usable_cpus(), mp_context=get_context("spawn"))
 
     def __enter__(self) -> FileChecks:
         return self

@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import json
 import multiprocessing
-import os
 import shutil
 import subprocess
 from concurrent.futures import ProcessPoolExecutor
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from ddl_apps.cpus import usable_cpus
 from ddl_apps.errors import DataError
 from ddl_apps.trainers.asr.audio import SAMPLE_RATE, resample
 
@@ -126,7 +126,7 @@ def generate(out_dir: Path, counts: dict[str, int], seed: int = 0, workers: int 
         (partial / "audio" / split).mkdir(parents=True)
     jobs = [(str(partial), u) for utterances in splits.values() for u in utterances]
     # spawn, not fork: this may run inside a Horovod worker, whose background threads a fork would not carry
-    with ProcessPoolExecutor(workers or os.cpu_count(), mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(workers or usable_cpus(), mp_context=multiprocessing.get_context("spawn")) as pool:
         durations = list(_track(pool.map(_write, jobs, chunksize=16), len(jobs), progress))
     it = iter(durations)
     for split, utterances in splits.items():
