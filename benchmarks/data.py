@@ -38,7 +38,7 @@ from benchmarks.common import LAUNCH_ENV, VENV_BIN, read_result, spread, write_r
 
 RECIPE = "fraud_mlp"
 SCRATCH = Path(os.environ.get("DDL_BENCH_SCRATCH", "/var/tmp/ddl-bench-data"))
-TRAIN = ("model.baseline=false", "optim.batch_size=512", "run.log_every=50", "run.progress=false")
+TRAIN = ("model.baselines=[]", "optim.batch_size=512", "run.log_every=50", "run.progress=false")
 
 
 # ---- running ddl and watching its workers ---------------------------------------------------------------------

@@ -185,3 +185,15 @@ def test_allreduce_benchmark_measures_both_sides(tmp_path):
 def test_ddl_bench_refuses_an_unknown_part():
     result = ddl("bench", "nosuch")
     assert result.returncode == 2 and "nosuch" in result.stderr
+
+
+def test_every_benchmark_part_overrides_its_recipe_with_settings_it_has():
+    """A renamed setting stopped `ddl bench data` at its first fraud run (`model.baseline`, which became
+    `model.baselines`): every override the data and media parts pass validates against its recipe."""
+    from benchmarks import data, media
+    from ddl_apps.recipe import load_recipe
+
+    runs = [(data.RECIPE, data.TRAIN), *((recipe, overrides) for recipe, (overrides, _) in data.STEP_RUNS.items()),
+            ("image_resnet", media.IMAGE_RUN), ("asr_conformer", media.SPEECH_RUN)]
+    for recipe, overrides in runs:
+        load_recipe(recipe, list(overrides))  # (a RecipeError names the unknown setting)
