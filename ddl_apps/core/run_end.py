@@ -21,6 +21,18 @@ def weights_digest_by_rank(engine: Engine) -> list[str]:
     return [bytes(row).hex() for row in gathered.reshape(engine.topo.size, -1)]
 
 
+def write_artifacts(engine: Engine, outputs: dict[str, np.ndarray]) -> list[str]:
+    """Rank 0, once the model is exported: the task's artifacts (baselines, charts). One that fails is a warning in
+    the log and the summary, not a trained run lost."""
+    try:
+        engine.task.write_artifacts(engine.run_dir, outputs)
+    except Exception as e:  # a baseline or a chart of any kind; the model is already exported
+        warning = f"the run's artifacts (baselines, charts) were not all written: {type(e).__name__}: {e}"
+        engine.log.message(f"warning: {warning}")
+        return [warning]
+    return []
+
+
 def finish(engine: Engine, complete: bool) -> Results:
     """Collective: report the run; a complete one (not stopped at run.max_steps) is also evaluated on its test
     split (validation split if it has none) and exported, and rank 0 writes its outputs and summary."""
@@ -42,10 +54,10 @@ def finish(engine: Engine, complete: bool) -> Results:
         log.record(split, engine.state.step, metrics)
         if topo.is_root:
             np.savez(engine.run_dir / f"{split}_outputs.npz", **outputs)  # type: ignore[arg-type]
-            task.write_artifacts(engine.run_dir, outputs)
             task.export(model, engine.run_dir / rundir.MODEL_DIR)
+            warnings = write_artifacts(engine, outputs)
             results.update(task.report())
-            summary = {"results": results, "steps": engine.state.step, "workers": topo.size,
+            summary = {"results": results, "warnings": warnings, "steps": engine.state.step, "workers": topo.size,
                        "training": done, "weights_sha256_by_rank": digests,
                        "parameter_bytes_by_rank": [dict(zip(memory, row.tolist(), strict=True))
                                                    for row in memory_by_rank]}

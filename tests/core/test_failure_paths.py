@@ -23,7 +23,7 @@ from ddl_apps.errors import DataError, RecipeError
 from ddl_apps.recipe import load_recipe
 from ddl_apps.trainers.tabular import data as tabular_data
 from ddl_apps.trainers.tabular.trainer import binary_metrics
-from tests.engine_runs import PROBE
+from tests.engine_runs import PROBE, summary, train
 
 TRAINED = {"batch_size": 32, "batch_workers": 2, "accumulation": 1}
 
@@ -177,3 +177,12 @@ def test_workers_on_one_host_build_a_cache_entry_once(tmp_path):
         worker.join(timeout=60)
     assert [w.exitcode for w in workers] == [0, 0, 0]
     assert log.read_text() == "built\n"
+
+
+def test_artifacts_that_fail_cost_a_warning_not_the_trained_model(tmp_path):
+    """A baseline or chart that raises at the end of a run (a table without categories crashed the logistic
+    baseline) no longer loses the run: the model is exported first, the summary is written and says what failed."""
+    run = train(tmp_path / "run", "model.failing_artifacts=true", "optim.epochs=1")
+    assert (run / "model" / "model.safetensors").exists()
+    warnings = summary(run)["warnings"]
+    assert len(warnings) == 1 and "ValueError: Found array with 0 feature(s)" in warnings[0], warnings

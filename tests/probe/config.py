@@ -13,3 +13,4 @@ class DataConfig(Section):
 
 class ModelConfig(Section):
     hidden: int = 32
+    failing_artifacts: bool = Field(False, description="writing the run's artifacts raises (a failing baseline)")

@@ -4,7 +4,6 @@ needs, baselines, the charts a scoring team reads, and scoring new rows."""
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from ddl_apps.core.contract import Preparer, TorchTask, TrainerHooks
 from ddl_apps.core.dist import Topology
 from ddl_apps.core.rundir import MODEL_DIR, reading_export
 from ddl_apps.core.torch_engine import Batch, load_weights, save_weights
+from ddl_apps.cpus import usable_cpus
 from ddl_apps.data.dataset import PreparedDataset, task_splits
 from ddl_apps.data.prepare import open_prepared, run_seed
 from ddl_apps.errors import DataError
@@ -37,25 +37,26 @@ def binary_metrics(label: np.ndarray, score: np.ndarray) -> dict[str, float]:
         return dict.fromkeys(("pr_auc", "roc_auc", "recall_at_1pct_fpr", "top_decile_lift", "top_decile_capture"),
                              float("nan")) | {"brier": float(np.mean((score - label) ** 2))}
     fpr, tpr, _ = roc_curve(label, score, drop_intermediate=False)  # (dropped points understate tied scores)
-    capture = captured(label, score, 0.1)
+    capture, share = captured(label, score, 0.1)
     return {
         "pr_auc": float(average_precision_score(label, score)),
         "roc_auc": float(roc_auc_score(label, score)),
         "recall_at_1pct_fpr": float(tpr[fpr <= 0.01].max()),
-        "top_decile_lift": capture / 0.1,
+        "top_decile_lift": capture / share,
         "top_decile_capture": capture,
         "brier": float(np.mean((score - label) ** 2)),
     }
 
 
-def captured(label: np.ndarray, score: np.ndarray, fraction: float) -> float:
-    """The share of all positives among the `fraction` of rows with the highest scores; rows tied at the cut count
-    in proportion (what a random order among them would give on average)."""
+def captured(label: np.ndarray, score: np.ndarray, fraction: float) -> tuple[float, float]:
+    """The share of all positives among the `fraction` of rows with the highest scores (rows tied at the cut count
+    in proportion: what a random order among them would give on average), and the share of rows actually taken
+    (whole rows: 1 of 5 for a tenth of 5)."""
     top = max(1, round(fraction * len(score)))
     cut = np.partition(score, len(score) - top)[len(score) - top]
     above, at = score > cut, score == cut
     taken = label[above].sum() + label[at].sum() * (top - above.sum()) / at.sum()
-    return float(taken / label.sum())
+    return float(taken / label.sum()), top / len(score)
 
 
 def to_torch(columns: dict[str, np.ndarray]) -> Batch:
@@ -138,14 +139,15 @@ def baseline_scores(name: str, train: dict[str, np.ndarray], test: dict[str, np.
         is_categorical = [False] * pre.num_features + [c <= 255 for c in pre.cardinalities]
         model = HistGradientBoostingClassifier(max_iter=300, learning_rate=0.1, early_stopping=True,
                                                categorical_features=is_categorical, random_state=seed)
-    else:  # logistic regression on the scaled numbers and one-hot categories
-        categories = slice(pre.num_features, None)
-        one_hot = ColumnTransformer([("numbers", "passthrough", slice(0, pre.num_features)),
-                                     ("categories", OneHotEncoder(handle_unknown="ignore"), categories)])
+    else:  # logistic regression on the scaled numbers and one-hot categories (a table may have either alone)
+        parts = [("numbers", "passthrough", slice(0, pre.num_features)),
+                 ("categories", OneHotEncoder(handle_unknown="ignore"), slice(pre.num_features, None))]
+        sizes = (pre.num_features, len(pre.cardinalities))
+        one_hot = ColumnTransformer([part for part, size in zip(parts, sizes, strict=True) if size])
         model = make_pipeline(one_hot, LogisticRegression(max_iter=2000))
     # The engine gives each worker one share of the cores (which also caps OpenMP); training is over and rank 0
     # alone runs this, so let it use them all.
-    with threadpool_limits(limits=os.cpu_count(), user_api="openmp"):
+    with threadpool_limits(limits=usable_cpus(), user_api="openmp"):
         model.fit(np.hstack([train["numeric"], train["categories"]]), train["label"])
         return model.predict_proba(np.hstack([test["numeric"], test["categories"]]))[:, 1]
 

@@ -1,6 +1,8 @@
 """Issue 24: the churn recipe on the tabular trainer (labels of any two values, numbers stored as text, stratified
 split, the figures and charts churn teams read, ranked scores) and its errors on bad input."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -9,7 +11,7 @@ from ddl_apps.core.rundir import load_run_recipe
 from ddl_apps.errors import DataError
 from ddl_apps.recipe import load_recipe
 from ddl_apps.trainers.tabular import data
-from ddl_apps.trainers.tabular.trainer import binary_metrics, captured
+from ddl_apps.trainers.tabular.trainer import baseline_scores, binary_metrics, captured
 from tests.engine_runs import ddl, final_weights, summary, train
 
 CHURN = "churn_tabm"
@@ -134,10 +136,34 @@ def test_label_coding_reads_two_values_case_blind():
 def test_top_decile_counts_tied_scores_in_proportion():
     label = np.array([1, 1, 0, 0, 0, 1, 0, 0, 0, 0] * 2, dtype=float)  # 20 rows, 6 positives; top 10 % = 2 rows
     score = np.array([0.9, 0.5, 0.5, 0.5, 0.5] + [0.1] * 15)  # one sure row, then 1 of the 4 tied rows at 0.5
-    assert captured(label, score, 0.1) == pytest.approx((1 + 1 / 4) / 6)
+    assert captured(label, score, 0.1) == (pytest.approx((1 + 1 / 4) / 6), 0.1)
     figures = binary_metrics(label, score)
     assert figures["top_decile_lift"] == pytest.approx(figures["top_decile_capture"] / 0.1)
     assert figures["brier"] == pytest.approx(np.mean((score - label) ** 2))
+
+
+def test_top_decile_lift_divides_by_the_share_of_rows_taken():
+    """5 rows: the top tenth is 1 whole row, a fifth of them; holding 1 of the 2 positives, its lift is 0.5 / 0.2."""
+    label, score = np.array([1.0, 0, 1, 0, 0]), np.array([0.9, 0.8, 0.3, 0.2, 0.1])
+    assert binary_metrics(label, score)["top_decile_lift"] == pytest.approx(2.5)
+
+
+@pytest.mark.parametrize("name", ["gradient_boosting", "logistic"])
+@pytest.mark.parametrize("numeric,cardinalities", [(3, []), (0, [4, 6])], ids=["no categories", "no numbers"])
+def test_every_baseline_fits_a_table_with_numbers_alone_or_categories_alone(name, numeric, cardinalities):
+    """A table of numeric features only (data.categorical=[]) crashed the logistic baseline's one-hot step at the
+    end of the run."""
+    rng = np.random.default_rng(0)
+
+    def rows(n):
+        categories = np.stack([rng.integers(0, c, n) for c in cardinalities], axis=1) if cardinalities else \
+            np.zeros((n, 0), np.int64)
+        return {"numeric": rng.normal(size=(n, numeric)).astype(np.float32), "categories": categories,
+                "label": rng.integers(0, 2, n).astype(np.float32)}
+
+    pre = SimpleNamespace(num_features=numeric, cardinalities=cardinalities)
+    scores = baseline_scores(name, rows(200), rows(50), pre, seed=0)
+    assert scores.shape == (50,) and np.all((scores >= 0) & (scores <= 1))
 
 
 def test_a_recipe_naming_the_old_fraud_trainer_still_loads(tmp_path):
