@@ -4,6 +4,8 @@ the inputs of `ddl predict` (images, audio) and printing its rows."""
 from __future__ import annotations
 
 import difflib
+import hashlib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +63,18 @@ def file_identity(source: str, shipped: bool) -> dict[str, Any]:
         return {"source": source if shipped else str(path)}  # (preparing names a missing file)
     stat = path.stat()
     return {"source": str(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def files_digest(paths: Iterable[Path], root: Path, contents: bool = False) -> str:
+    """A digest of files by where they lie under `root`, their sizes and modification times (with `contents`,
+    their bytes instead, for small files copied with their times kept): a file moved to another folder, renamed,
+    re-recorded or edited changes it."""
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        stat = path.stat()
+        mark = hashlib.sha256(path.read_bytes()).hexdigest() if contents else f"{stat.st_size}|{stat.st_mtime_ns}"
+        digest.update(f"{path.relative_to(root)}|{mark}\n".encode())
+    return digest.hexdigest()
 
 
 def existing_files(inputs: list[str], kind: str) -> list[Path]:

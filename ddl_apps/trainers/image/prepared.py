@@ -23,7 +23,7 @@ from ddl_apps.data.checking import FileChecks
 from ddl_apps.errors import DataError
 from ddl_apps.recipe import Recipe
 from ddl_apps.trainers import splits
-from ddl_apps.trainers.file_inputs import file_identity
+from ddl_apps.trainers.file_inputs import file_identity, files_digest
 from ddl_apps.trainers.image import data
 from ddl_apps.trainers.image.config import MNIST_5K, DataConfig
 
@@ -132,15 +132,14 @@ def write_prepared(recipe: Recipe, writer: Any) -> dict[str, Any]:
 
 
 def source_identity(recipe: Recipe) -> dict[str, Any]:
-    """The shipped digits by name; an .npz by path, size and time; a folder by its files' count, total size and
-    newest modification (one listing)."""
+    """The shipped digits by name; an .npz by path, size and time; a folder by each file's class folder, name, size
+    and modification time (one listing: a file moved to another class, or a class renamed, is prepared anew)."""
     cfg = recipe.data
     path = Path(cfg.source)
     if cfg.source == MNIST_5K or not path.is_dir():
         return file_identity(cfg.source, cfg.source == MNIST_5K)
-    stats = [entry.stat() for folder in os.scandir(path) if folder.is_dir() for entry in os.scandir(folder.path)]
-    return {"source": str(path.resolve()), "files": len(stats), "bytes": sum(s.st_size for s in stats),
-            "mtime_ns": max((s.st_mtime_ns for s in stats), default=0)}
+    files = [Path(entry.path) for folder in os.scandir(path) if folder.is_dir() for entry in os.scandir(folder.path)]
+    return {"source": str(path.resolve()), "files": files_digest(files, path)}
 
 
 def decoded(columns: dict[str, np.ndarray], size: int, channels: int) -> tuple[np.ndarray, np.ndarray]:

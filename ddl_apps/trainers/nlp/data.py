@@ -19,7 +19,7 @@ import torch
 
 from ddl_apps.errors import DataError
 from ddl_apps.trainers import splits
-from ddl_apps.trainers.file_inputs import as_strings, check_columns, file_identity, read_text_table
+from ddl_apps.trainers.file_inputs import as_strings, check_columns, file_identity, files_digest, read_text_table
 from ddl_apps.trainers.nlp.config import ROTTEN_TOMATOES, DataConfig
 from ddl_apps.trainers.packaged import packaged_file
 
@@ -142,9 +142,18 @@ def write_prepared(recipe: Recipe, writer: DatasetWriter) -> dict[str, Any]:
     return {"label_names": loaded.label_names}
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model")
+
+
 def preparation_depends_on(recipe: Recipe) -> dict[str, Any]:
-    """Token ids depend on the tokenizer: the model's source."""
-    return {"tokenizer": recipe.model.source}
+    """Token ids depend on the tokenizer: the model's source, and its tokenizer files' contents (another tokenizer
+    saved into the same folder prepares anew)."""
+    from ddl_apps.trainers.nlp import model
+
+    folder = model.model_folder(recipe.model.source)
+    files = [folder / name for name in TOKENIZER_FILES if (folder / name).is_file()]
+    return {"tokenizer": recipe.model.source, "tokenizer_files": files_digest(files, folder, contents=True)}
 
 
 def source_identity(recipe: Recipe) -> dict[str, Any]:
