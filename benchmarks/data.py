@@ -1,6 +1,8 @@
 """`ddl bench data` (issue 22): prepared data streamed per worker against the in-memory path, on the fraud recipe;
 and (issue 23, benchmarks/media.py) the image and speech recipes from shards of encoded files.
 
+- preparing a source larger than memory: `ddl data prepare` of a Parquet table 1x, 4x and 16x in size (16x: 32
+  GiB, resampled from the IEEE-CIS table with noise), the preparing process's peak anonymous memory;
 - larger than memory: a prepared fraud table of >= 32 GiB (the prepared IEEE-CIS training split, copied with
   Gaussian noise on the numeric features; written here, deleted after), trained at np=2 for 2,000 steps: each
   worker's peak anonymous memory (RssAnon) and samples/s against the in-memory path on the normal table;
@@ -10,7 +12,7 @@ and (issue 23, benchmarks/media.py) the image and speech recipes from shards of 
 - the same run from a local S3-compatible server (moto), with a cold and a warm chunk cache, against local disk;
 - what the chunk-aware order costs in final metrics against a full permutation (two seeds).
 
-    .venv/bin/python benchmarks/data.py [--large-gib 32]
+    .venv/bin/python benchmarks/data.py [--large-gib 32] [--prepare-gib 32] [--only prepare ...]
 """
 
 from __future__ import annotations
@@ -200,6 +202,81 @@ def flat(normal: Path, scratch: Path) -> dict:
     return rows
 
 
+PREPARE_SIZES = (1, 4, 16)
+SOURCE_ROW_GROUP = 500_000
+
+
+def peak_anon_of(command: list[str]) -> tuple[float, float]:
+    """Run `command`; its peak anonymous memory (MiB, sampled every 0.1 s) and its seconds."""
+    started, peak = time.time(), 0.0
+    with subprocess.Popen(command, env={**os.environ, **LAUNCH_ENV}, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True) as job:
+        output: list[str] = []
+        reader = threading.Thread(target=lambda: output.extend(job.stdout or []), daemon=True)
+        reader.start()
+        while job.poll() is None:
+            peak = max(peak, rss_anon_mib(job.pid))
+            time.sleep(0.1)
+        reader.join()
+    if job.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{''.join(output)[-3000:]}")
+    return peak, time.time() - started
+
+
+def resampled_source(target: Path, rows: int) -> dict:
+    """A Parquet table of `rows` rows drawn at random from the IEEE-CIS table (its label, id and numeric
+    columns), each number with N(0, 0.05 x the column's std) noise, written a row group at a time."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ddl_apps.recipe import load_recipe
+    from ddl_apps.trainers.tabular import data as tabular
+
+    cfg = load_recipe(RECIPE).data
+    table = pq.read_table(tabular.source_file(cfg.source))
+    numeric = [f.name for f in table.schema if pa.types.is_floating(f.type) and f.name not in cfg.categorical]
+    values = np.column_stack([table.column(c).to_numpy(zero_copy_only=False).astype(np.float32) for c in numeric])
+    noise = np.nan_to_num(np.nanstd(values, axis=0)) * np.float32(0.05)
+    label = table.column(cfg.label).to_numpy()
+    rng = np.random.default_rng(0)
+    schema = pa.schema([(cfg.id_column, pa.int64()), (cfg.label, pa.int64()),
+                        *((c, pa.float32()) for c in numeric)])
+    with pq.ParquetWriter(target, schema) as writer:
+        for start in range(0, rows, SOURCE_ROW_GROUP):
+            n = min(SOURCE_ROW_GROUP, rows - start)
+            drawn = rng.integers(len(label), size=n)
+            x = values[drawn] + rng.standard_normal((n, len(numeric)), dtype=np.float32) * noise
+            writer.write_table(pa.table([np.arange(start, start + n), label[drawn], *x.T], schema=schema))
+    return {"rows": rows, "columns": len(numeric) + 2, "gib": round(target.stat().st_size / 2**30, 2),
+            "overrides": [f"data.source={target}", "data.time_column=null", "data.categorical=[]"]}
+
+
+def prepared_at_scale(scratch: Path, largest_gib: float) -> dict:
+    """`ddl data prepare` itself of a source 1x, 4x and 16x in size, the largest `largest_gib` (larger than this
+    machine's memory): the preparing process's peak anonymous memory against the source's size."""
+    row_bytes = 4 * 100 + 16  # about what a row of resampled_source takes (its float32 columns, the id and label)
+    base_rows = math.ceil(largest_gib * 2**30 / PREPARE_SIZES[-1] / row_bytes)
+    rows = {}
+    for factor in PREPARE_SIZES:
+        source = SCRATCH / f"source-{factor}x.parquet"
+        started = time.perf_counter()
+        made = resampled_source(source, base_rows * factor)
+        target = scratch / f"prepared-{factor}x"
+        peak, seconds = peak_anon_of([str(VENV_BIN / "ddl"), "data", "prepare", RECIPE, *made.pop("overrides"),
+                                      "-o", str(target)])
+        rows[f"{factor}x"] = {"source": made, "written_seconds": round(time.perf_counter() - started - seconds, 1),
+                              "prepare_seconds": round(seconds, 1), "peak_rss_anon_mib": round(peak),
+                              "prepared_gib": size_gib(target)}
+        print(f"  {factor}x: {rows[f'{factor}x']}", flush=True)
+        source.unlink()
+        shutil.rmtree(target)
+    for row in rows.values():
+        row["memory_ratio"] = round(row["peak_rss_anon_mib"] / rows["1x"]["peak_rss_anon_mib"], 3)
+    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {"sizes": rows, "machine_memory_gib": round(memory_gib, 1),
+            "largest_source_over_memory": round(rows[f"{PREPARE_SIZES[-1]}x"]["source"]["gib"] / memory_gib, 2)}
+
+
 STEP_RUNS = {  # each recipe's training step, its data in memory (np=1): overrides and steps
     RECIPE: ((*TRAIN, "optim.epochs=3"), 400),
     "recsys_neumf": (("run.log_every=50", "run.progress=false", "model.baseline=false"), 600),
@@ -342,6 +419,9 @@ def _manifest(folder: Path):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--large-gib", type=float, default=32.0)
+    parser.add_argument("--prepare-gib", type=float, default=32.0,
+                        help="the largest source `ddl data prepare` reads (16x; make it larger than this machine's "
+                        "memory)")
     parser.add_argument("--only", nargs="+", help="measure only these parts, keeping the others' last results")
     args = parser.parse_args()
     SCRATCH.mkdir(parents=True, exist_ok=True)
@@ -357,6 +437,7 @@ def main() -> None:
             "object_storage": lambda: object_storage(normal, scratch),
             "order": lambda: order_cost(scratch),
             "larger_than_memory": lambda: larger_than_memory(normal, args.large_gib, scratch),
+            "prepare": lambda: prepared_at_scale(scratch, args.prepare_gib),
             "images": lambda: media.images(scratch),
             "speech": lambda: media.speech(scratch),
         }

@@ -230,6 +230,23 @@ def data_section(result: dict) -> tuple[list[str], list[tuple]]:
                                  "MiB"),
                       target_row("data: samples/s streamed (large) / in memory (normal)", ">= 0.9x",
                                  large["throughput_ratio"], 0.9, True)]
+    if "prepare" in result:
+        prepared = result["prepare"]
+        lines += ["**Preparing a source larger than memory** (`ddl data prepare` of a Parquet table resampled from the "
+                  "IEEE-CIS table with noise, no time column, no categories; the preparing process's peak RssAnon; "
+                  f"this machine has {prepared['machine_memory_gib']} GiB, the largest source is "
+                  f"{prepared['largest_source_over_memory']:.2f}x that):", "",
+                  "| source | rows | GiB | prepared GiB | seconds | peak RssAnon (MiB) | vs 1x |",
+                  "|---|---|---|---|---|---|---|"]
+        for size, row in prepared["sizes"].items():
+            lines.append(f"| {size} | {row['source']['rows']:,} | {row['source']['gib']} | {row['prepared_gib']} | "
+                         f"{row['prepare_seconds']:.0f} | {row['peak_rss_anon_mib']:,} | {row['memory_ratio']:.3f} |")
+        largest = list(prepared["sizes"].values())[-1]
+        summaries += [target_row("data: prepare peak memory, source larger than memory", "<= 2,048 MiB",
+                                 largest["peak_rss_anon_mib"], 2048, False, "MiB"),
+                      target_row("data: prepare peak memory at 16x / 1x the source", "<= 1.2x",
+                                 largest["memory_ratio"], 1.2, False)]
+        lines.append("")
     if "flat" in result:
         lines += ["**Flat** in the size of the data (200 steps, `run.log_every=1`; first step: seconds from the "
                   "workers' process start to the first step's log line, and in brackets from `ddl train`'s launch, "

@@ -61,7 +61,7 @@ def _quota(folder: Path, version: int) -> float | None:
         if version == 2:
             limit, period = (folder / "cpu.max").read_text().split()
             return None if limit == "max" else int(limit) / int(period)
-        limit = int((folder / "cpu.cfs_quota_us").read_text())
-        return None if limit < 0 else limit / int((folder / "cpu.cfs_period_us").read_text())
+        quota_us = int((folder / "cpu.cfs_quota_us").read_text())
+        return None if quota_us < 0 else quota_us / int((folder / "cpu.cfs_period_us").read_text())
     except (OSError, ValueError):
         return None

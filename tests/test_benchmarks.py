@@ -99,8 +99,15 @@ def test_report_judges_the_prepared_data_benchmark(results):
                              "np4": {"largest_share": 0.26, "times_1_over_n": 1.04}},
         "object_storage": {"local": data_run(100.0, [1]), "s3_cold_cache": data_run(85.0, [1]),
                            "s3_warm_cache": data_run(99.0, [1]), "cold_ratio": 0.85, "warm_ratio": 0.99},
-        "order": {"chunks, seed 0": {"pr_auc": 0.44, "roc_auc": 0.86, "recall_at_1pct_fpr": 0.37}}})
+        "order": {"chunks, seed 0": {"pr_auc": 0.44, "roc_auc": 0.86, "recall_at_1pct_fpr": 0.37}},
+        "prepare": {"machine_memory_gib": 24.0, "largest_source_over_memory": 1.1, "sizes": {
+            size: {"source": {"rows": rows, "columns": 109, "gib": gib}, "prepare_seconds": 60.0 * ratio,
+                   "peak_rss_anon_mib": peak, "prepared_gib": round(gib * 0.7, 2), "memory_ratio": ratio}
+            for size, rows, gib, peak, ratio in (("1x", 4_000_000, 1.6, 900, 1.0), ("16x", 64_000_000, 26.4, 1000,
+                                                                                      1.111))}}})
     text = report.build().read_text()
+    assert "| data: prepare peak memory, source larger than memory | <= 2,048 MiB | 1,000 MiB | met |" in text
+    assert "| 16x | 64,000,000 | 26.4 | 18.48 | 67 | 1,000 | 1.111 |" in text
     assert "| data: peak memory per worker, >= 32 GiB table | <= 2,048 MiB | 950 MiB | met |" in text
     assert "| data: samples/s streamed (large) / in memory (normal) | >= 0.9x | 0.947x | met |" in text
     assert "| data: peak memory at 16x / 1x the data | <= 1.2x | 1.250x | **missed** |" in text

@@ -71,24 +71,46 @@ def to_numpy(array: pa.Array, column: Column) -> np.ndarray:
     return array.to_numpy(zero_copy_only=False)
 
 
-def write_shard(path: Path, batch: Columns, schema: pa.Schema, chunk_rows: int) -> Shard:
-    """`batch` as one shard file of chunks of `chunk_rows` rows, with each chunk's byte range and SHA-256."""
-    rows = len(next(iter(batch.values())))
-    ranges = []
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-        writer.write_batch(to_record_batch({k: v[:0] for k, v in batch.items()}, schema))  # the schema goes first,
-        for start in range(0, rows, chunk_rows):  # so that every chunk's range holds its own message alone
-            before = sink.tell()
-            writer.write_batch(to_record_batch({k: v[start : start + chunk_rows] for k, v in batch.items()}, schema))
-            ranges.append((before, sink.tell(), min(chunk_rows, rows - start)))
-    data = path.read_bytes()
-    chunks = [Chunk(offset=a, length=b - a, rows=n, sha256=hashlib.sha256(data[a:b]).hexdigest())
-              for a, b, n in ranges]
-    return Shard(file=path.name, bytes=len(data), sha256=hashlib.sha256(data).hexdigest(), rows=rows, chunks=chunks)
+class ShardFile:
+    """One shard being written, a chunk (one record batch) at a time, so memory holds a chunk, not the shard; closed,
+    it is read back a chunk at a time for each chunk's byte range and SHA-256."""
+
+    def __init__(self, path: Path, schema: pa.Schema):
+        self.path, self.schema = path, schema
+        self._sink = pa.OSFile(str(path), "wb")
+        self._writer = pa.ipc.new_file(self._sink, schema)
+        self.ranges: list[tuple[int, int, int]] = []  # (start, end, rows) of each chunk
+
+    @property
+    def rows(self) -> int:
+        return sum(rows for _, _, rows in self.ranges)
+
+    def write_chunk(self, chunk: Columns) -> None:
+        if not self.ranges:  # an empty batch first, so that every chunk's range holds its own message alone
+            self._writer.write_batch(to_record_batch({k: v[:0] for k, v in chunk.items()}, self.schema))
+        before = self._sink.tell()
+        self._writer.write_batch(to_record_batch(chunk, self.schema))
+        self.ranges.append((before, self._sink.tell(), len(next(iter(chunk.values())))))
+
+    def close(self) -> Shard:
+        self._writer.close()
+        self._sink.close()
+        whole, chunks = hashlib.sha256(), []
+        with self.path.open("rb") as written:
+            whole.update(written.read(self.ranges[0][0]))
+            for start, end, rows in self.ranges:
+                data = written.read(end - start)
+                whole.update(data)
+                chunks.append(Chunk(offset=start, length=end - start, rows=rows,
+                                    sha256=hashlib.sha256(data).hexdigest()))
+            whole.update(written.read())
+        return Shard(file=self.path.name, bytes=self.path.stat().st_size, sha256=whole.hexdigest(), rows=self.rows,
+                     chunks=chunks)
 
 
 class SplitWriter:
-    """One split's rows, added batch by batch in bounded memory, written as shards of `shard_rows` rows.
+    """One split's rows, added batch by batch in bounded memory, written as shards of `shard_rows` rows, a chunk
+    at a time (memory holds less than a chunk of rows not yet written).
 
     With `shuffle_seed`, the rows are shuffled across the whole split once, here: each row goes to one of
     ceil(expected_rows / shard_rows) buckets at random (temporary files), and each bucket becomes a shard in an
@@ -101,7 +123,8 @@ class SplitWriter:
         self.schema = schema_of(columns)
         self.chunk_rows, self.shard_rows = chunk_rows, max(chunk_rows, shard_rows)
         self.shards: list[Shard] = []
-        self._pending: list[Columns] = []
+        self._pending: list[Columns] = []  # rows not yet written: less than a chunk
+        self._shard: ShardFile | None = None
         self._rng = None if shuffle_seed is None else np.random.default_rng([shuffle_seed, 7])
         self._buckets: list[pa.ipc.RecordBatchStreamWriter] = []
         if self._rng is not None:
@@ -112,42 +135,57 @@ class SplitWriter:
         return self.folder / f".{self.split}-bucket-{i:05d}.arrows"
 
     def add(self, batch: Columns) -> None:
-        rows = len(next(iter(batch.values())))
-        if self._rng is not None:
-            bucket = self._rng.integers(len(self._buckets), size=rows)
-            for i, writer in enumerate(self._buckets):
-                picked = np.flatnonzero(bucket == i)
-                if len(picked):
-                    writer.write_batch(to_record_batch({k: v[picked] for k, v in batch.items()}, self.schema))
+        if self._rng is None:
+            self._write_rows(batch)
             return
-        self._pending.append(batch)
-        if sum(len(next(iter(b.values()))) for b in self._pending) >= self.shard_rows:
-            joined = self._joined()
-            self._write(joined, self.shard_rows)
-            self._pending = [{k: v[self.shard_rows :] for k, v in joined.items()}]
+        bucket = self._rng.integers(len(self._buckets), size=len(next(iter(batch.values()))))
+        for i, writer in enumerate(self._buckets):
+            picked = np.flatnonzero(bucket == i)
+            if len(picked):
+                writer.write_batch(to_record_batch({k: v[picked] for k, v in batch.items()}, self.schema))
 
     def finish(self) -> list[Shard]:
         if self._rng is None:
-            joined = self._joined()
-            if len(next(iter(joined.values()))):
-                self._write(joined, len(next(iter(joined.values()))))
+            self._write_rows(None)
             return self.shards
         for writer in self._buckets:
             writer.close()
         for i in self._rng.permutation(len(self._buckets)):
-            table = pa.ipc.open_stream(str(self._bucket_path(i))).read_all()
-            bucket = {name: to_numpy(table.column(name).combine_chunks(), column)
-                      for name, column in self.columns.items()}
-            order = self._rng.permutation(table.num_rows)
-            if table.num_rows:
-                self._write({k: v[order] for k, v in bucket.items()}, table.num_rows)
+            with pa.memory_map(str(self._bucket_path(i))) as mapped:  # read in place: page cache, not memory
+                table = pa.ipc.open_stream(mapped).read_all()
+                order = self._rng.permutation(table.num_rows)
+                for start in range(0, table.num_rows, self.chunk_rows):  # the bucket, shuffled, as one shard
+                    rows = table.take(order[start : start + self.chunk_rows])
+                    self._write_chunk({name: to_numpy(rows.column(name).combine_chunks(), column)
+                                       for name, column in self.columns.items()})
+                del table, rows
+            self._close_shard()
             self._bucket_path(i).unlink()
         return self.shards
 
-    def _joined(self) -> Columns:
-        return {k: np.concatenate([b[k] for b in self._pending]) for k in self.columns}
+    def _write_rows(self, batch: Columns | None) -> None:
+        """Add rows (None: the last ones) and write every whole chunk they make; shards end at shard_rows."""
+        if batch is not None:
+            self._pending.append(batch)
+        pending = sum(len(next(iter(b.values()))) for b in self._pending)
+        if pending < self.chunk_rows and batch is not None:
+            return
+        joined = {k: np.concatenate([b[k] for b in self._pending]) for k in self.columns}
+        whole = pending if batch is None else pending - pending % self.chunk_rows
+        for start in range(0, whole, self.chunk_rows):
+            self._write_chunk({k: v[start : min(start + self.chunk_rows, whole)] for k, v in joined.items()})
+            if self._shard is not None and self._shard.rows >= self.shard_rows:
+                self._close_shard()
+        self._pending = [{k: v[whole:].copy() for k, v in joined.items()}] if whole < pending else []
+        if batch is None:
+            self._close_shard()
 
-    def _write(self, batch: Columns, rows: int) -> None:
-        path = self.folder / f"{self.split}-{len(self.shards):05d}.arrow"
-        self.shards.append(write_shard(path, {k: v[:rows] for k, v in batch.items()}, self.schema, self.chunk_rows))
+    def _write_chunk(self, chunk: Columns) -> None:
+        if self._shard is None:
+            self._shard = ShardFile(self.folder / f"{self.split}-{len(self.shards):05d}.arrow", self.schema)
+        self._shard.write_chunk(chunk)
 
+    def _close_shard(self) -> None:
+        if self._shard is not None and self._shard.ranges:
+            self.shards.append(self._shard.close())
+        self._shard = None

@@ -87,3 +87,66 @@ def test_a_damaged_auto_prepared_dataset_is_set_aside_and_prepared_again(tmp_pat
     assert len(aside) == 1 and (aside[0] / shard.name).read_bytes() == bytes(damaged)
     assert shard.read_bytes() != bytes(damaged)
     assert capfd.readouterr().err.count("does not match the SHA-256") == 1
+
+
+def test_a_prepared_table_holds_what_training_reads_and_its_scratch_is_removed(tmp_path, monkeypatch):
+    """A CSV is converted to Parquet to be read a column at a time: that copy of the raw table (every column, ids
+    included) was written into the dataset, and uploaded with it. It lives in the cache's scratch now, removed."""
+    from ddl_apps.recipe import load_recipe
+    from ddl_apps.trainers.tabular.trainer import PREPARER
+
+    monkeypatch.setenv("DDL_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    table = tmp_path / "customers.csv"
+    table.write_text("customer,plan,spend,churned\n" + "".join(
+        f"c{i:03d},{rng.choice(['a', 'b'])},{rng.normal():.3f},{rng.choice(['yes', 'no'])}\n" for i in range(300)))
+    recipe = load_recipe("churn_tabm", [f"data.source={table}", "data.label=churned", "data.positive_label=yes",
+                                        "data.id_column=customer", "data.categorical=[plan]"])
+    folder = Path(prepare_module.prepare(recipe, PREPARER, str(tmp_path / "prepared")))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    written = {shard["file"] for shards in manifest["splits"].values() for shard in shards} | {"manifest.json"}
+    assert {p.name for p in folder.iterdir()} == written
+    assert not any((tmp_path / "cache" / "scratch").iterdir())
+
+
+def test_scoring_reads_a_table_as_preparing_did(tmp_path, monkeypatch):
+    """`ddl predict` read CSVs with pandas, which makes NA and None missing, while preparing kept them as words:
+    the same rows got category 0 (unknown) in scoring and their own in training. Ids came back as numbers (007 as
+    7). Now both read through one reader: a row scores with the category it trained with, its id as written."""
+    import pandas as pd
+    import torch
+
+    from ddl_apps.core.torch_engine import save_weights
+    from ddl_apps.recipe import load_recipe
+    from ddl_apps.trainers.tabular import data
+    from ddl_apps.trainers.tabular.model import TabularModel
+    from ddl_apps.trainers.tabular.trainer import PREPARER, predict_file
+
+    monkeypatch.setenv("DDL_CACHE", str(tmp_path / "cache"))
+    regions = ["NA", "None", "EU", ""] * 30
+    table = tmp_path / "customers.csv"
+    table.write_text("customer,region,spend,churned\n" + "".join(
+        f"{i:03d},{region},{i % 7}.5,{'yes' if i % 3 else 'no'}\n" for i, region in enumerate(regions)))
+    recipe = load_recipe("churn_tabm", [f"data.source={table}", "data.label=churned", "data.positive_label=yes",
+                                        "data.id_column=customer", "data.categorical=[region]",
+                                        "data.min_category_count=1"])
+    folder = Path(prepare_module.prepare(recipe, PREPARER, str(tmp_path / "prepared")))
+    pre = data.Preprocessor(**json.loads((folder / "manifest.json").read_text())["fitted"]["preprocessor"])
+    assert set(pre.vocabularies["region"]) == {"NA", "None", "EU"}  # (a blank cell is missing: index 0)
+    architecture = {"num_numeric": pre.num_features, "cardinalities": pre.cardinalities, "hidden": [4],
+                    "embedding_dim": 2, "dropout": 0.0, "ensemble": 1, "periodic": None}
+    model, model_dir = TabularModel(**architecture).eval(), tmp_path / "model"
+    model_dir.mkdir()
+    save_weights(model, model_dir)
+    pre.save(model_dir / "preprocessing.json")
+    (model_dir / "model.json").write_text(json.dumps({**architecture, "id": "customer", "label": "churned",
+                                                      "score": "p"}))
+    predict_file(model_dir, table, tmp_path / "scores.csv")
+    scores = {line.split(",")[1]: float(line.split(",")[2])
+              for line in (tmp_path / "scores.csv").read_text().splitlines()[1:]}
+    assert "000" in scores and "007" in scores  # ids as written
+    for row in (0, 1, 3):  # NA, None: their own categories; blank: unknown
+        numeric, _ = pre.transform(pd.DataFrame({"spend": [f"{row % 7}.5"], "region": [regions[row] or None]}))
+        index = pre.vocabularies["region"].index(regions[row]) + 1 if regions[row] else 0
+        expected = model.probability(torch.from_numpy(numeric), torch.tensor([[index]])).item()
+        assert scores[f"{row:03d}"] == pytest.approx(expected, rel=1e-5), regions[row]

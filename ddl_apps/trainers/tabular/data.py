@@ -13,9 +13,10 @@ import json
 import subprocess
 import sys
 import tempfile
+import warnings
 import zipfile
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -111,14 +112,6 @@ def unreadable(path: Path, error: Exception) -> DataError:
     return DataError(f"cannot read {path} as {'Parquet' if is_parquet(path) else 'CSV'}: {error}")
 
 
-def read_table(source: str) -> pd.DataFrame:
-    path = source_file(source)
-    try:
-        return pd.read_parquet(path) if is_parquet(path) else pd.read_csv(path, low_memory=False)
-    except Exception as e:  # pandas raises many kinds for a broken file
-        raise unreadable(path, e) from None
-
-
 def feature_columns(cfg: DataConfig, columns: list[str]) -> tuple[list[str], list[str]]:
     """(numeric, categorical) model inputs among the table's `columns`: by default every column but the label, id
     and time is numeric."""
@@ -137,31 +130,88 @@ BOOLEAN_WORDS = {"true": 1.0, "yes": 1.0, "false": 0.0, "no": 0.0}
 MOSTLY_TEXT = 0.05  # a numeric column with more of its filled cells not numbers is refused
 
 
-def column_numbers(column: pd.Series, name: str, source: object) -> tuple[np.ndarray, str | None]:
+def column_numbers(column: pd.Series, name: str, source: object, refuse_text: bool = True
+                   ) -> tuple[np.ndarray, str | None]:
     """A numeric column as float64 with missing values as NaN, and what was done when it holds numbers as text:
-    blank cells (and a few cells of other text) become missing values, true/false and yes/no become 1/0."""
-    if pd.api.types.is_numeric_dtype(column):  # booleans too
-        values, note = column.to_numpy(np.float64, na_value=np.nan), None
-    else:
-        text = as_text(column).str.strip()
-        blank = (text.isna() | (text == "")).to_numpy(bool)
-        filled = text.where(~blank).astype(object)
-        values = pd.to_numeric(filled, errors="coerce").to_numpy(np.float64, na_value=np.nan)
-        words = filled.str.lower().map(BOOLEAN_WORDS).to_numpy(np.float64, na_value=np.nan)
-        values = np.where(np.isnan(values), words, values)
-        other = ~blank & np.isnan(values)
-        examples = ", ".join(repr(v) for v in pd.unique(filled[other])[:3])
-        if other.sum() > MOSTLY_TEXT * max(1, (~blank).sum()):
-            raise DataError(f"{source}: numeric column {name!r} is mostly text ({int(other.sum()):,} of "
-                            f"{int((~blank).sum()):,} filled cells are not numbers, e.g. {examples}); list it under "
-                            "data.categorical, or clean those cells")
-        note = (f"column {name!r} holds numbers as text: read as numbers, {int(blank.sum())} blank cells"
-                + (f" and {int(other.sum())} of other text ({examples})" if other.any() else "")
-                + " as missing values")
-    if np.isinf(values).any():
-        raise DataError(f"{source}: column {name!r} holds infinite values; replace them with numbers, or leave "
-                        "those cells empty (missing values are imputed with the training median)")
-    return values, note
+    blank cells (and a few cells of other text) become missing values, true/false and yes/no become 1/0. Whether a
+    column is mostly text is decided once, on the training rows (`refuse_text`); transforming a batch, or a file
+    to score, applies that decision (its other text is missing values)."""
+    tally = TextTally()
+    values = tally.parse(column, name, source)
+    return values, tally.note(name, source, refuse_text)
+
+
+@dataclass
+class TextTally:
+    """What a numeric column held as text, over every batch parsed: blank cells, filled ones, cells of other text
+    (not numbers, nor true/false, yes/no) and a few of those."""
+
+    text: bool = False
+    blank: int = 0
+    filled: int = 0
+    other: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    def parse(self, column: pd.Series, name: str, source: object) -> np.ndarray:
+        """The batch as float64, missing values as NaN."""
+        if pd.api.types.is_numeric_dtype(column):  # booleans too
+            values = column.to_numpy(np.float64, na_value=np.nan)
+        else:
+            text = as_text(column).str.strip()
+            blank = (text.isna() | (text == "")).to_numpy(bool)
+            filled = text.where(~blank).astype(object)
+            values = pd.to_numeric(filled, errors="coerce").to_numpy(np.float64, na_value=np.nan)
+            words = filled.str.lower().map(BOOLEAN_WORDS).to_numpy(np.float64, na_value=np.nan)
+            values = np.where(np.isnan(values), words, values)
+            other = ~blank & np.isnan(values)
+            self.text, self.blank, self.filled = True, self.blank + int(blank.sum()), self.filled + int((~blank).sum())
+            self.other += int(other.sum())
+            self.examples += [repr(v) for v in pd.unique(filled[other])[: 3 - len(self.examples)]]
+        if np.isinf(values).any():
+            raise DataError(f"{source}: column {name!r} holds infinite values; replace them with numbers, or leave "
+                            "those cells empty (missing values are imputed with the training median)")
+        return values
+
+    def note(self, name: str, source: object, refuse_text: bool) -> str | None:
+        """What was read as text, to say; with `refuse_text`, a column mostly of other text is refused."""
+        if not self.text:
+            return None
+        examples = ", ".join(self.examples)
+        if refuse_text and self.other > MOSTLY_TEXT * max(1, self.filled):
+            raise DataError(f"{source}: numeric column {name!r} is mostly text ({self.other:,} of {self.filled:,} "
+                            f"filled cells are not numbers, e.g. {examples}); list it under data.categorical, or "
+                            "clean those cells")
+        return (f"column {name!r} holds numbers as text: read as numbers, {self.blank} blank cells"
+                + (f" and {self.other} of other text ({examples})" if self.other else "") + " as missing values")
+
+
+@dataclass(frozen=True)
+class NumericFit:
+    """A numeric column's preprocessing, fitted on its training rows added batch by batch: their signed logs are
+    kept (8 bytes a row, no other copy of the column) for the median; the mean and standard deviation of the
+    imputed column are then summed from them a block at a time."""
+
+    median: float
+    mean: float
+    scale: float
+    has_missing: bool
+
+    @classmethod
+    def of(cls, batches: Iterator[pd.Series], rows: int, tally: TextTally, name: str, source: object) -> NumericFit:
+        kept, end, missing = np.empty(rows), 0, 0
+        for batch in batches:
+            raw = signed_log(tally.parse(batch, name, source))
+            present = raw[~np.isnan(raw)]
+            kept[end : end + len(present)] = present
+            end, missing = end + len(present), missing + len(raw) - len(present)
+        present = kept[:end]
+        median = float(np.median(present)) if end else 0.0  # (np.median partitions a copy: fine beside 8 B a row)
+        total = float(np.add.reduce(present, dtype=np.float64)) + missing * median
+        mean = total / max(1, end + missing)
+        squares = sum(float(np.square(block - mean).sum()) for block in np.array_split(present, max(1, end // 2**20)))
+        std = float(np.sqrt((squares + missing * (median - mean) ** 2) / max(1, end + missing)))
+        scale = std if std > 1e-12 * max(1.0, abs(mean)) else 1.0  # a constant column is left unscaled
+        return cls(median, mean, scale, missing > 0)
 
 
 @dataclass(frozen=True)
@@ -174,18 +224,21 @@ class LabelCoding:
 
     @classmethod
     def of(cls, column: pd.Series, cfg: DataConfig) -> LabelCoding:
-        """Decided from the whole column (a fact of the table's schema, not a statistic fitted on training rows)."""
-        values = label_text(column)
-        check_filled(values, cfg)
-        counts = values.value_counts()
-        written = dict(zip(values, column.astype(str).str.strip(), strict=True))  # each value as the table writes it
-        shown = {value: written[value] for value in counts.index}
-        if len(counts) != 2:
-            listed = ", ".join(f"{shown[v]!r} ({n:,} rows)" for v, n in counts.iloc[:5].items())
+        """Decided from the whole column (a fact of the table's schema, not a statistic fitted on training rows),
+        through its distinct cells: a column of millions of rows is never turned into text."""
+        counts = column.value_counts(dropna=False)  # each distinct cell and its rows
+        cells = counts.index.to_series(index=range(len(counts)))
+        values = label_text(cells)
+        check_filled(values, column, cfg)
+        rows = pd.Series(counts.to_numpy()).groupby(values.to_numpy()).sum().sort_values(ascending=False,
+                                                                                          kind="stable")
+        shown = dict(zip(values, cells.astype(str).str.strip(), strict=True))  # each value as the table writes it
+        if len(rows) != 2:
+            listed = ", ".join(f"{shown[v]!r} ({n:,} rows)" for v, n in rows.iloc[:5].items())
             raise DataError(f"label column {cfg.label!r} must hold two values for a binary classifier; it holds "
-                            f"{len(counts)}: {listed}{', ...' if len(counts) > 5 else ''}. Choose another "
+                            f"{len(rows)}: {listed}{', ...' if len(rows) > 5 else ''}. Choose another "
                             "data.label, or map the column to two values")
-        seen = sorted(str(v) for v in counts.index)
+        seen = sorted(str(v) for v in rows.index)
         holds = f"{shown[seen[0]]!r} and {shown[seen[1]]!r}"
         if cfg.positive_label is not None:
             positive = label_text(pd.Series([cfg.positive_label])).iloc[0]
@@ -200,15 +253,16 @@ class LabelCoding:
         return cls(positive, seen[1 - seen.index(positive)])
 
     def encode(self, column: pd.Series, cfg: DataConfig) -> np.ndarray:
-        """1 for the positive value, 0 for the other, as float32."""
-        values = label_text(column)
-        check_filled(values, cfg)
+        """1 for the positive value, 0 for the other, as float32 (through the column's distinct cells)."""
+        cells = pd.Series(column.unique())
+        values = label_text(cells)
+        check_filled(values, column, cfg)
         other = ~values.isin([self.positive, self.negative])
         if other.any():
-            row = int(np.argmax(other.to_numpy()))
+            row = int(np.argmax(column.isin(cells[other]).to_numpy()))
             raise DataError(f"label column {cfg.label!r} must hold {self.positive!r} or {self.negative!r}; row {row} "
                             f"holds {column.iloc[row]!r}")
-        return (values == self.positive).to_numpy(np.float32)
+        return column.isin(cells[values == self.positive]).to_numpy(np.float32)
 
 
 def label_text(column: pd.Series) -> pd.Series:
@@ -219,39 +273,81 @@ def label_text(column: pd.Series) -> pd.Series:
     return text.map(lambda v: words.get(v, v) if isinstance(v, str) else v)
 
 
-def check_filled(values: pd.Series, cfg: DataConfig) -> None:
-    missing = (values.fillna("") == "").to_numpy()
-    if missing.any():
-        raise DataError(f"label column {cfg.label!r} is empty in {int(missing.sum()):,} rows (the first: row "
-                        f"{int(np.argmax(missing))}); drop those rows or fill in their labels")
+def check_filled(values: pd.Series, column: pd.Series, cfg: DataConfig) -> None:
+    """No empty label among the column's distinct cells' `values` (the rows are counted, from the column, only for
+    the error)."""
+    if not (values.fillna("") == "").any():
+        return
+    missing = (label_text(column).fillna("") == "").to_numpy()
+    raise DataError(f"label column {cfg.label!r} is empty in {int(missing.sum()):,} rows (the first: row "
+                    f"{int(np.argmax(missing))}); drop those rows or fill in their labels")
+
+
+READ_BUFFER = 1 << 20  # bytes of each column chunk read at a time (a row group may be the whole table)
 
 
 class Table:
-    """The source as a Parquet file, read one column or one batch of rows at a time (a CSV is converted to Parquet
-    first, batch by batch), so memory holds a column, not the table."""
+    """The source as a Parquet file, read one column or one batch of rows at a time, so memory holds a column, not
+    the table. A CSV is converted to Parquet first, batch by batch, into a scratch folder in the cache (never into
+    the dataset being written), removed when the table is closed.
 
-    def __init__(self, source: str, scratch: Path):
+    Parquet reads are neither pre-buffered nor whole column chunks at a time: Arrow's pre-buffering kept every row
+    group read so far (a 16 GiB table peaked at 18 GiB while it was transformed)."""
+
+    def __init__(self, source: str, text_columns: Iterable[str] = ()):
+        """`text_columns`: a CSV's columns read as text whatever they look like (categories and ids: 007 stays 007,
+        and NA a word)."""
         path = source_file(source)
+        self._text_columns = [c for c in text_columns if c]
+        self._scratch = None if is_parquet(path) else tempfile.TemporaryDirectory(dir=cache_dir("scratch"))
         try:
-            self.file = pq.ParquetFile(path if is_parquet(path) else csv_to_parquet(path, scratch / "source.parquet"))
-        except (pa.ArrowException, OSError) as e:
-            raise unreadable(path, e) from None
+            self.file = pq.ParquetFile(self._as_parquet(path), pre_buffer=False, buffer_size=READ_BUFFER)
+        except BaseException as e:
+            self.close()
+            if isinstance(e, (pa.ArrowException, OSError)):
+                raise unreadable(path, e) from None
+            raise
         self.rows = self.file.metadata.num_rows
         self.columns = self.file.schema_arrow.names
+
+    def _as_parquet(self, path: Path) -> Path:
+        if self._scratch is None:
+            return path
+        return csv_to_parquet(path, Path(self._scratch.name) / "table.parquet", self._text_columns)
+
+    def __enter__(self) -> Table:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._scratch is not None:
+            self._scratch.cleanup()
 
     def column(self, name: str) -> pd.Series:
         return self.file.read(columns=[name]).column(0).to_pandas()
 
-    def batches(self, columns: list[str], rows: int = 65536) -> Iterator[pd.DataFrame]:
+    def batches(self, columns: list[str], rows: int = 65536, rows_kept: np.ndarray | None = None
+                ) -> Iterator[pd.DataFrame]:
+        """The columns, `rows` rows at a time; with `rows_kept` (a mask over the table), only those rows."""
+        first = 0
         for batch in self.file.iter_batches(batch_size=rows, columns=columns):
-            yield batch.to_pandas()
+            frame = batch.to_pandas()
+            if rows_kept is not None:
+                frame = frame[rows_kept[first : first + len(frame)]].reset_index(drop=True)
+            first += batch.num_rows
+            yield frame
 
 
-def csv_to_parquet(csv: Path, target: Path) -> Path:
-    """Column types are inferred from the first 64 MB; a column that turns to text later is named in the error."""
+def csv_to_parquet(csv: Path, target: Path, text_columns: list[str]) -> Path:
+    """`text_columns` are read as text; the others' types are inferred from the first 64 MB (a column that turns to
+    text later is named in the error)."""
     from pyarrow import csv as arrow_csv
 
-    reader = arrow_csv.open_csv(csv, read_options=arrow_csv.ReadOptions(block_size=64 << 20))
+    reader = arrow_csv.open_csv(csv, read_options=arrow_csv.ReadOptions(block_size=64 << 20),
+                                convert_options=arrow_csv.ConvertOptions(
+                                    column_types=dict.fromkeys(text_columns, pa.string())))
     try:
         with pq.ParquetWriter(target, reader.schema) as writer:
             for batch in reader:
@@ -273,8 +369,13 @@ def source_identity(recipe: Recipe) -> dict[str, Any]:
 def write_prepared(recipe: Recipe, writer: DatasetWriter) -> dict[str, Any]:
     """One pass: split, fit the preprocessing on the training rows column by column, then transform the table
     batch by batch into the splits (the training split shuffled once)."""
+    cfg = recipe.data
+    with Table(cfg.source, text_columns=[*cfg.categorical, cfg.id_column or ""]) as table:
+        return _write_splits(recipe, table, writer)
+
+
+def _write_splits(recipe: Recipe, table: Table, writer: DatasetWriter) -> dict[str, Any]:
     cfg, seed = recipe.data, recipe.run.seed
-    table = Table(cfg.source, writer.folder)
     check_columns(pd.DataFrame(columns=table.columns), [c for c in (cfg.label, cfg.time_column, cfg.id_column) if c],
                   cfg.source, COLUMNS_FIX)
     label_column = table.column(cfg.label)
@@ -282,7 +383,7 @@ def write_prepared(recipe: Recipe, writer: DatasetWriter) -> dict[str, Any]:
     assignment = split_rows(table, coding.encode(label_column, cfg), cfg, seed)
     numeric, categorical = feature_columns(cfg, table.columns)
     train = assignment == 0
-    pre, notes = Preprocessor.fit_columns(lambda c: table.column(c)[train].reset_index(drop=True), int(train.sum()),
+    pre, notes = Preprocessor.fit_columns(lambda names: table.batches(names, rows_kept=train), int(train.sum()),
                                           numeric, categorical, cfg)
     say(notes)
     for split, code in zip(SPLITS, range(3), strict=True):
@@ -318,20 +419,44 @@ def split_rows(table: Table, label: np.ndarray, cfg: DataConfig, seed: int) -> n
     there is a time column (past -> train, future -> valid, test), else at random within each class of the label
     (stratified: every split has the table's share of positives). One byte per row."""
     rng = np.random.default_rng(seed)
-    kept = np.arange(table.rows)
+    kept = np.arange(table.rows, dtype=np.int32 if table.rows < 2**31 else np.int64)  # (4 bytes a row, not 8)
     if cfg.rows is not None and cfg.rows < table.rows:
-        kept = np.sort(rng.choice(table.rows, cfg.rows, replace=False))
+        kept = np.sort(rng.choice(table.rows, cfg.rows, replace=False)).astype(kept.dtype)
     assignment = np.full(table.rows, -1, dtype=np.int8)
     if cfg.time_column:
-        times = table.column(cfg.time_column).to_numpy()[kept]
+        times = time_order(table.column(cfg.time_column), cfg)[kept]
         assign_in_order(assignment, kept[np.argsort(times, kind="stable")], cfg)
     else:
         for value in (0.0, 1.0):
             members = kept[label[kept] == value]
-            assign_in_order(assignment, members[rng.permutation(len(members))], cfg)
+            rng.shuffle(members)  # (in place: what members[rng.permutation(len(members))] gives, without a copy)
+            assign_in_order(assignment, members, cfg)
     if min(int((assignment == code).sum()) for code in range(3)) < 1:
         raise DataError(f"{cfg.source} has {len(kept)} rows: too few to split into train, validation and test")
     return assignment
+
+
+def time_order(column: pd.Series, cfg: DataConfig) -> np.ndarray:
+    """The time column as values that sort in time: numbers and timestamps as they are, text parsed as dates (text
+    does not sort as dates: 12/2023 after 06/2024). Empty cells, or text that is no date, are refused."""
+    missing = column.isna().to_numpy()
+    if missing.any():
+        raise DataError(f"time column {cfg.time_column!r} is empty in {int(missing.sum()):,} rows (the first: row "
+                        f"{int(np.argmax(missing))}); fill them in or drop those rows, or set data.time_column=null "
+                        "for a random split")
+    if pd.api.types.is_numeric_dtype(column) or pd.api.types.is_datetime64_any_dtype(column):
+        return column.to_numpy()
+    text = as_text(column).str.strip()
+    with warnings.catch_warnings():  # (pandas warns when it infers the format from the first date, as wanted here)
+        warnings.simplefilter("ignore", UserWarning)
+        dates = pd.to_datetime(text, errors="coerce")  # in the format of the first date, for every row
+    bad = dates.isna().to_numpy()
+    if bad.any():
+        raise DataError(f"time column {cfg.time_column!r} holds text that is not a date in the format of its first "
+                        f"one ({text.iloc[0]!r}), e.g. {text[bad].iloc[0]!r} (row {int(np.argmax(bad))}); write its "
+                        "times as numbers or as dates in one format (2024-06-30 reads one way only), or set "
+                        "data.time_column=null for a random split")
+    return dates.to_numpy()
 
 
 def assign_in_order(assignment: np.ndarray, rows: np.ndarray, cfg: DataConfig) -> None:
@@ -343,13 +468,18 @@ def assign_in_order(assignment: np.ndarray, rows: np.ndarray, cfg: DataConfig) -
 
 
 def category_strings(series: pd.Series) -> pd.Series:
-    """Category values as strings, with 404 and 404.0 the same value (CSV readers differ on this); NaN stays NaN."""
+    """Category values as strings, with 404 and 404.0 the same value (CSV readers differ on this), and booleans as
+    'true' / 'false' (a batch with a missing cell holds them as objects, one without as a bool column); missing and
+    blank cells are NaN. Words such as NA or None are values (NA may be North America)."""
+    if pd.api.types.is_bool_dtype(series) or (series.dtype == object and series.map(type).isin([bool, np.bool_]).any()):
+        series = series.map(lambda v: ("true" if v else "false") if isinstance(v, bool | np.bool_) else v)
     if pd.api.types.is_numeric_dtype(series):
         values = series.astype("float64")
         whole = values.notna() & (values % 1 == 0) & (values.abs() < 2**53)  # larger ones are no exact integers
         text = values.astype(str).where(~whole, values.where(whole).astype("Int64").astype(str))
         return text.where(values.notna())
-    return as_text(series).astype(object).where(series.notna())
+    text = as_text(series)
+    return text.astype(object).where(series.notna() & (text.str.strip() != ""))  # a blank cell is missing
 
 
 def as_text(column: pd.Series) -> pd.Series:
@@ -358,6 +488,17 @@ def as_text(column: pd.Series) -> pd.Series:
     except UnicodeDecodeError:  # bytes cells (a binary Parquet column) that are not UTF-8
         raise DataError(f"column {column.name!r} holds binary data that is not UTF-8 text; store its values as "
                         "numbers or text") from None
+
+
+def category_counts(batches: Callable[[list[str]], Iterator[pd.DataFrame]], names: list[str]
+                    ) -> dict[str, pd.Series]:
+    """Each categorical column's values by their rows in all `batches`, most frequent first (ties by value)."""
+    totals = {name: pd.Series(dtype=np.int64) for name in names}
+    for frame in batches(names) if names else ():
+        for name in names:
+            totals[name] = totals[name].add(category_strings(frame[name]).value_counts(), fill_value=0)
+    return {name: total.astype(np.int64).sort_index().sort_values(ascending=False, kind="stable")
+            for name, total in totals.items()}
 
 
 def signed_log(x: np.ndarray) -> np.ndarray:
@@ -384,31 +525,27 @@ class Preprocessor:
 
     @classmethod
     def fit(cls, frame: pd.DataFrame, numeric: list[str], categorical: list[str], cfg: DataConfig) -> Preprocessor:
-        return cls.fit_columns(lambda c: frame[c], len(frame), numeric, categorical, cfg)[0]
+        return cls.fit_columns(lambda names: iter([frame[names]]), len(frame), numeric, categorical, cfg)[0]
 
     @classmethod
-    def fit_columns(cls, column: Callable[[str], pd.Series], rows: int, numeric: list[str], categorical: list[str],
-                    cfg: DataConfig) -> tuple[Preprocessor, list[str]]:
-        """Fitted on the training rows one column at a time (`column(name)`), so memory holds one column; with
-        notes on numeric columns read from text."""
+    def fit_columns(cls, batches: Callable[[list[str]], Iterator[pd.DataFrame]], rows: int, numeric: list[str],
+                    categorical: list[str], cfg: DataConfig) -> tuple[Preprocessor, list[str]]:
+        """Fitted on the `rows` training rows, read batch by batch (`batches(names)`): numeric columns one at a
+        time, holding 8 bytes a row of one column; categories counted, holding their distinct values. With notes on
+        numeric columns read from text (whether one is mostly text is decided here, on all its training rows)."""
         medians, means, scales, indicator, notes = [], [], [], [], []
         for name in numeric:
-            values, note = column_numbers(column(name), name, cfg.source)
-            notes += [note] if note else []
-            raw = signed_log(values)
-            missing = np.isnan(raw)
-            median = float(np.median(raw[~missing])) if (~missing).any() else 0.0
-            filled = np.where(missing, median, raw)
-            mean, std = float(filled.mean()), float(filled.std())
-            medians.append(median)
-            means.append(mean)
-            scales.append(std if std > 1e-12 * max(1.0, abs(mean)) else 1.0)  # a constant column is left unscaled
-            if missing.any():
+            tally = TextTally()
+            fit = NumericFit.of((frame[name] for frame in batches([name])), rows, tally, name, cfg.source)
+            notes += [note] if (note := tally.note(name, cfg.source, refuse_text=True)) else []
+            medians.append(fit.median)
+            means.append(fit.mean)
+            scales.append(fit.scale)
+            if fit.has_missing:
                 indicator.append(name)
         vocabularies, counts = {}, {}
-        for name in categorical:
-            frequent = category_strings(column(name)).value_counts()
-            frequent = frequent[frequent >= cfg.min_category_count].iloc[: cfg.max_categories]
+        for name, totals in category_counts(batches, categorical).items():
+            frequent = totals[totals >= cfg.min_category_count].iloc[: cfg.max_categories]
             vocabularies[name] = [str(v) for v in frequent.index]
             counts[name] = [int(c) for c in frequent.to_numpy()]
         return cls(numeric, medians, indicator, means, scales, vocabularies, counts, rows), notes
@@ -425,7 +562,7 @@ class Preprocessor:
         """(numeric features float32 [n, num_features], category indices int64 [n, columns])."""
         check_columns(frame, [*self.numeric, *self.vocabularies], "the data",
                       "Score a table with the columns the model was trained on")
-        parsed = [column_numbers(frame[c], c, "the data")[0] for c in self.numeric]
+        parsed = [column_numbers(frame[c], c, "the data", refuse_text=False)[0] for c in self.numeric]
         raw = signed_log(np.column_stack(parsed) if parsed else np.empty((len(frame), 0)))
         missing = np.isnan(raw)
         filled = np.where(missing, np.asarray(self.medians), raw)

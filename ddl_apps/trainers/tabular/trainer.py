@@ -173,22 +173,28 @@ def load_exported(model_dir: Path) -> tuple[TabularModel, data.Preprocessor, dic
 
 
 def predict_file(model_dir: Path, source: Path, output: Path, batch_size: int = 8192) -> int:
-    """Write `output` (CSV), highest score first: the rank, the id column when the data has it, and the score (the
-    probability of the positive label) per row."""
+    """Write `output` (CSV), highest score first: the rank, the id column when the data has it (as the file writes
+    it), and the score (the probability of the positive label) per row. The file is read as preparing reads the
+    training table, batch by batch, so a row scores as it would have trained."""
     model, pre, columns = load_exported(model_dir)
-    frame = data.read_table(str(source))
-    if frame.empty:
-        raise DataError(f"{source} has no rows to score")
-    numeric, categories = pre.transform(frame)
-    with torch.no_grad():
-        scores = np.concatenate([
-            model.probability(torch.from_numpy(numeric[i : i + batch_size]),
-                              torch.from_numpy(categories[i : i + batch_size])).numpy()
-            for i in range(0, len(frame), batch_size)
-        ])
+    batch_scores: list[np.ndarray] = []
+    ids: list[np.ndarray] = []
+    with data.Table(str(source), text_columns=[*pre.vocabularies, columns["id"] or ""]) as table:
+        if not table.rows:
+            raise DataError(f"{source} has no rows to score")
+        id_column = columns["id"] if columns["id"] in table.columns else None
+        wanted = [c for c in [*pre.numeric, *pre.vocabularies, *([id_column] if id_column else [])]
+                  if c in table.columns]
+        for frame in table.batches(wanted or table.columns, rows=batch_size):
+            numeric, categories = pre.transform(frame)  # (names any column the model needs that the file lacks)
+            with torch.no_grad():
+                batch_scores.append(model.probability(torch.from_numpy(numeric),
+                                                      torch.from_numpy(categories)).numpy())
+            ids += [frame[id_column].to_numpy()] if id_column else []
+    scores = np.concatenate(batch_scores)
     result = pd.DataFrame({columns["score"]: scores})
-    if columns["id"] and columns["id"] in frame.columns:
-        result.insert(0, columns["id"], frame[columns["id"]].to_numpy())
+    if id_column:
+        result.insert(0, id_column, np.concatenate(ids))
     result = result.iloc[np.argsort(-scores, kind="stable")]
     result.insert(0, "rank", np.arange(1, len(result) + 1))
     partial = output.with_name(f".{output.name}.partial")

@@ -1,6 +1,7 @@
 """Issue 24: the churn recipe on the tabular trainer (labels of any two values, numbers stored as text, stratified
 split, the figures and charts churn teams read, ranked scores) and its errors on bad input."""
 
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -170,3 +171,49 @@ def test_a_recipe_naming_the_old_fraud_trainer_still_loads(tmp_path):
     old = tmp_path / "old.yaml"
     old.write_text("trainer: fraud\ndata:\n  source: ieee-cis\n  label: isFraud\n")
     assert load_recipe(str(old)).trainer == "tabular"
+
+
+def months(texts: list[str | None]) -> SimpleNamespace:
+    """A table stand-in with a text time column, as split_rows reads it."""
+    return SimpleNamespace(rows=len(texts), column=lambda name: pd.Series(texts, dtype=object))
+
+
+def test_a_time_column_of_text_dates_splits_by_date_not_by_text():
+    """24 monthly dates written MM/DD/YYYY sort as text with 12/2023 after 06/2024: the test split got
+    11-12/2023 while training got 06-08/2024. Parsed as dates, the newest months are the test split."""
+    dates = [f"{m:02d}/01/{y}" for y in (2023, 2024) for m in range(1, 13)]
+    cfg = load_recipe(CHURN, ["data.time_column=month", "data.valid_fraction=0.125", "data.test_fraction=0.25"]).data
+    assignment = data.split_rows(months(dates), np.zeros(24, np.float32), cfg, seed=0)
+    assert [d for d, a in zip(dates, assignment, strict=True) if a == 2] == [f"{m:02d}/01/2024" for m in range(7, 13)]
+    assert all(d.endswith("2023") or int(d[:2]) <= 3 for d, a in zip(dates, assignment, strict=True) if a == 0)
+
+
+@pytest.mark.parametrize("cells,message", [
+    (["01/01/2024", None, "03/01/2024"], "time column 'month' is empty in 1 rows (the first: row 1)"),
+    (["2024-01-01", "soon", "2024-03-01"], "holds text that is not a date in the format of its first one"),
+    (["01/13/2024", "13/01/2024", "01/14/2024"], "e.g. '13/01/2024' (row 1)"),
+])
+def test_a_time_column_that_is_no_date_is_one_clear_error(cells, message):
+    cfg = load_recipe(CHURN, ["data.time_column=month"]).data
+    with pytest.raises(DataError, match=re.escape(message)):
+        data.split_rows(months(cells), np.zeros(len(cells), np.float32), cfg, seed=0)
+
+
+def test_a_boolean_category_reads_alike_with_and_without_a_missing_cell():
+    """A batch with a missing cell holds booleans as objects (True, None), one without as a bool column: both are
+    the words true / false, so every batch finds them in the vocabulary (a bool batch became 1 / 0: category 0)."""
+    with_missing = data.category_strings(pd.Series([True, None, False], dtype=object))
+    without = data.category_strings(pd.Series([True, False]))
+    assert with_missing.tolist()[::2] == without.tolist() == ["true", "false"] and pd.isna(with_missing[1])
+
+
+def test_whether_a_numeric_column_is_text_is_decided_on_the_training_rows_only():
+    """1 text cell in 13 (over the 5 % the training rows allowed) in a file to score, or in a preparation's last
+    small batch, stopped it: the training rows decide, a batch follows (its text is a missing value)."""
+    cfg = load_recipe(CHURN, []).data
+    training = pd.DataFrame({"amount": [str(v) for v in range(100)], "card": ["a"] * 100})
+    pre = data.Preprocessor.fit(training, ["amount"], ["card"], cfg)
+    numeric, _ = pre.transform(pd.DataFrame({"amount": [*map(str, range(12)), "n/a"], "card": ["a"] * 13}))
+    assert numeric.shape[0] == 13 and np.isfinite(numeric).all()
+    with pytest.raises(DataError, match="is mostly text"):
+        data.Preprocessor.fit(pd.DataFrame({"amount": ["1", "x", "y"], "card": ["a"] * 3}), ["amount"], ["card"], cfg)
