@@ -150,3 +150,17 @@ def test_scoring_reads_a_table_as_preparing_did(tmp_path, monkeypatch):
         index = pre.vocabularies["region"].index(regions[row]) + 1 if regions[row] else 0
         expected = model.probability(torch.from_numpy(numeric), torch.tensor([[index]])).item()
         assert scores[f"{row:03d}"] == pytest.approx(expected, rel=1e-5), regions[row]
+
+
+def test_a_csv_column_is_typed_by_more_than_its_first_cells(tmp_path, monkeypatch):
+    """A CSV's types were inferred from its first 64 MB: an integer column holding 12.5 further down, or one
+    empty there, stopped the preparation with advice that could not help. Numbers are read as float64 and an
+    empty start as text (parsed as numbers later)."""
+    from ddl_apps.trainers.tabular import data
+
+    monkeypatch.setattr(data, "CSV_BLOCK", 256)  # (the first 64 MB, scaled down)
+    table = tmp_path / "t.csv"
+    table.write_text("count,late,label\n" + "".join(f"{i},,{i % 2}\n" for i in range(100)) + "12.5,3,1\n")
+    with data.Table(str(table)) as read:
+        frame = read.file.read().to_pandas()
+    assert frame["count"].iloc[-1] == 12.5 and data.column_numbers(frame["late"], "late", "t.csv")[0][-1] == 3.0

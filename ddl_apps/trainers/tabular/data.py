@@ -340,21 +340,29 @@ class Table:
             yield frame
 
 
+CSV_BLOCK = 64 << 20  # bytes of a CSV whose cells decide the columns' types
+
+
 def csv_to_parquet(csv: Path, target: Path, text_columns: list[str]) -> Path:
-    """`text_columns` are read as text; the others' types are inferred from the first 64 MB (a column that turns to
-    text later is named in the error)."""
+    """`text_columns` are read as text; the others take the types their first CSV_BLOCK bytes suggest, but numbers
+    as float64 whatever those cells were (an integer column may hold 12.5 further down) and a column empty there
+    as text (parsed as numbers later, if it holds them). Text further down a column of numbers is named in the
+    error."""
     from pyarrow import csv as arrow_csv
 
-    reader = arrow_csv.open_csv(csv, read_options=arrow_csv.ReadOptions(block_size=64 << 20),
-                                convert_options=arrow_csv.ConvertOptions(
-                                    column_types=dict.fromkeys(text_columns, pa.string())))
+    read = arrow_csv.ReadOptions(block_size=CSV_BLOCK)
+    types = {field.name: pa.float64() if pa.types.is_integer(field.type) or pa.types.is_floating(field.type)
+             else pa.string() for field in arrow_csv.open_csv(csv, read_options=read).schema
+             if pa.types.is_integer(field.type) or pa.types.is_floating(field.type) or pa.types.is_null(field.type)}
+    reader = arrow_csv.open_csv(csv, read_options=read, convert_options=arrow_csv.ConvertOptions(
+        column_types=types | dict.fromkeys(text_columns, pa.string())))
     try:
         with pq.ParquetWriter(target, reader.schema) as writer:
             for batch in reader:
                 writer.write_batch(batch, row_group_size=65536)
     except pa.ArrowInvalid as e:
-        raise DataError(f"{csv}: {e}. A column changes from numbers to text further down: list it under "
-                        "data.categorical, or clean those cells") from None
+        raise DataError(f"{csv}: {e}. A column of numbers holds text further down: clean those cells, or list it "
+                        "under data.categorical if it is a category") from None
     return target
 
 
