@@ -55,9 +55,9 @@ def test_two_workers_and_predict_reproduces_evaluation(tmp_path):
     assert len(digests) == 2 and digests[0] == digests[1]
 
     recipe = load_run_recipe(run)
-    table = data.Table(recipe.data.source, tmp_path)
-    label = data.LabelCoding.of(table.column("isFraud"), recipe.data).encode(table.column("isFraud"), recipe.data)
-    assignment = data.split_rows(table, label, recipe.data, recipe.run.seed)
+    with data.Table(recipe.data.source) as table:  # (the splits, as preparing drew them)
+        label = data.LabelCoding.of(table.column("isFraud"), recipe.data).encode(table.column("isFraud"), recipe.data)
+        assignment = data.split_rows(table, label, recipe.data, recipe.run.seed)
     test_rows = pd.read_parquet(data.shipped_path(data.IEEE_CIS))[assignment == 2]  # the test split
     rows = tmp_path / "test_rows.parquet"
     test_rows.to_parquet(rows)
