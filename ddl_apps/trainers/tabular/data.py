@@ -232,7 +232,7 @@ class LabelCoding:
         check_filled(values, column, cfg)
         rows = pd.Series(counts.to_numpy()).groupby(values.to_numpy()).sum().sort_values(ascending=False,
                                                                                           kind="stable")
-        shown = dict(zip(values, cells.astype(str).str.strip(), strict=True))  # each value as the table writes it
+        shown = dict(zip(values, category_strings(cells).fillna("").str.strip(), strict=True))  # as written
         if len(rows) != 2:
             listed = ", ".join(f"{shown[v]!r} ({n:,} rows)" for v, n in rows.iloc[:5].items())
             raise DataError(f"label column {cfg.label!r} must hold two values for a binary classifier; it holds "
