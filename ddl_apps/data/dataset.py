@@ -85,16 +85,20 @@ def _stamp(path: Path, sha256: str) -> Path:
 
 def verify_local_file(path: Path, sha256: str, where: str) -> None:
     """Hash the file whole, once per host for each version of it: the workers of a host take turns on the stamp
-    (cache.build_once), so the first hashes it and the others find it stamped."""
-    stamp = _stamp(path, sha256)
-
+    (cache.build_once), so the first hashes it and the others find it stamped. A file that goes away meanwhile (a
+    damaged dataset another worker set aside) is missing, as a DataError."""
     def check() -> None:
         if file_sha256(path) != sha256:
             raise DataError(f"{where} does not match the SHA-256 its manifest gives: it was altered or damaged. "
                             "Prepare the dataset again (ddl data prepare), or copy the file again")
         stamp.touch()
 
-    build_once(stamp, check)
+    try:
+        stamp = _stamp(path, sha256)
+        build_once(stamp, check)
+    except FileNotFoundError:
+        raise DataError(f"{where} is missing; prepare the dataset again (ddl data prepare), or copy the missing file "
+                        "back") from None
 
 
 def stamp_verified(folder: Path, stored: dict[str, File | Shard]) -> None:

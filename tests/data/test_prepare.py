@@ -3,6 +3,7 @@ one process: a user's folder is never replaced, a failed prepare leaves nothing,
 aside and prepared again."""
 
 import json
+import os
 import threading
 from pathlib import Path
 from types import SimpleNamespace
@@ -75,6 +76,7 @@ def test_a_damaged_auto_prepared_dataset_is_set_aside_and_prepared_again(tmp_pat
     damaged = bytearray(shard.read_bytes())
     damaged[len(damaged) // 2] ^= 0xFF
     shard.write_bytes(bytes(damaged))
+    os.utime(shard, ns=(1, 1))  # (damage comes later than the write: within one clock tick the file looks checked)
     opened = []
     workers = [threading.Thread(target=lambda: opened.append(prepare_module.open_prepared(RECIPE, toy_preparer())))
                for _ in range(2)]
