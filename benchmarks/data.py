@@ -28,7 +28,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -86,34 +86,46 @@ def train(run_dir: Path, *overrides: str, np_: int = 1, env: dict[str, str] | No
     command = [str(VENV_BIN / "ddl"), "train", recipe, f"run.dir={run_dir}", *base, *overrides, "-np", str(np_)]
     peaks: dict[int, float] = {}
     worker_ticks: dict[int, int] = {}
+    launcher_ticks: list[int | None] = []
+
+    def watch(launcher: int) -> None:
+        if not launcher_ticks:
+            launcher_ticks.append(start_ticks(launcher))
+        for pid in worker_pids(run_dir, launcher):
+            peaks[pid] = max(peaks.get(pid, 0.0), rss_anon_mib(pid))
+            if pid not in worker_ticks and (ticks := start_ticks(pid)) is not None:
+                worker_ticks[pid] = ticks
+
     started = time.time()
-    with subprocess.Popen(command, env={**os.environ, **LAUNCH_ENV, **(env or {})}, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True) as job:
-        launcher_ticks = start_ticks(job.pid)
-        output: list[str] = []
-        reader = threading.Thread(target=lambda: output.extend(job.stdout or []), daemon=True)
-        reader.start()
-        while job.poll() is None:
-            for pid in worker_pids(run_dir, job.pid):
-                peaks[pid] = max(peaks.get(pid, 0.0), rss_anon_mib(pid))
-                if pid not in worker_ticks and (ticks := start_ticks(pid)) is not None:
-                    worker_ticks[pid] = ticks
-            time.sleep(0.1)
-        reader.join()
-    if job.returncode != 0:
-        raise SystemExit(f"{' '.join(command)} failed:\n{''.join(output)[-3000:]}")
+    run_watched(command, env or {}, watch)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if r["split"] == "train"]
     rates = [r["samples_per_s"] for r in train_rows[1:] if "samples_per_s" in r]
     first = train_rows[0]["time"] if train_rows else None
-    worker_start = (started + (max(worker_ticks.values()) - launcher_ticks) / os.sysconf("SC_CLK_TCK")
-                    if worker_ticks and launcher_ticks is not None else None)
+    worker_start = (started + (max(worker_ticks.values()) - launcher_ticks[0]) / os.sysconf("SC_CLK_TCK")
+                    if worker_ticks and launcher_ticks and launcher_ticks[0] is not None else None)
     return {"samples_per_s": spread(rates, 1) if rates else None,
             "peak_rss_anon_mib": sorted(round(v) for v in peaks.values() if v)[-2:],
             "first_step_s": round(first - started, 2) if first else None,  # from the launch (launcher included)
             # from the last worker's process start: the workers' own time to the first step
             "worker_first_step_s": round(first - worker_start, 2) if first and worker_start else None,
             "seconds": round(time.time() - started, 1)}
+
+
+def run_watched(command: list[str], env: dict[str, str], watch: Callable[[int], None]) -> None:
+    """Run `command` (its output kept for the error), calling `watch(its pid)` every 0.1 s while it runs; a command
+    that fails stops the benchmark, with its output."""
+    with subprocess.Popen(command, env={**os.environ, **LAUNCH_ENV, **env}, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True) as job:
+        output: list[str] = []
+        reader = threading.Thread(target=lambda: output.extend(job.stdout or []), daemon=True)
+        reader.start()
+        while job.poll() is None:
+            watch(job.pid)
+            time.sleep(0.1)
+        reader.join()
+    if job.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{''.join(output)[-3000:]}")
 
 
 # ---- datasets ------------------------------------------------------------------------------------------------
@@ -208,19 +220,9 @@ SOURCE_ROW_GROUP = 500_000
 
 def peak_anon_of(command: list[str]) -> tuple[float, float]:
     """Run `command`; its peak anonymous memory (MiB, sampled every 0.1 s) and its seconds."""
-    started, peak = time.time(), 0.0
-    with subprocess.Popen(command, env={**os.environ, **LAUNCH_ENV}, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True) as job:
-        output: list[str] = []
-        reader = threading.Thread(target=lambda: output.extend(job.stdout or []), daemon=True)
-        reader.start()
-        while job.poll() is None:
-            peak = max(peak, rss_anon_mib(job.pid))
-            time.sleep(0.1)
-        reader.join()
-    if job.returncode != 0:
-        raise SystemExit(f"{' '.join(command)} failed:\n{''.join(output)[-3000:]}")
-    return peak, time.time() - started
+    started, peak = time.time(), [0.0]
+    run_watched(command, {}, lambda pid: peak.append(max(peak.pop(), rss_anon_mib(pid))))
+    return peak[0], time.time() - started
 
 
 def resampled_source(target: Path, rows: int) -> dict:

@@ -5,10 +5,8 @@ their number."""
 
 from __future__ import annotations
 
-import os
 import random
 import re
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -23,11 +21,11 @@ from tests.engine_runs import (
     PROBES,
     ddl,
     final_weights,
+    kill_training,
     start_training,
     summary,
     train,
     trained,
-    training_processes,
 )
 from tests.trainers.asr.test_asr import SMALL_MODEL as ASR_SMALL_MODEL
 from tests.trainers.image.test_image import SLICE as IMAGE_SLICE
@@ -72,11 +70,9 @@ def train_and_kill(run_dir: Path, kills: tuple[tuple[int, int], ...], *args: str
             while (max(logged_steps(run_dir), default=0) < kill_after and time.monotonic() < deadline
                    and job.poll() is None):
                 time.sleep(0.02)
-            victims = training_processes(run_dir, rank=rank)
             last_logged.append(max(logged_steps(run_dir), default=0))
-            assert victims and job.poll() is None, f"no rank {rank} to kill at step {last_logged[-1]}"
-            for pid in victims:
-                os.kill(pid, signal.SIGKILL)
+            assert job.poll() is None and kill_training(run_dir, rank), f"no rank {rank} to kill at step " \
+                f"{last_logged[-1]}"
         output, _ = job.communicate(timeout=300)
     return subprocess.CompletedProcess(job.args, job.returncode, output), last_logged
 
