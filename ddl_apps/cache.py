@@ -6,6 +6,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 
 def cache_dir(*parts: str) -> Path:
@@ -47,8 +48,13 @@ def build_again(target: Path, damaged: Callable[[], bool], build: Callable[[], o
 
 def file_sha256(path: Path) -> str:
     """The SHA-256 of a file, read in 1 MiB chunks (datasets and checkpoints can be large)."""
-    digest = hashlib.sha256()
     with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
+        return stream_sha256(f)
+
+
+def stream_sha256(f: BinaryIO) -> str:
+    """The SHA-256 of what is left to read in a binary file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+        digest.update(chunk)
     return digest.hexdigest()

@@ -8,15 +8,15 @@ import math
 import os
 import queue
 import threading
-from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from ddl_apps.cache import build_once, cache_dir, file_sha256
+from ddl_apps.cache import build_once, cache_dir, file_sha256, stream_sha256
 from ddl_apps.core import sharding
 from ddl_apps.data.manifest import MANIFEST, Chunk, File, Manifest, Shard
 from ddl_apps.data.shards import Columns, decode_chunk, schema_of
@@ -35,6 +35,8 @@ class PreparedDataset:
         self.store = Store(location, cache_bytes)
         self.where = self.store.url(MANIFEST)
         self.manifest = Manifest.parse(self.store.read(MANIFEST), self.where)
+        if not self.store.remote:  # at once: the files of this manifest, before they can be replaced
+            self.store.hold_existing(self.stored())
 
     def split(self, name: str) -> SplitReader:
         return SplitReader(self, name)
@@ -45,18 +47,20 @@ class PreparedDataset:
         return {**shards, **self.manifest.files}
 
     def file(self, name: str) -> Path:
-        """A file beside the shards, as a local path (downloaded once into the cache from object storage), checked
-        against its SHA-256."""
+        """A file beside the shards, as a local path, checked against its SHA-256: the file this dataset holds open
+        (Linux's /proc/self/fd, so it stays the file verified), or from object storage a copy downloaded once into
+        the cache."""
         entry = self.manifest.files[name]
         if not self.store.remote:
-            path = Path(self.store.root) / name
-            verify_local_file(path, entry.sha256, self.store.url(name))
-            return path
+            return Path(f"/proc/self/fd/{verify_local_file(self.store, name, entry.sha256)}")
         path = cache_dir("prepared-files") / entry.sha256
         if not path.exists() or file_sha256(path) != entry.sha256:
-            data = self.store.read_range(name, 0, entry.bytes, entry.sha256)
             partial = path.with_name(f".{path.name}.{os.getpid()}")
-            partial.write_bytes(data)
+            self.store.download(name, partial)
+            if file_sha256(partial) != entry.sha256:
+                partial.unlink()
+                raise DataError(f"{self.store.url(name)} does not match the SHA-256 its manifest gives: it was altered "
+                                "or damaged. Prepare the dataset again (ddl data prepare), or copy the file again")
             partial.replace(path)
         return path
 
@@ -64,8 +68,9 @@ class PreparedDataset:
         """Before training: every shard is there and of its size (a listing); local shards are also read through
         against their SHA-256, once per host for each version of a file (a stamp in the cache remembers it).
         Chunks read from object storage are checked as they arrive."""
-        sizes = self.store.sizes()
-        for name, entry in self.stored().items():
+        stored = self.stored()
+        sizes = self.store.sizes(stored)
+        for name, entry in stored.items():
             if name not in sizes:
                 raise DataError(f"{self.store.url(name)} is missing; prepare the dataset again (ddl data "
                                 "prepare), or copy the missing file back")
@@ -74,37 +79,42 @@ class PreparedDataset:
                                 f"{entry.bytes:,}: it is truncated or altered. Prepare the dataset again (ddl data "
                                 "prepare), or copy the file again")
             if not self.store.remote:
-                verify_local_file(Path(self.store.root) / name, entry.sha256, self.store.url(name))
+                verify_local_file(self.store, name, entry.sha256)
 
 
-def _stamp(path: Path, sha256: str) -> Path:
-    stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{sha256}".encode()).hexdigest()
-    return cache_dir("verified") / key[:32]
+def _stamp(path: Path, stat: os.stat_result, sha256: str) -> Path:
+    """The cache's mark that this version of the file (its inode, size and time) was found to match `sha256`."""
+    version = f"{path.resolve()}|{stat.st_dev}|{stat.st_ino}|{stat.st_size}|{stat.st_mtime_ns}|{sha256}"
+    return cache_dir("verified") / hashlib.sha256(version.encode()).hexdigest()[:32]
 
 
-def verify_local_file(path: Path, sha256: str, where: str) -> None:
-    """Hash the file whole, once per host for each version of it: the workers of a host take turns on the stamp
-    (cache.build_once), so the first hashes it and the others find it stamped. A file that goes away meanwhile (a
-    damaged dataset another worker set aside) is missing, as a DataError."""
+def verify_local_file(store: Store, name: str, sha256: str) -> int:
+    """Hash the file (held open) whole, once per host for each version of it: the workers of a host take turns on
+    the stamp (cache.build_once), so the first hashes it and the others find it stamped. A file that is gone before
+    it is opened (a damaged dataset another worker set aside) is missing, as a DataError. Returns the open file."""
+    where = store.url(name)
+
     def check() -> None:
-        if file_sha256(path) != sha256:
-            raise DataError(f"{where} does not match the SHA-256 its manifest gives: it was altered or damaged. "
-                            "Prepare the dataset again (ddl data prepare), or copy the file again")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            if stream_sha256(f) != sha256:
+                raise DataError(f"{where} does not match the SHA-256 its manifest gives: it was altered or damaged. "
+                                "Prepare the dataset again (ddl data prepare), or copy the file again")
         stamp.touch()
 
     try:
-        stamp = _stamp(path, sha256)
-        build_once(stamp, check)
+        fd = store.hold(name)
     except FileNotFoundError:
         raise DataError(f"{where} is missing; prepare the dataset again (ddl data prepare), or copy the missing file "
                         "back") from None
+    stamp = _stamp(Path(store.root) / name, os.fstat(fd), sha256)
+    build_once(stamp, check)
+    return fd
 
 
 def stamp_verified(folder: Path, stored: dict[str, File | Shard]) -> None:
     """Remember files just written (and hashed) as checked."""
     for name, entry in stored.items():
-        _stamp(folder / name, entry.sha256).touch()
+        _stamp(folder / name, (folder / name).stat(), entry.sha256).touch()
 
 
 class SplitReader:
@@ -120,17 +130,33 @@ class SplitReader:
         self.first_row = np.concatenate([[0], np.cumsum(self.chunk_rows)])
         self.rows = int(self.first_row[-1])
 
-    def read_chunk(self, index: int) -> Columns:
+    def read_chunk(self, index: int, columns: Sequence[str] | None = None) -> Columns:
+        """One chunk's columns (all, or those named)."""
         file, chunk = self.chunks[index]
         data = self.dataset.store.read_range(file, chunk.offset, chunk.offset + chunk.length, chunk.sha256)
-        return decode_chunk(data, self.schema, self.columns)
+        if columns is None:
+            return decode_chunk(data, self.schema, self.columns)
+        wanted = decode_chunk(data, self.schema, {name: self.columns[name] for name in columns})
+        return {name: values.copy() for name, values in wanted.items()}  # (a view would hold the whole chunk)
 
-    def load(self, max_rows: int | None = None, threads: int = 8) -> Columns:
-        """The split in memory: all of it, or its first chunks up to about `max_rows` rows."""
+    def batches(self, columns: Sequence[str] | None = None, max_rows: int | None = None,
+                threads: int = 8) -> Iterator[Columns]:
+        """The split chunk by chunk (about 1 MiB each), in order, `threads` read ahead: all of it, or its first
+        chunks up to about `max_rows` rows; their columns (all, or those named)."""
         count = len(self.chunks) if max_rows is None else int(np.searchsorted(self.first_row[:-1], max_rows))
         with ThreadPoolExecutor(threads) as pool:
-            chunks = list(pool.map(self.read_chunk, range(count)))
-        return {name: np.concatenate([c[name] for c in chunks]) for name in self.columns}
+            reading: deque[Future[Columns]] = deque()
+            for index in range(count):
+                reading.append(pool.submit(self.read_chunk, index, columns))
+                if len(reading) == threads:
+                    yield reading.popleft().result()
+            while reading:
+                yield reading.popleft().result()
+
+    def load(self, max_rows: int | None = None, columns: Sequence[str] | None = None) -> Columns:
+        """The split in memory (what batches() gives, whole)."""
+        chunks = list(self.batches(columns, max_rows))
+        return {name: np.concatenate([c[name] for c in chunks]) for name in columns or self.columns}
 
     def locate(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(chunk, row within it) of global row ids."""

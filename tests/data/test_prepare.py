@@ -27,10 +27,12 @@ class ToyData:
 RECIPE = SimpleNamespace(trainer="toy", data=ToyData(), run=SimpleNamespace(seed=0))
 
 
-def toy_preparer(fail: bool = False) -> Preparer:
+def toy_preparer(fail: bool = False, first: int = 0) -> Preparer:
+    """Six rows, `first` to `first` + 5, and a file beside them that says `first`."""
     def write(recipe, writer):
         writer.plan("train", 6)
-        writer.add("train", {"x": np.arange(6, dtype=np.int64)})
+        writer.add("train", {"x": np.arange(first, first + 6, dtype=np.int64)})
+        writer.add_file("first.txt", str(first).encode())
         if fail:
             raise DataError("row 7 is not a number")
         return {}
@@ -89,6 +91,27 @@ def test_a_damaged_auto_prepared_dataset_is_set_aside_and_prepared_again(tmp_pat
     assert len(aside) == 1 and (aside[0] / shard.name).read_bytes() == bytes(damaged)
     assert shard.read_bytes() != bytes(damaged)
     assert capfd.readouterr().err.count("does not match the SHA-256") == 1
+
+
+def test_a_running_job_reads_the_dataset_it_verified_while_it_is_prepared_again(tmp_path):
+    """Preparing again into the folder a job reads swapped the folder under it: the job (reading its shards by path)
+    trained on the new rows, its test split's among them. The job holds the files it verified open now: it reads
+    the old rows and the old side file to its end; a job started afterwards reads the new ones."""
+    from ddl_apps.data.dataset import PreparedDataset
+
+    folder = tmp_path / "data"
+    prepare_module.prepare(RECIPE, toy_preparer(first=0), str(folder))
+    running = PreparedDataset(str(folder))
+    running.verify()
+    prepare_module.prepare(RECIPE, toy_preparer(first=100), str(folder))
+    running.verify()
+    assert sorted(running.split("train").load()["x"].tolist()) == [0, 1, 2, 3, 4, 5]  # (shuffled once)
+    assert running.file("first.txt").read_text() == "0"
+    later = PreparedDataset(str(folder))
+    later.verify()
+    assert sorted(later.split("train").load()["x"].tolist()) == [100, 101, 102, 103, 104, 105]
+    assert later.file("first.txt").read_text() == "100"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # (the old files live on only while held)
 
 
 def test_a_prepared_table_holds_what_training_reads_and_its_scratch_is_removed(tmp_path, monkeypatch):
@@ -166,3 +189,36 @@ def test_a_csv_column_is_typed_by_more_than_its_first_cells(tmp_path, monkeypatc
     with data.Table(str(table)) as read:
         frame = read.file.read().to_pandas()
     assert frame["count"].iloc[-1] == 12.5 and data.column_numbers(frame["late"], "late", "t.csv")[0][-1] == 3.0
+
+
+def test_a_split_is_read_for_the_columns_asked_a_few_chunks_at_a_time(tmp_path):
+    """What the end of a run reads (file names and transcripts beside the audio, texts beside token ids, the test
+    rows a baseline scores) was loaded whole, every column: memory grew with the split. Now a split is read for the
+    columns asked, chunk by chunk, a few chunks held at a time."""
+    import tracemalloc
+
+    from ddl_apps.data.dataset import PreparedDataset
+
+    rows, big = 3000, 2048  # 8 KiB of "audio" a row: 24 MiB in all, about 24 chunks
+
+    def write(recipe, writer):
+        writer.plan("test", rows)
+        for start in range(0, rows, 500):
+            writer.add("test", {"audio": np.full((500, big), start, dtype=np.float32),
+                                "name": np.arange(start, start + 500, dtype=np.int64)})
+        return {}
+
+    preparer = Preparer(source=lambda recipe: {"path": "toy"}, write=write,
+                        columns={"test": {"audio": "float32", "name": "int64"}})
+    split = PreparedDataset(prepare_module.prepare(RECIPE, preparer, str(tmp_path / "data"))).split("test")
+    assert len(split.chunks) >= 20
+    tracemalloc.start()
+    try:
+        names = split.load(columns=["name"])
+        seen = sum(len(batch["audio"]) for batch in split.batches(["audio"], threads=2))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert list(names) == ["name"] and names["name"].tolist() == list(range(rows)) and seen == rows
+    assert peak < 6 * 2**20, f"{peak / 2**20:.1f} MiB held for a 24 MiB split"
+    assert split.load(max_rows=600, columns=["audio"])["audio"].shape[0] < rows  # (the first chunks only)
