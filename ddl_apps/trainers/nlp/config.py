@@ -32,6 +32,8 @@ class ModelConfig(Section):
     num_attention_heads: int | None = Field(None, ge=1, description="config-only models: must divide hidden_size")
     intermediate_size: int | None = Field(None, ge=8, description="config-only models: feed-forward width")
     baseline: bool = Field(True, description="also fit TF-IDF + logistic regression on the same split")
+    baseline_rows: int = Field(200_000, gt=0, description="training texts the baseline reads at most (the first "
+                                                          "of the shuffled split: a random sample)")
 
     def architecture_overrides(self) -> dict[str, int]:
         """The config fields a config-only (randomly initialised) model changes."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import time
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -50,11 +49,6 @@ class TextTask(TorchTask):
         self.train, self.valid, self.test = task_splits(dataset, self.data_cfg, recipe.run.seed, data.to_batch,
                                                         bucket_by="length")
 
-    @cached_property
-    def test_rows(self) -> dict[str, np.ndarray]:
-        """The test split's prepared columns, read once for the baseline and the predictions file."""
-        return self.dataset.split("test").load()
-
     def build_model(self) -> torch.nn.Module:
         return model.build_classifier(self.folder, self.config, self.model_cfg.pretrained)
 
@@ -75,11 +69,11 @@ class TextTask(TorchTask):
     def write_artifacts(self, run_dir: Path, outputs: dict[str, np.ndarray]) -> None:
         """Every test text with its true label and the prediction, as JSON lines (what `ddl predict` prints for
         the same text with the exported model)."""
-        texts = self.test_rows["text"]  # in the split's order, which "index" counts
-        with (run_dir / PREDICTIONS).open("w") as f:
-            for index, label, probabilities in zip(outputs["index"], outputs["label"], outputs["probabilities"],
-                                                   strict=True):
-                record = prediction_record(texts[index], probabilities, self.label_names)
+        texts = (text for batch in self.dataset.split("test").batches(["text"]) for text in batch["text"])
+        predictions = zip(outputs["index"], outputs["label"], outputs["probabilities"], strict=True)
+        with (run_dir / PREDICTIONS).open("w") as f:  # (outputs are in the split's order, as the texts)
+            for (index, label, probabilities), text in zip(predictions, texts, strict=True):
+                record = prediction_record(text, probabilities, self.label_names)
                 f.write(json.dumps({"index": int(index), "label": self.label_names[label], **record}) + "\n")
 
     def export(self, classifier: Any, model_dir: Path) -> None:
@@ -87,9 +81,12 @@ class TextTask(TorchTask):
 
     def report(self) -> dict[str, dict[str, float]]:
         """A TF-IDF + logistic-regression baseline on the same split, scored on the same test texts: how much the
-        transformer adds over word counts."""
-        train, test = self.dataset.split("train").load(), self.test_rows
-        if not self.model_cfg.baseline or len(np.unique(train["label"])) < 2:
+        transformer adds over word counts; fitted on at most `model.baseline_rows` training texts, scoring the test
+        texts batch by batch."""
+        if not self.model_cfg.baseline:
+            return {}
+        train = self.dataset.split("train").load(self.model_cfg.baseline_rows, ["text", "label"])
+        if len(np.unique(train["label"])) < 2:
             return {}
         from sklearn.feature_extraction.text import TfidfVectorizer
         from sklearn.linear_model import LogisticRegression
@@ -99,7 +96,11 @@ class TextTask(TorchTask):
         baseline = make_pipeline(TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True),
                                  LogisticRegression(max_iter=1000))
         baseline.fit(list(train["text"]), train["label"])
-        metrics = classification_metrics(test["label"], baseline.predict(list(test["text"])))
+        labels, predicted = [], []
+        for batch in self.dataset.split("test").batches(["text", "label"]):
+            labels.append(batch["label"])
+            predicted.append(baseline.predict(list(batch["text"])))
+        metrics = classification_metrics(np.concatenate(labels), np.concatenate(predicted))
         return {"baseline TF-IDF LR (test)": {**metrics, "fit_seconds": round(time.perf_counter() - start, 1)}}
 
 

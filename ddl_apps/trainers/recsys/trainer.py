@@ -90,7 +90,7 @@ class RecommendTask(TorchTask):
         """Most popular first (training interactions per item), ranked over the same test candidates."""
         if not self.model_cfg.baseline:
             return {}
-        candidates = self.dataset.split("test").load()["items"]
+        candidates = self.dataset.split("test").load(columns=["items"])["items"]
         popularity = np.load(self.dataset.file(data.POPULARITY))
         rank = held_out_rank(popularity[candidates].astype(np.float64))
         return {"baseline most-popular (test)": ranking_metrics(rank, self.top_k)}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -111,12 +112,12 @@ class TabularTask(TorchTask):
         scores = {"model": outputs["score"]}
         if self.model_cfg.baselines:
             train = self.dataset.split("train").load(max_rows=self.model_cfg.baseline_rows)
-            test = self.dataset.split("test").load()
         for name in self.model_cfg.baselines:
             start = time.perf_counter()
+            test = self.dataset.split("test").batches(["numeric", "categories"])
             scores[f"baseline {name}"] = baseline_scores(name, train, test, self.preprocessor, self.seed)
             self.baseline_results[f"baseline {name} (test)"] = {
-                **binary_metrics(test["label"], scores[f"baseline {name}"]),
+                **binary_metrics(outputs["label"], scores[f"baseline {name}"]),
                 "fit_seconds": round(time.perf_counter() - start, 1)}
         charts.gains_chart(outputs["label"], scores, run_dir / GAINS_PNG)
         charts.calibration_plot(outputs["label"], scores, run_dir / CALIBRATION_PNG)
@@ -125,10 +126,10 @@ class TabularTask(TorchTask):
         return self.baseline_results
 
 
-def baseline_scores(name: str, train: dict[str, np.ndarray], test: dict[str, np.ndarray], pre: data.Preprocessor,
-                    seed: int) -> np.ndarray:
+def baseline_scores(name: str, train: dict[str, np.ndarray], test: Iterable[dict[str, np.ndarray]],
+                    pre: data.Preprocessor, seed: int) -> np.ndarray:
     """A scikit-learn model fitted on the training rows (a random sample of the split: it is shuffled), scoring the
-    test rows."""
+    test rows batch by batch."""
     from sklearn.compose import ColumnTransformer
     from sklearn.ensemble import HistGradientBoostingClassifier
     from sklearn.linear_model import LogisticRegression
@@ -149,7 +150,8 @@ def baseline_scores(name: str, train: dict[str, np.ndarray], test: dict[str, np.
     # alone runs this, so let it use them all.
     with threadpool_limits(limits=usable_cpus(), user_api="openmp"):
         model.fit(np.hstack([train["numeric"], train["categories"]]), train["label"])
-        return model.predict_proba(np.hstack([test["numeric"], test["categories"]]))[:, 1]
+        return np.concatenate([model.predict_proba(np.hstack([batch["numeric"], batch["categories"]]))[:, 1]
+                               for batch in test])
 
 
 PREPARER = Preparer(source=data.source_identity, write=data.write_prepared, columns=data.COLUMNS,
