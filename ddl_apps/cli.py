@@ -17,13 +17,13 @@ from pathlib import Path
 
 import click
 import yaml
-from rich.console import Console
 from rich.markup import escape
 
+from ddl_apps.console import stderr_console
 from ddl_apps.core.launch import Elastic, choose_controller, hostfile_discovery
 from ddl_apps.errors import UserError
 
-console = Console(stderr=True, soft_wrap=True)
+console = stderr_console()
 
 
 def inside_horovodrun() -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
@@ -174,6 +175,23 @@ def allreduce_sum(values: np.ndarray | list[float]) -> np.ndarray:
 def average_tensors(tensors: list) -> list:
     """The mean of each framework tensor over all ranks, in one grouped collective."""
     return _active().average(tensors)
+
+
+HOST_BYTES = 255  # (the longest host name)
+
+
+def host_name() -> str:
+    """This worker's host as its launcher named it (horovodrun's HOROVOD_HOSTNAME, SLURM's node name), else the
+    machine's name."""
+    return os.environ.get("HOROVOD_HOSTNAME") or os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
+def hosts_by_rank() -> list[str]:
+    """Collective: each rank's host_name, in rank order."""
+    name = np.frombuffer(host_name().encode()[:HOST_BYTES].ljust(HOST_BYTES, b"\0"), dtype=np.uint8)
+    gathered = allgather_array(name.copy()).reshape(-1, HOST_BYTES)
+    return [bytes(row).rstrip(b"\0").decode(errors="replace") for row in gathered]
+
 
 
 def allgather_array(array: np.ndarray) -> np.ndarray:

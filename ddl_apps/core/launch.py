@@ -86,6 +86,8 @@ def worker_env(controller: str | None, elastic: bool, env: dict[str, str] | None
         # replaced sent 1,002,884 bytes where the survivor expected 16,512, and Gloo aborted both. No cache: each
         # collective is negotiated afresh.
         shipped["HOROVOD_CACHE_CAPACITY"] = "0"
+    if sys.stderr.isatty():  # the workers print through a pipe: tables as wide as the user's terminal (console.py)
+        shipped["COLUMNS"] = str(shutil.get_terminal_size().columns)
     return {**shipped, **os.environ, **(env or {})}
 
 

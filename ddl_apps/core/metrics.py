@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 from rich.table import Table
+
+from ddl_apps.console import stderr_console
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
@@ -71,7 +72,7 @@ class SilentLog:
 class RunLog(SilentLog):
     def __init__(self, run_dir: Path, show_progress: bool = True):
         self.run_dir = run_dir
-        self.console = Console(stderr=True, soft_wrap=True)  # whole lines: paths in messages stay greppable
+        self.console = stderr_console()
         self._jsonl = _open_for_appending(run_dir / METRICS_FILE)
         self._tb = tensorboard_writer(run_dir / "tensorboard")
         self._show_progress = show_progress and self.console.is_terminal

@@ -44,6 +44,7 @@ def finish(engine: Engine, complete: bool) -> Results:
     digests = weights_digest_by_rank(engine)
     if len(set(digests)) > 1:
         log.message(f"[bold red]warning:[/] weights differ across ranks: {digests}")
+    hosts = dist.hosts_by_rank()
     memory = engine.parameter_bytes()
     memory_by_rank = dist.allgather_array(np.array([list(memory.values())], dtype=np.int64))
     model = engine.exportable_model()
@@ -58,7 +59,7 @@ def finish(engine: Engine, complete: bool) -> Results:
             warnings = write_artifacts(engine, outputs)
             results.update(task.report())
             summary = {"results": results, "warnings": warnings, "steps": engine.state.step, "workers": topo.size,
-                       "training": done, "weights_sha256_by_rank": digests,
+                       "hosts_by_rank": hosts, "training": done, "weights_sha256_by_rank": digests,
                        "parameter_bytes_by_rank": [dict(zip(memory, row.tolist(), strict=True))
                                                    for row in memory_by_rank]}
             (engine.run_dir / rundir.SUMMARY_FILE).write_text(json.dumps(summary, indent=1))

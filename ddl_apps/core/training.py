@@ -51,6 +51,8 @@ def run_training(recipe: Recipe, resume: bool, trainer: Trainer) -> Path:
     elif topology.is_root and not (run_dir / rundir.CONFIG_FILE).exists():
         rundir.prepare_run_dir(run_dir, recipe, resume)
     engine = engine_type(recipe, task, topology, run_dir)
+    if topology.size > 1 and not is_elastic:  # (an elastic run says so when its workers change)
+        engine.log.message(where_workers_run(dist.hosts_by_rank()))
     if resume:
         engine.restore(found)
 
@@ -62,6 +64,16 @@ def run_training(recipe: Recipe, resume: bool, trainer: Trainer) -> Path:
     else:
         train_and_finish()
     return run_dir
+
+
+def where_workers_run(hosts: list[str]) -> str:
+    """'4 workers: ranks 0, 1 on node1; ranks 2, 3 on node2': which rank's lines (tagged [1]... by horovodrun, 1: by
+    srun --label) come from which host."""
+    ranks: dict[str, list[int]] = {}
+    for rank, host in enumerate(hosts):
+        ranks.setdefault(host, []).append(rank)
+    return f"{len(hosts)} workers: " + "; ".join(
+        f"rank{'s' if len(on) > 1 else ''} {', '.join(map(str, on))} on {host}" for host, on in ranks.items())
 
 
 def evaluate_exported(recipe: Recipe, run_dir: Path, trainer: Trainer) -> dict[str, float]:

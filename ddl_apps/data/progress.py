@@ -6,15 +6,16 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
+from ddl_apps.console import stderr_console
+
 Item = TypeVar("Item")
 
 
 def progress(items: Iterable[Item], total_rows: int, what: str) -> Iterator[Item]:
     """`items` (tables of rows, each with a len), counted against `total_rows` on a bar."""
-    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    console = Console(stderr=True)
+    console = stderr_console()
     columns: list[Any] = [TextColumn(what), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
                           TimeRemainingColumn()]
     with Progress(*columns, console=console, disable=not console.is_terminal) as bar:
@@ -26,6 +27,4 @@ def progress(items: Iterable[Item], total_rows: int, what: str) -> Iterator[Item
 
 def message(text: str) -> None:
     """One line on stderr, kept whole (paths in it stay greppable)."""
-    from rich.console import Console
-
-    Console(stderr=True, soft_wrap=True).print(text, highlight=False, markup=False)
+    stderr_console().print(text, highlight=False, markup=False)

@@ -49,8 +49,11 @@ def test_bring_your_own_csv_single_process(ieee_sample, tmp_path):
 
 @pytest.mark.distributed
 def test_two_workers_and_predict_reproduces_evaluation(tmp_path):
-    run = train(tmp_path / "run", *SLICE, np=2, recipe="fraud_mlp")
+    run = tmp_path / "run"
+    launched = ddl("train", "fraud_mlp", f"run.dir={run}", *SLICE, "-np", "2")
+    assert launched.returncode == 0, launched.stderr
     assert_complete_run(run)
+    assert_a_log_fit_for_a_file(launched.stderr, summary(run))
     digests = summary(run)["weights_sha256_by_rank"]
     assert len(digests) == 2 and digests[0] == digests[1]
 
@@ -70,6 +73,18 @@ def test_two_workers_and_predict_reproduces_evaluation(tmp_path):
 
     metrics = json.loads(ddl("eval", str(run)).stdout)
     assert metrics["pr_auc"] == pytest.approx(summary(run)["results"]["model (test)"]["pr_auc"], abs=1e-6)
+
+
+def assert_a_log_fit_for_a_file(log: str, written: dict) -> None:
+    """Issue 34, item 5: a log that is not a terminal's (a file under SLURM) is complete and plain. The summary was
+    cut to 80 columns (`recall…`, `baseli…`); now every metric and row is named whole, no control codes, and a line
+    says which host each rank ran on."""
+    assert "\x1b" not in log and "…" not in log
+    table = log[log.index("run summary"):]
+    for row, metrics in written["results"].items():
+        assert row in table and all(metric in table for metric in metrics), (row, table)
+    hosts = written["hosts_by_rank"]
+    assert len(hosts) == 2 and f"2 workers: ranks 0, 1 on {hosts[0]}" in log
 
 
 def test_preprocessing_is_fitted_on_training_rows_only():
