@@ -3,6 +3,7 @@ stages do, and that the SLURM and Kubernetes examples parse and launch `ddl trai
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import shutil
@@ -15,6 +16,7 @@ import pytest
 import yaml
 
 from tests.engine_runs import REPO
+from tests.launch.mpijob_v2beta1 import mpijob_errors
 
 DOCKERFILES = {"cpu": REPO / "docker" / "Dockerfile.cpu", "gpu": REPO / "docker" / "Dockerfile.gpu"}
 
@@ -106,6 +108,21 @@ def test_files_copied_from_the_context_exist_and_are_not_ignored(kind):
             if not args.startswith("--from="):
                 for source in args.split()[:-1]:
                     assert (REPO / source).exists() and source not in ignored, source
+
+
+def test_kubernetes_mpijob_is_a_valid_mpijob_v2beta1_with_valid_pod_templates():
+    """Issue 34, item 6: the MPIJob against the operator's v2beta1 API and the Kubernetes API's pod schema; the
+    same manifest with a misspelt field, a value outside an enumeration and a container field that does not exist
+    is refused with each of them named."""
+    job = yaml.safe_load((REPO / "examples" / "kubernetes" / "mpijob.yaml").read_text())
+    assert mpijob_errors(job) == []
+    broken = copy.deepcopy(job)
+    broken["spec"]["slotPerWorker"] = broken["spec"].pop("slotsPerWorker")
+    broken["spec"]["runPolicy"]["cleanPodPolicy"] = "Finished"
+    broken["spec"]["mpiReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]["volumeMount"] = []
+    errors = "\n".join(mpijob_errors(broken))
+    assert "'slotPerWorker' was unexpected" in errors and "'Finished' is not one of" in errors, errors
+    assert "Worker.template" in errors and "'volumeMount' was unexpected" in errors, errors
 
 
 def test_kubernetes_mpijob_launches_ddl_on_the_operators_hostfile_with_the_gpu_image():
