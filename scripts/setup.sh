@@ -27,6 +27,8 @@ install_debian_packages() {
     # OpenSSH and iproute2: the multi-host test (tests/launch/test_multihost.py) starts SSH servers in network namespaces.
     local wanted=(build-essential cmake git libopenmpi-dev openmpi-bin espeak-ng libsndfile1
                   openssh-client openssh-server iproute2)
+    # SLURM and MUNGE, for development only (not the images): tests/launch/test_slurm.py runs a cluster on them.
+    [ "${DDL_DEV:-1}" = 0 ] || wanted+=(slurm-wlm munge)
     local missing=()
     for p in "${wanted[@]}"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

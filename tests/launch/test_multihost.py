@@ -21,6 +21,7 @@ from tests.engine_runs import PROBE, REPO, summary
 pytestmark = pytest.mark.distributed
 
 ADDRESSES = ("10.213.0.1", "10.213.0.2")
+NODES = ("node1", "node2")  # the hosts' names on a cluster (SLURM's node names), known on both hosts
 # One name on both ends: horovodrun looks for an interface name that every host has in common.
 IFACE = "ddl0"
 
@@ -53,12 +54,14 @@ def join_namespaces(namespaces: tuple[str, str]) -> None:
 
 def resolve_hostname_to_own_address(namespaces: tuple[str, str]) -> None:
     """Give each host an /etc/hosts (`ip netns exec` mounts /etc/netns/NS/hosts over it) that maps the machine's name
-    to that host's address, as on a cluster. Horovod 0.28.1's process-set Gloo contexts ignore HOROVOD_GLOO_IFACE and
-    bind to the address of the host's name, so a name that resolves to a loopback address breaks cross-host runs."""
+    to that host's address, as on a cluster, and each node name to its host's address. Horovod 0.28.1's process-set
+    Gloo contexts ignore HOROVOD_GLOO_IFACE and bind to the address of the host's name, so a name that resolves to a
+    loopback address breaks cross-host runs."""
     for ns, address in zip(namespaces, ADDRESSES, strict=True):
         etc = Path("/etc/netns") / ns
         etc.mkdir(parents=True, exist_ok=True)
-        etc.joinpath("hosts").write_text(f"127.0.0.1 localhost\n{address} {socket.gethostname()}\n")
+        nodes = "".join(f"{a} {node}\n" for a, node in zip(ADDRESSES, NODES, strict=True))
+        etc.joinpath("hosts").write_text(f"127.0.0.1 localhost\n{address} {socket.gethostname()}\n{nodes}")
 
 
 def keygen(path: Path) -> str:
@@ -68,7 +71,8 @@ def keygen(path: Path) -> str:
 
 def write_client_config(ssh_dir: Path, host_keys: list[str]) -> None:
     """An `ssh` first on PATH that uses our key and known_hosts, so nothing of the user's ~/.ssh is read or written."""
-    (ssh_dir / "known_hosts").write_text("".join(f"{a} {k}\n" for a, k in zip(ADDRESSES, host_keys, strict=True)))
+    (ssh_dir / "known_hosts").write_text(
+        "".join(f"{a},{node} {k}\n" for a, node, k in zip(ADDRESSES, NODES, host_keys, strict=True)))
     (ssh_dir / "config").write_text(textwrap.dedent(f"""\
         Host *
           User root
