@@ -21,7 +21,7 @@ from rich.markup import escape
 
 from ddl_apps.console import stderr_console
 from ddl_apps.core.launch import Elastic, choose_controller, hostfile_discovery
-from ddl_apps.errors import UserError
+from ddl_apps.errors import ClusterError, UserError
 
 console = stderr_console()
 
@@ -39,7 +39,8 @@ def is_quiet_rank() -> bool:
 
 
 class UserErrorsExit2(click.Group):
-    """Errors in the user's input: one message, no traceback, exit code 2 (printed by rank 0 only)."""
+    """Errors in the user's input: one message, no traceback, exit code 2 (printed by rank 0 only). Workers that
+    lost each other: one message from each survivor, exit code 75."""
 
     def invoke(self, ctx):
         try:
@@ -48,6 +49,9 @@ class UserErrorsExit2(click.Group):
             if not is_quiet_rank():
                 console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
             sys.exit(2)
+        except ClusterError as e:  # every surviving worker says what it lost
+            console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
+            sys.exit(e.exit_code)
 
 
 @click.group(cls=UserErrorsExit2)

@@ -1,4 +1,5 @@
-"""Errors caused by the user's input. The CLI prints their message (no traceback) and exits with code 2."""
+"""Errors the CLI reports as one message, no traceback: the user's input (exit code 2), and workers that lost each
+other (exit code 75)."""
 
 
 class UserError(Exception):
@@ -19,3 +20,10 @@ class CheckpointError(UserError):
 
 class TrainingError(UserError):
     """Training cannot go on as configured (e.g. the loss became NaN)."""
+
+
+class ClusterError(Exception):
+    """Workers lost each other: a worker, its host or the network between hosts failed. Every surviving worker
+    says so, and the CLI exits with code 75 (EX_TEMPFAIL: go on with --resume once the hosts are back)."""
+
+    exit_code = 75

@@ -55,6 +55,9 @@ class DistConfig(Section):
                                       "so workers leaving or joining change neither the batch nor the lr")
     cycle_time_ms: float = Field(5.0, gt=0, description="how often Horovod's background thread negotiates; "
                                  "longer suits long steps (HOROVOD_CYCLE_TIME in the environment wins)")
+    timeout_s: int = Field(30, ge=1, description="how long a collective waits for the other workers before the "
+                           "run stops with an error naming their hosts: how soon a dead host or a network partition "
+                           "is noticed (Gloo; HOROVOD_GLOO_TIMEOUT_SECONDS in the environment wins; MPI has none)")
 
 
 class RunConfig(Section):

@@ -13,11 +13,14 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ddl_apps.cpus import usable_cpus
+
+if TYPE_CHECKING:
+    from ddl_apps.recipe import DistConfig
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,7 @@ def _active() -> _Collectives:
     return _collectives
 
 
-def _start(hvd: ModuleType, to_tensor: Callable[[np.ndarray], Any], cycle_time_ms: float) -> Topology:
+def _start(hvd: ModuleType, to_tensor: Callable[[np.ndarray], Any], cfg: DistConfig) -> Topology:
     """Initialise this framework's Horovod and use it for the collectives from now on.
 
     Horovod's background thread wakes every HOROVOD_CYCLE_TIME ms (Horovod's default: 1) and negotiates with the
@@ -68,10 +71,12 @@ def _start(hvd: ModuleType, to_tensor: Callable[[np.ndarray], Any], cycle_time_m
     threads. The recipe's dist.cycle_time_ms sets it (the environment wins; docs/architecture.md has what it
     costs). Each allreduce waits up to one cycle, so short steps want short cycles. Under Horovod's autotuner
     (HOROVOD_AUTOTUNE=1) it is left unset: a cycle time in the environment is one the tuner may not change.
+    dist.timeout_s is how long Gloo waits for the other workers in a collective (HOROVOD_GLOO_TIMEOUT_SECONDS).
     """
     global _collectives
     if os.environ.get("HOROVOD_AUTOTUNE") != "1":
-        os.environ.setdefault("HOROVOD_CYCLE_TIME", f"{cycle_time_ms:g}")
+        os.environ.setdefault("HOROVOD_CYCLE_TIME", f"{cfg.cycle_time_ms:g}")
+    os.environ.setdefault(GLOO_TIMEOUT, str(cfg.timeout_s))
     hvd.init()
     _collectives = _Collectives(hvd, to_tensor)
     return topology()
@@ -100,24 +105,24 @@ def share_torch_cores(topology: Topology) -> None:
         torch.set_num_threads(_cores_per_worker(topology.local_size))
 
 
-def init_torch(cycle_time_ms: float) -> Topology:
+def init_torch(cfg: DistConfig) -> Topology:
     """Start Horovod for PyTorch and give each worker its share of the CPU cores."""
     import horovod.torch as hvd
     import torch
 
-    topology = _start(hvd, lambda a: torch.from_numpy(np.ascontiguousarray(a)), cycle_time_ms)
+    topology = _start(hvd, lambda a: torch.from_numpy(np.ascontiguousarray(a)), cfg)
     if torch.cuda.is_available():
         torch.cuda.set_device(topology.local_rank)
     share_torch_cores(topology)
     return topology
 
 
-def init_tf(cycle_time_ms: float) -> Topology:
+def init_tf(cfg: DistConfig) -> Topology:
     """Start Horovod for TensorFlow: one GPU per worker when there are GPUs, else a share of the cores."""
     import horovod.tensorflow as hvd
     import tensorflow as tf
 
-    topology = _start(hvd, lambda a: tf.constant(np.ascontiguousarray(a)), cycle_time_ms)
+    topology = _start(hvd, lambda a: tf.constant(np.ascontiguousarray(a)), cfg)
     gpus = tf.config.list_physical_devices("GPU")
     if gpus:
         tf.config.experimental.set_memory_growth(gpus[topology.local_rank], True)
@@ -178,6 +183,22 @@ def average_tensors(tensors: list) -> list:
 
 
 HOST_BYTES = 255  # (the longest host name)
+GLOO_TIMEOUT = "HOROVOD_GLOO_TIMEOUT_SECONDS"
+
+
+def lost_contact(error: BaseException) -> bool:
+    """Whether `error` is a collective that failed because Horovod shut down under it (a worker, its host or the
+    network between hosts failed): Horovod's own error in PyTorch, TensorFlow's UnknownError from a Horovod op."""
+    from horovod.common.exceptions import HorovodInternalError
+
+    tensorflow_op = type(error).__name__ == "UnknownError" and "Horovod" in str(error)
+    return isinstance(error, HorovodInternalError) or tensorflow_op
+
+
+def collective_timeout_s() -> int | None:
+    """How long a collective waits for the other workers (Gloo), or None (MPI has no such timeout)."""
+    value = os.environ.get(GLOO_TIMEOUT, "")
+    return int(value) if value.isdigit() and _active().hvd.gloo_enabled() else None
 
 
 def host_name() -> str:

@@ -8,12 +8,14 @@ import os
 from pathlib import Path
 
 from ddl_apps.core import dist, elastic, run_end, rundir
+from ddl_apps.core.checkpoint import list_checkpoints
 from ddl_apps.core.checkpointer import Found, find_checkpoint, keep_trained_batch
 from ddl_apps.core.contract import Trainer
 from ddl_apps.core.engine import Engine
 from ddl_apps.core.evaluator import final_split
 from ddl_apps.core.feed import train_examples
 from ddl_apps.core.schedule import epoch_steps
+from ddl_apps.errors import ClusterError
 from ddl_apps.recipe import Recipe
 
 ENGINES = {"torch": ("ddl_apps.core.torch_engine", "TorchEngine"),
@@ -30,7 +32,7 @@ def run_training(recipe: Recipe, resume: bool, trainer: Trainer) -> Path:
     """Train a recipe on this process's Horovod worker; returns the run directory."""
     engine_type = engine_class(trainer)
     os.umask(0o077)  # everything a run writes (metrics, checkpoints, the model) is private to the user
-    topology = engine_type.init(recipe.dist.cycle_time_ms)
+    topology = engine_type.init(recipe.dist)
     is_elastic = dist.is_elastic()
     dist.seed_everything(recipe.run.seed + topology.rank)
     # An elastic run gets run.dir from `ddl train` and makes no collective before training starts: a worker that
@@ -51,8 +53,9 @@ def run_training(recipe: Recipe, resume: bool, trainer: Trainer) -> Path:
     elif topology.is_root and not (run_dir / rundir.CONFIG_FILE).exists():
         rundir.prepare_run_dir(run_dir, recipe, resume)
     engine = engine_type(recipe, task, topology, run_dir)
-    if topology.size > 1 and not is_elastic:  # (an elastic run says so when its workers change)
-        engine.log.message(where_workers_run(dist.hosts_by_rank()))
+    hosts = [] if is_elastic else dist.hosts_by_rank()  # (an elastic run says so when its workers change)
+    if len(hosts) > 1:
+        engine.log.message(where_workers_run(hosts))
     if resume:
         engine.restore(found)
 
@@ -61,9 +64,30 @@ def run_training(recipe: Recipe, resume: bool, trainer: Trainer) -> Path:
 
     if is_elastic:
         elastic.run(engine, engine_type.elastic, train_and_finish)
-    else:
+        return run_dir
+    try:
         train_and_finish()
+    except Exception as e:
+        if dist.lost_contact(e):
+            raise lost_workers(run_dir, hosts, topology.rank) from None
+        raise
     return run_dir
+
+
+def lost_workers(run_dir: Path, hosts: list[str], rank: int) -> ClusterError:
+    """What a worker whose collective failed under it says: which hosts it lost, why that may be, how long it
+    waited, and the checkpoint the run can go on from."""
+    here = hosts[rank]
+    others = sorted(set(hosts) - {here}) or [here]
+    timeout = dist.collective_timeout_s()
+    waited = f"a collective waits at most dist.timeout_s = {timeout} s for them" if timeout else \
+        "MPI waits for them as long as TCP does"
+    checkpoints = list_checkpoints(run_dir / rundir.CHECKPOINTS)
+    last = f"the last checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint was written yet"
+    return ClusterError(f"rank {rank} on {here} lost contact with the other workers (on {', '.join(others)}): one "
+                        f"of them failed (its own message, if any, is above), its host died, or the network between "
+                        f"the hosts failed ({waited}). {last[0].upper()}{last[1:]}: once every host is back, run the "
+                        f"same ddl train command with --resume and run.dir={run_dir}")
 
 
 def where_workers_run(hosts: list[str]) -> str:
@@ -79,7 +103,7 @@ def where_workers_run(hosts: list[str]) -> str:
 def evaluate_exported(recipe: Recipe, run_dir: Path, trainer: Trainer) -> dict[str, float]:
     """Metrics of a run's exported model on its test split (validation split if it has none)."""
     engine_type = engine_class(trainer)
-    topology = engine_type.init(recipe.dist.cycle_time_ms)
+    topology = engine_type.init(recipe.dist)
     task = trainer.load_hooks().build_task(recipe, topology)
     engine = engine_type(recipe, task, topology, run_dir, training=False)
     engine.load_exported(run_dir / rundir.MODEL_DIR)

@@ -10,8 +10,9 @@ import torch
 
 from ddl_apps.core import dist
 from ddl_apps.core.parallel import embedding as parallel
+from ddl_apps.recipe import DistConfig
 
-topology = dist.init_torch(cycle_time_ms=1)
+topology = dist.init_torch(DistConfig(cycle_time_ms=1))
 rank, size = topology.rank, topology.size
 NUM, DIM = 11, 3
 
