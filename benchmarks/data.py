@@ -237,6 +237,12 @@ def resampled_source(target: Path, rows: int) -> dict:
     from ddl_apps.trainers.tabular import data as tabular
 
     cfg = load_recipe(RECIPE).data
+    overrides = [f"data.source={target}", "data.time_column=null", "data.categorical=[]"]
+    with suppress(OSError, pa.ArrowException):  # a whole source a stopped run left (its footer is written last)
+        metadata = pq.read_metadata(target)
+        if metadata.num_rows == rows:
+            return {"rows": rows, "columns": metadata.num_columns, "gib": round(target.stat().st_size / 2**30, 2),
+                    "overrides": overrides}
     table = pq.read_table(tabular.source_file(cfg.source))
     numeric = [f.name for f in table.schema if pa.types.is_floating(f.type) and f.name not in cfg.categorical]
     values = np.nan_to_num(np.column_stack([table.column(c).to_numpy(zero_copy_only=False).astype(np.float32)
@@ -253,7 +259,7 @@ def resampled_source(target: Path, rows: int) -> dict:
             x = values[drawn] + rng.standard_normal((n, len(numeric)), dtype=np.float32) * noise
             writer.write_table(pa.table([np.arange(start, start + n), label[drawn], *x.T], schema=schema))
     return {"rows": rows, "columns": len(numeric) + 2, "gib": round(target.stat().st_size / 2**30, 2),
-            "overrides": [f"data.source={target}", "data.time_column=null", "data.categorical=[]"]}
+            "overrides": overrides}
 
 
 def prepared_at_scale(scratch: Path, largest_gib: float) -> dict:
@@ -265,7 +271,7 @@ def prepared_at_scale(scratch: Path, largest_gib: float) -> dict:
     for factor in PREPARE_SIZES:
         source = SCRATCH / f"source-{factor}x.parquet"
         started = time.perf_counter()
-        made = resampled_source(source, base_rows * factor)
+        made = resampled_source(source, base_rows * factor)  # (or the one a stopped run left, if whole)
         target = scratch / f"prepared-{factor}x"
         peak, seconds = peak_anon_of([str(VENV_BIN / "ddl"), "data", "prepare", RECIPE, *made.pop("overrides"),
                                       "-o", str(target)])
