@@ -63,7 +63,7 @@ def horovod_worker(sizes: list[int], repeats: int) -> dict[int, list[float]]:
 
     from ddl_apps.core import dist
 
-    dist.init_torch(DistConfig().cycle_time_ms)  # what every recipe gets unless it sets its own
+    dist.init_torch(DistConfig())  # what every recipe gets unless it sets its own
 
     def barrier():
         hvd.allreduce(torch.zeros(1), name="bench.barrier")

@@ -215,11 +215,12 @@ def ddp_worker(recipe_name: str, runs: int) -> dict[str, list[float]]:
     import torch.distributed as td
 
     from ddl_apps.core import dist
+    from ddl_apps.recipe import DistConfig
 
     td.init_process_group("gloo")
     topology = dist.Topology(td.get_rank(), td.get_world_size(), int(os.environ["LOCAL_RANK"]),
                              int(os.environ["LOCAL_WORLD_SIZE"]))
-    dist.init_torch(5.0)  # single-process Horovod, only because trainers build data through the core's on_root
+    dist.init_torch(DistConfig())  # single-process Horovod: trainers build data through the core's on_root
     recipe, _, task = load(recipe_name, topology)
     hvd.shutdown()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // topology.local_size))  # as the engine shares cores
