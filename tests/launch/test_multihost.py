@@ -1,22 +1,32 @@
-"""A real two-host run on one machine: two network namespaces joined by a veth pair, an SSH server in each, and
-`ddl train -np 2 --hostfile` launched from the first, so the second worker is started over SSH in the other host."""
+"""Two hosts on one machine: two network namespaces joined by a veth pair, an SSH server in each, and `ddl train
+--hostfile` launched from the first, so the second worker is started over SSH in the other host. A run where
+nothing goes wrong, then faults between the hosts in the middle of a run without --elastic (issue 34, items 2 and
+3): a network partition (blackhole routes both ways: packets vanish, no connection is refused; this kernel has no
+netem) and a host that dies (its link down, every process in its namespace SIGKILLed), the host of rank 1 and the
+host of rank 0 (which also holds the launcher). Every surviving worker stops within dist.timeout_s and a margin,
+with one error naming the hosts it lost and the checkpoint to go on from, and the run goes on with --resume to the
+uninterrupted run's weights."""
 
 from __future__ import annotations
 
 import os
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
 import time
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from tests.engine_runs import PROBE, REPO, summary
+from ddl_apps.core.checkpoint import list_checkpoints
+from tests.engine_runs import PROBE, REPO, final_weights, summary
 
 pytestmark = pytest.mark.distributed
 
@@ -153,30 +163,156 @@ def two_hosts(tmp_path_factory):
             shutil.rmtree(Path("/etc/netns") / ns, ignore_errors=True)
 
 
-def ddl_train_on_hosts(hosts: Hosts, run_dir: Path, hostfile: Path) -> subprocess.CompletedProcess:
-    """`ddl train` from the first host, as a user would type it there (no -np: the hostfile's slots)."""
+TIMEOUT_S = 5
+# 96 steps, a checkpoint every 16: a fault at the first leaves most of the run to go (a step takes about 60 ms).
+RUN = ("optim.epochs=4", "run.checkpoint_every=16", f"dist.timeout_s={TIMEOUT_S}")
+MARGIN_S = 15  # start-up of the error path, and a busy 2-core machine
+
+
+def ddl_train(hosts: Hosts, run_dir: Path, hostfile: Path, *flags: str) -> subprocess.Popen:
+    """`ddl train` of the probe from the first host, as a user would type it there (no -np: the hostfile's slots);
+    output captured."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2",
            "PATH": f"{hosts.ssh_dir / 'bin'}:{os.environ['PATH']}"}
-    command = [sys.executable, "-m", "ddl_apps.cli", "train", PROBE, f"run.dir={run_dir}", "optim.epochs=1",
-               "--hostfile", str(hostfile), "--gloo"]
-    return subprocess.run(["ip", "netns", "exec", hosts.namespaces[0], *command], cwd=REPO, env=env, text=True,
-                          capture_output=True, timeout=300)
+    command = [sys.executable, "-m", "ddl_apps.cli", "train", PROBE, f"run.dir={run_dir}", *RUN,
+               "--hostfile", str(hostfile), "--gloo", *flags]
+    return subprocess.Popen(["ip", "netns", "exec", hosts.namespaces[0], *command], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
-def test_two_workers_on_two_hosts_over_ssh(two_hosts, tmp_path):
-    hostfile = tmp_path / "hostfile"
+def to_the_end(job: subprocess.Popen) -> str:
+    output, _ = job.communicate(timeout=240)
+    assert job.returncode == 0, output
+    return output
+
+
+@pytest.fixture(scope="module")
+def hostfile(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("hosts") / "hostfile"
     first, second = ADDRESSES  # both forms a hostfile takes (horovodrun itself reads only the first)
-    hostfile.write_text(f"# two hosts, one slot each\n{first} slots=1\n{second}:1\n")
-    run_dir = tmp_path / "run"
+    path.write_text(f"# two hosts, one slot each\n{first} slots=1\n{second}:1\n")
+    return path
 
-    result = ddl_train_on_hosts(two_hosts, run_dir, hostfile)
 
-    assert result.returncode == 0, result.stdout + result.stderr
-    digests = summary(run_dir)["weights_sha256_by_rank"]
-    assert summary(run_dir)["workers"] == 2 and len(digests) == 2 and digests[0] == digests[1]
+@pytest.fixture(scope="module")
+def uninterrupted(two_hosts, hostfile, tmp_path_factory) -> Path:
+    """A run over both hosts, nothing going wrong (the reference of the fault tests)."""
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    to_the_end(ddl_train(two_hosts, run_dir, hostfile))
+    return run_dir
+
+
+def test_two_workers_on_two_hosts_over_ssh(two_hosts, uninterrupted):
+    done = summary(uninterrupted)
+    digests = done["weights_sha256_by_rank"]
+    assert done["workers"] == 2 and len(digests) == 2 and digests[0] == digests[1]
+    assert done["hosts_by_rank"] == list(ADDRESSES)
     # Rank 0 runs beside the launcher on the first host; rank 1 was started by the second host's sshd, which
     # lives in the second namespace and so ran it there.
-    remote = [shlex.split(c) for c in two_hosts.commands_run_by_sshd(ADDRESSES[1]) if "ddl_apps.cli" in c]
+    remote = workers_started_over_ssh(two_hosts, ADDRESSES[1], uninterrupted)
     assert len(remote) == 1
     assert {"HOROVOD_RANK=1", f"HOROVOD_HOSTNAME={ADDRESSES[1]}"} <= set(remote[0])
-    assert not [c for c in two_hosts.commands_run_by_sshd(ADDRESSES[0]) if "ddl_apps.cli" in c]
+    assert not workers_started_over_ssh(two_hosts, ADDRESSES[0], uninterrupted)
+
+
+def workers_started_over_ssh(hosts: Hosts, address: str, run_dir: Path) -> list[list[str]]:
+    """The commands the SSH server at `address` ran to start a worker of `run_dir`."""
+    commands = [shlex.split(c) for c in hosts.commands_run_by_sshd(address)]
+    return [c for c in commands if "ddl_apps.cli" in c and f"run.dir={run_dir}" in c]
+
+
+# ---- faults between the hosts, without --elastic (issue 34, items 2 and 3) ----------------------------------------
+def workers_in(ns: str) -> list[int]:
+    """The pids of the processes in a host's network namespace."""
+    listed = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, check=True).stdout
+    return [int(pid) for pid in listed.split()]
+
+
+def kill_host(hosts: Hosts, which: int) -> None:
+    """The host's link down, then every process of the host SIGKILLed (its sshd, and the launcher on the first):
+    as a host that loses its power, it says goodbye to no one (the other way round, its kernel would close its
+    connections, and the peers would know at once)."""
+    subprocess.run(["ip", "-n", hosts.namespaces[which], "link", "set", "ddl0", "down"], check=True)
+    for pid in workers_in(hosts.namespaces[which]):
+        with suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def revive_host(hosts: Hosts, which: int) -> None:
+    subprocess.run(["ip", "-n", hosts.namespaces[which], "link", "set", "ddl0", "up"], check=True)
+    server = start_sshd(hosts.namespaces[which], ADDRESSES[which], hosts.ssh_dir)
+    wait_for_ssh(server, hosts.namespaces[0], ADDRESSES[which], hosts.ssh_dir)
+
+
+def partition(hosts: Hosts, action: str) -> None:
+    """Each host's route to the other as a blackhole ('add'), or back ('del')."""
+    for ns, other in zip(hosts.namespaces, reversed(ADDRESSES), strict=True):
+        subprocess.run(["ip", "-n", ns, "route", action, "blackhole", other], check=True)
+
+
+def wait_for_a_checkpoint(run_dir: Path, job: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 120
+    while not list_checkpoints(run_dir / "checkpoints"):
+        assert job.poll() is None and time.monotonic() < deadline, job.communicate()[0]
+        time.sleep(0.02)
+
+
+def gone_within(job: subprocess.Popen, seconds: float) -> tuple[str, float]:
+    """The launcher's output once it has exited, and how long that took; it must exit within `seconds`."""
+    start = time.monotonic()
+    try:
+        output, _ = job.communicate(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        job.kill()
+        pytest.fail(f"still running {seconds} s after the fault: {job.communicate()[0]}")
+    return output, time.monotonic() - start
+
+
+@pytest.mark.parametrize("fault", ["partition", "host of rank 1 dies"])
+def test_survivors_stop_naming_the_lost_host_and_the_run_resumes_exactly(fault, two_hosts, hostfile,
+                                                                         uninterrupted, tmp_path):
+    run_dir = tmp_path / "run"
+    job = ddl_train(two_hosts, run_dir, hostfile)
+    wait_for_a_checkpoint(run_dir, job)
+    try:
+        if fault == "partition":
+            partition(two_hosts, "add")
+        else:
+            kill_host(two_hosts, 1)
+        output, seconds = gone_within(job, TIMEOUT_S + MARGIN_S)
+    finally:
+        if fault == "partition":
+            partition(two_hosts, "del")
+        else:
+            revive_host(two_hosts, 1)
+
+
+    assert job.returncode == 75, output
+    checkpoint = list_checkpoints(run_dir / "checkpoints")[-1]
+    assert f"rank 0 on {ADDRESSES[0]} lost contact with the other workers (on {ADDRESSES[1]})" in output, output
+    assert f"dist.timeout_s = {TIMEOUT_S} s" in output and f"The last checkpoint is {checkpoint}" in output
+    print(f"{fault}: the launcher exited {seconds:.1f} s after the fault")
+    resumed = to_the_end(ddl_train(two_hosts, run_dir, hostfile, "--resume"))
+    assert f"resumed from {checkpoint}" in resumed
+    np.testing.assert_allclose(final_weights(run_dir), final_weights(uninterrupted), rtol=0, atol=1e-6)
+
+
+def test_the_worker_of_a_host_whose_launcher_and_rank_0_died_stops(two_hosts, hostfile, tmp_path):
+    """The host of rank 0 holds the launcher too: nothing is left to report to, but rank 1 must not hang on."""
+    run_dir = tmp_path / "run"
+    job = ddl_train(two_hosts, run_dir, hostfile)
+    wait_for_a_checkpoint(run_dir, job)
+    survivors = [pid for pid in workers_in(two_hosts.namespaces[1])
+                 if f"run.dir={run_dir}".encode() in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert survivors
+    try:
+        kill_host(two_hosts, 0)
+        job.wait()
+        start = time.monotonic()
+        while any(Path(f"/proc/{pid}").exists() for pid in survivors):
+            assert time.monotonic() < start + TIMEOUT_S + MARGIN_S, f"rank 1 still running {TIMEOUT_S + MARGIN_S} s " \
+                "after its peer died"
+            time.sleep(0.1)
+        print(f"host of rank 0 dies: rank 1 exited {time.monotonic() - start:.1f} s after")
+    finally:
+        revive_host(two_hosts, 0)

@@ -22,7 +22,13 @@ import pytest
 
 from ddl_apps.core.checkpoint import list_checkpoints
 from tests.engine_runs import PROBE, REPO, final_weights, summary
-from tests.launch.test_multihost import ADDRESSES, NODES, Hosts, two_hosts  # noqa: F401 (a fixture)
+from tests.launch.test_multihost import (  # two_hosts: a fixture
+    ADDRESSES,
+    NODES,
+    Hosts,
+    two_hosts,  # noqa: F401
+    workers_started_over_ssh,
+)
 
 pytestmark = pytest.mark.distributed
 
@@ -189,12 +195,6 @@ def assert_trained_on_both_nodes(run_dir: Path, log: str) -> None:
     digests = done["weights_sha256_by_rank"]
     assert done["workers"] == 2 and len(digests) == 2 and digests[0] == digests[1]
     assert done["hosts_by_rank"] == list(NODES)
-
-
-def workers_started_over_ssh(hosts: Hosts, address: str, run_dir: Path) -> list[list[str]]:
-    """The commands the SSH server at `address` ran to start a worker of `run_dir`."""
-    commands = [shlex.split(c) for c in hosts.commands_run_by_sshd(address)]
-    return [c for c in commands if "ddl_apps.cli" in c and f"run.dir={run_dir}" in c]
 
 
 @pytest.fixture(scope="module")
