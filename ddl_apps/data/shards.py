@@ -126,10 +126,11 @@ class SplitWriter:
         self._pending: list[Columns] = []  # rows not yet written: less than a chunk
         self._shard: ShardFile | None = None
         self._rng = None if shuffle_seed is None else np.random.default_rng([shuffle_seed, 7])
-        self._buckets: list[pa.ipc.RecordBatchStreamWriter] = []
+        self._buckets: list[tuple[pa.NativeFile, pa.ipc.RecordBatchStreamWriter]] = []  # (file, its writer)
         if self._rng is not None:
             count = max(1, math.ceil(expected_rows / self.shard_rows))
-            self._buckets = [pa.ipc.new_stream(str(self._bucket_path(i)), self.schema) for i in range(count)]
+            files = [pa.OSFile(str(self._bucket_path(i)), "wb") for i in range(count)]
+            self._buckets = [(file, pa.ipc.new_stream(file, self.schema)) for file in files]
 
     def _bucket_path(self, i: int) -> Path:
         return self.folder / f".{self.split}-bucket-{i:05d}.arrows"
@@ -139,7 +140,7 @@ class SplitWriter:
             self._write_rows(batch)
             return
         bucket = self._rng.integers(len(self._buckets), size=len(next(iter(batch.values()))))
-        for i, writer in enumerate(self._buckets):
+        for i, (_, writer) in enumerate(self._buckets):
             picked = np.flatnonzero(bucket == i)
             if len(picked):
                 writer.write_batch(to_record_batch({k: v[picked] for k, v in batch.items()}, self.schema))
@@ -148,8 +149,11 @@ class SplitWriter:
         if self._rng is None:
             self._write_rows(None)
             return self.shards
-        for writer in self._buckets:
+        # The files closed here: a writer opened from a path kept its file open as long as the writer lived, and the
+        # buckets unlinked below kept their disk space to the end (the training split's size, twice).
+        for file, writer in self._buckets:
             writer.close()
+            file.close()
         for i in self._rng.permutation(len(self._buckets)):
             with pa.memory_map(str(self._bucket_path(i))) as mapped:  # read in place: page cache, not memory
                 table = pa.ipc.open_stream(mapped).read_all()

@@ -222,3 +222,18 @@ def test_a_split_is_read_for_the_columns_asked_a_few_chunks_at_a_time(tmp_path):
     assert list(names) == ["name"] and names["name"].tolist() == list(range(rows)) and seen == rows
     assert peak < 6 * 2**20, f"{peak / 2**20:.1f} MiB held for a 24 MiB split"
     assert split.load(max_rows=600, columns=["audio"])["audio"].shape[0] < rows  # (the first chunks only)
+
+
+def test_a_shuffled_split_lets_go_of_its_buckets(tmp_path):
+    """Each training bucket, turned into a shard, is unlinked; its writer kept the file open to the end, so the
+    disk held the training split twice (a 25 GiB source ran out of disk at its last buckets)."""
+    from ddl_apps.data.shards import SplitWriter, columns_of
+
+    batch = {"x": np.arange(4000, dtype=np.int64)}
+    writer = SplitWriter(tmp_path, "train", columns_of(batch), chunk_rows=100, shard_rows=1000,
+                         expected_rows=4000, shuffle_seed=0)
+    writer.add(batch)
+    writer.finish()
+    held = [os.readlink(fd) for fd in Path("/proc/self/fd").iterdir() if fd.is_symlink()]
+    assert not [target for target in held if "-bucket-" in target], held
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"train-{i:05d}.arrow" for i in range(4)]
