@@ -45,13 +45,11 @@ class UserErrorsExit2(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except UserError as e:
-            if not is_quiet_rank():
+        except (UserError, ClusterError) as e:
+            lost = isinstance(e, ClusterError)
+            if lost or not is_quiet_rank():  # every surviving worker says what it lost
                 console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
-            sys.exit(2)
-        except ClusterError as e:  # every surviving worker says what it lost
-            console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
-            sys.exit(e.exit_code)
+            sys.exit(ClusterError.exit_code if lost else 2)
 
 
 @click.group(cls=UserErrorsExit2)

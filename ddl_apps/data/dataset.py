@@ -59,8 +59,7 @@ class PreparedDataset:
             self.store.download(name, partial)
             if file_sha256(partial) != entry.sha256:
                 partial.unlink()
-                raise DataError(f"{self.store.url(name)} does not match the SHA-256 its manifest gives: it was altered "
-                                "or damaged. Prepare the dataset again (ddl data prepare), or copy the file again")
+                raise altered(self.store.url(name))
             partial.replace(path)
         return path
 
@@ -72,14 +71,22 @@ class PreparedDataset:
         sizes = self.store.sizes(stored)
         for name, entry in stored.items():
             if name not in sizes:
-                raise DataError(f"{self.store.url(name)} is missing; prepare the dataset again (ddl data "
-                                "prepare), or copy the missing file back")
+                raise missing(self.store.url(name))
             if sizes[name] != entry.bytes:
                 raise DataError(f"{self.store.url(name)} has {sizes[name]:,} bytes, and its manifest says "
                                 f"{entry.bytes:,}: it is truncated or altered. Prepare the dataset again (ddl data "
                                 "prepare), or copy the file again")
             if not self.store.remote:
                 verify_local_file(self.store, name, entry.sha256)
+
+
+def missing(where: str) -> DataError:
+    return DataError(f"{where} is missing; prepare the dataset again (ddl data prepare), or copy the missing file back")
+
+
+def altered(where: str) -> DataError:
+    return DataError(f"{where} does not match the SHA-256 its manifest gives: it was altered or damaged. Prepare the "
+                     "dataset again (ddl data prepare), or copy the file again")
 
 
 def _stamp(path: Path, stat: os.stat_result, sha256: str) -> Path:
@@ -97,15 +104,13 @@ def verify_local_file(store: Store, name: str, sha256: str) -> int:
     def check() -> None:
         with os.fdopen(os.dup(fd), "rb") as f:
             if stream_sha256(f) != sha256:
-                raise DataError(f"{where} does not match the SHA-256 its manifest gives: it was altered or damaged. "
-                                "Prepare the dataset again (ddl data prepare), or copy the file again")
+                raise altered(where)
         stamp.touch()
 
     try:
         fd = store.hold(name)
     except FileNotFoundError:
-        raise DataError(f"{where} is missing; prepare the dataset again (ddl data prepare), or copy the missing file "
-                        "back") from None
+        raise missing(where) from None
     stamp = _stamp(Path(store.root) / name, os.fstat(fd), sha256)
     build_once(stamp, check)
     return fd

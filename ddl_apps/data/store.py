@@ -66,7 +66,11 @@ class Store:
         """A whole (small) file."""
         if self.remote:
             return self.attempt(name, lambda path: self.fs.cat_file(path))
-        return self.attempt(name, lambda _: os.pread(self.hold(name), os.fstat(self.hold(name)).st_size, 0))
+        return self.attempt(name, lambda _: self._whole(self.hold(name)))
+
+    @staticmethod
+    def _whole(fd: int) -> bytes:
+        return os.pread(fd, os.fstat(fd).st_size, 0)
 
     def sizes(self, names: Iterable[str]) -> dict[str, int]:
         """The size of each of these files that exists, by name (one listing in object storage)."""
