@@ -91,7 +91,7 @@ def launch_horovod(worker: list[str], controller: str, env: dict[str, str] | Non
     from ddl_apps.core.launch import horovodrun_command, worker_env
 
     return launch_workers(horovodrun_command([sys.executable, *worker], 2, controller),
-                          worker_env(controller, elastic=False, env=env))
+                          worker_env(controller, elastic=None, env=env))
 
 
 def launch_workers(command: list[str], env: dict[str, str] | None = None) -> dict:

@@ -2,7 +2,7 @@
 35 more for `data`, which needs 40 GB of free disk), then
 rebuild BENCHMARKS.md and its charts from benchmarks/results/.
 
-    .venv/bin/python benchmarks/run.py [allreduce] [scaling] [overhead] [peer] [data] [report]
+    .venv/bin/python benchmarks/run.py [allreduce] [scaling] [overhead] [peer] [data] [hosts] [report]
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ PARTS = {
     "overhead": ["loops.py", "overhead"],
     "peer": ["loops.py", "peer"],
     "data": ["data.py"],
+    "hosts": ["hosts.py"],
 }
 
 

@@ -96,8 +96,12 @@ def show(recipe: str, overrides: tuple[str, ...]) -> None:
 @click.option("--max-np", type=click.IntRange(min=1), help="--elastic: most workers  [default: -np]")
 @click.option("--host-discovery-script", help="--elastic: a command printing the available hosts as host:slots "
               "lines (instead of -H / --hostfile; default: this machine)")
+@click.option("--blacklist-cooldown-range", "rejoin_after_s", type=click.IntRange(min=1, max=3600), nargs=2,
+              default=Elastic.rejoin_after_s, show_default=True, metavar="MIN MAX",
+              help="--elastic: seconds before a host whose workers all failed may rejoin (from MIN, doubling with "
+              "each failure up to MAX)")
 def train(recipe, overrides, num_proc, hosts, hostfile, controller, resume, elastic, min_np, max_np,
-          host_discovery_script) -> None:
+          host_discovery_script, rejoin_after_s) -> None:
     """Train RECIPE, on one process or on -np N Horovod workers."""
     from ddl_apps.recipe import load_recipe
 
@@ -112,11 +116,16 @@ def train(recipe, overrides, num_proc, hosts, hostfile, controller, resume, elas
             num_proc = num_proc or sum(slots for _, slots in listed) or 1
             host_list = ",".join(f"{host}:{slots}" for host, slots in listed) or None
             sys.exit(run_horovod(command, num_proc, controller, host_list).returncode)
+        if rejoin_after_s[0] > rejoin_after_s[1]:
+            raise click.UsageError(f"--blacklist-cooldown-range needs MIN <= MAX (got {rejoin_after_s[0]} "
+                                   f"{rejoin_after_s[1]})")
         max_np, extra = _elastic_run(config, resume, controller, num_proc, min_np, max_np,
                                      None if host_discovery_script else listed)
         with tempfile.TemporaryDirectory(prefix="ddl-hosts-") as scratch:
-            job = (Elastic(min_np, max_np, host_discovery_script) if host_discovery_script else
-                   _hostfile_job(min_np, max_np, listed or [("localhost", max_np)], hostfile, Path(scratch)))
+            discovery, interface = ((host_discovery_script, None) if host_discovery_script else
+                                    _hostfile_discovery(listed or [("localhost", max_np)], hostfile, Path(scratch)))
+            job = Elastic(min_np, max_np, discovery, config.dist.collective_timeout_s(elastic=True),
+                          tuple(rejoin_after_s), interface)
             sys.exit(run_horovod(command + extra, num_proc or max_np, controller, elastic=job).returncode)
     from ddl_apps.core.training import run_training
     from ddl_apps.registry import load_trainer
@@ -159,15 +168,15 @@ def _elastic_run(config, resume: bool, controller: str, num_proc: int | None, mi
     return max_np, [f"run.dir={run_dir}", f"dist.batch_workers={config.dist.batch_workers or max_np}"]
 
 
-def _hostfile_job(min_np: int, max_np: int, listed: list[tuple[str, int]], hostfile: str | None,
-                  scratch: Path) -> Elastic:
-    """Discovery from the user's hostfile (re-read while the job runs), else from these hosts written to one."""
+def _hostfile_discovery(listed: list[tuple[str, int]], hostfile: str | None, scratch: Path) -> tuple[str, str | None]:
+    """Discovery from the user's hostfile (re-read while the job runs), else from these hosts written to one; and
+    the network interface when every host is this machine."""
     from ddl_apps.core.hosts import all_local
 
     path = Path(hostfile) if hostfile else scratch / "hosts"
     if not hostfile:
         path.write_text("".join(f"{host}:{slots}\n" for host, slots in listed))
-    return Elastic(min_np, max_np, hostfile_discovery(path), "lo" if all_local(listed) else None)
+    return hostfile_discovery(path), "lo" if all_local(listed) else None
 
 
 def _run_trainer(run_dir: Path):

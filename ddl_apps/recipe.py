@@ -41,6 +41,9 @@ class OptimConfig(Section):
                                               "infinite: stop the run naming it, or skip it (PyTorch engine)")
 
 
+TIMEOUT_S, ELASTIC_TIMEOUT_S = 30, 120  # dist.timeout_s's defaults
+
+
 class DistConfig(Section):
     compression: Literal["none", "fp16"] = "none"
     controller: Literal["auto", "gloo", "mpi"] = Field(
@@ -55,9 +58,13 @@ class DistConfig(Section):
                                       "so workers leaving or joining change neither the batch nor the lr")
     cycle_time_ms: float = Field(5.0, gt=0, description="how often Horovod's background thread negotiates; "
                                  "longer suits long steps (HOROVOD_CYCLE_TIME in the environment wins)")
-    timeout_s: int = Field(30, ge=1, description="how long a collective waits for the other workers before the "
-                           "run stops with an error naming their hosts: how soon a dead host or a network partition "
-                           "is noticed (Gloo; HOROVOD_GLOO_TIMEOUT_SECONDS in the environment wins; MPI has none)")
+    timeout_s: int | None = Field(None, ge=1, description="how long a collective waits for the other workers: how "
+                                  "soon a dead host or a network partition is noticed (Gloo; MPI has none); default "
+                                  "30, under --elastic 120 (there the others also wait this long for a worker that "
+                                  "replaces a lost one to start); HOROVOD_GLOO_TIMEOUT_SECONDS in the environment wins")
+
+    def collective_timeout_s(self, elastic: bool) -> int:
+        return self.timeout_s or (ELASTIC_TIMEOUT_S if elastic else TIMEOUT_S)
 
 
 class RunConfig(Section):

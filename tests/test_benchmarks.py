@@ -168,6 +168,17 @@ def test_timeline_gives_each_steps_collectives_and_waiting(tmp_path):
         timeline.per_step_ms(trace, skip=3)
 
 
+def test_report_judges_the_slow_host_benchmark(results):
+    write(results, "hosts", {"recipe": "fraud_mlp", "steps_per_window": 40, "windows": 6, "runs": 1,
+                             "even_samples_per_s": spread(1000.0),
+                             "rows": [{"slow_host_cores": 0.5, "samples_per_s": spread(600.0), "ratio": 0.6},
+                                      {"slow_host_cores": 0.25, "samples_per_s": spread(200.0), "ratio": 0.2}]})
+    text = report.build().read_text()
+    assert "| a host at 0.5 of a core, fraud_mlp: samples/s / even hosts' | >= 0.5x | 0.600x | met |" in text
+    assert "| a host at 0.25 of a core, fraud_mlp: samples/s / even hosts' | >= 0.25x | 0.200x | **missed** |" in text
+    assert "| 0.5 of a core | 600.0 (540.0-660.0) | 0.600 |" in text
+
+
 def test_report_names_what_was_not_measured(results):
     text = report.build().read_text()
     assert "Not measured yet: run `ddl bench scaling`." in text
@@ -197,10 +208,11 @@ def test_ddl_bench_refuses_an_unknown_part():
 def test_every_benchmark_part_overrides_its_recipe_with_settings_it_has():
     """A renamed setting stopped `ddl bench data` at its first fraud run (`model.baseline`, which became
     `model.baselines`): every override the data and media parts pass validates against its recipe."""
-    from benchmarks import data, media
+    from benchmarks import data, hosts, media
     from ddl_apps.recipe import load_recipe
 
-    runs = [(data.RECIPE, data.TRAIN), *((recipe, overrides) for recipe, (overrides, _) in data.STEP_RUNS.items()),
+    runs = [(data.RECIPE, data.TRAIN), (hosts.RECIPE, hosts.TRAIN),
+            *((recipe, overrides) for recipe, (overrides, _) in data.STEP_RUNS.items()),
             ("image_resnet", media.IMAGE_RUN), ("asr_conformer", media.SPEECH_RUN)]
     for recipe, overrides in runs:
         load_recipe(recipe, list(overrides))  # (a RecipeError names the unknown setting)

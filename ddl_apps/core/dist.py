@@ -76,7 +76,7 @@ def _start(hvd: ModuleType, to_tensor: Callable[[np.ndarray], Any], cfg: DistCon
     global _collectives
     if os.environ.get("HOROVOD_AUTOTUNE") != "1":
         os.environ.setdefault("HOROVOD_CYCLE_TIME", f"{cfg.cycle_time_ms:g}")
-    os.environ.setdefault(GLOO_TIMEOUT, str(cfg.timeout_s))
+    os.environ.setdefault(GLOO_TIMEOUT, str(cfg.collective_timeout_s(is_elastic())))
     hvd.init()
     _collectives = _Collectives(hvd, to_tensor)
     return topology()
@@ -218,3 +218,13 @@ def hosts_by_rank() -> list[str]:
 def allgather_array(array: np.ndarray) -> np.ndarray:
     """Concatenate each rank's array (first dimensions may differ) in rank order, on every rank."""
     return _active().allgather(array)
+
+
+def placement(hosts: list[str]) -> str:
+    """'ranks 0, 1 on node1; ranks 2, 3 on node2' for `hosts` by rank: which rank's lines (tagged [1]... by
+    horovodrun, 1: by srun --label) come from which host."""
+    ranks: dict[str, list[int]] = {}
+    for rank, host in enumerate(hosts):
+        ranks.setdefault(host, []).append(rank)
+    return "; ".join(f"rank{'s' if len(on) > 1 else ''} {', '.join(map(str, on))} on {host}"
+                     for host, on in ranks.items())

@@ -9,6 +9,7 @@ learning rate, the steps and the examples of each step are the same whatever the
 
 from __future__ import annotations
 
+import copy
 import importlib
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
@@ -26,7 +27,8 @@ class Resizable(Stateful, Protocol):
     topo: dist.Topology
 
     def resized(self, topology: dist.Topology) -> None: ...
-    def handed_over(self, holder: int) -> None: ...
+    def handed_over(self, holder: int, hosts: list[str]) -> None: ...
+    def placed(self, hosts: list[str]) -> None: ...
 
 
 class EngineState(State):
@@ -42,7 +44,10 @@ class EngineState(State):
         self.saved = self.engine.state_dict()
 
     def restore(self) -> None:
-        self.engine.load_state_dict(self.saved)
+        """Back to the commit, which stays as it was: PyTorch's optimizer.load_state_dict keeps the tensors it is
+        given as its own, so the steps after would otherwise update the commit in place (and a second failure
+        before the next commit would go back to a state that never was)."""
+        self.engine.load_state_dict(copy.deepcopy(self.saved))
 
     def sync(self) -> None:
         """Collective: the newest commit (the most steps; the lowest rank among equals) on every worker, at the start
@@ -51,8 +56,11 @@ class EngineState(State):
         holder = int(np.argmax(steps_and_resets[:, 0]))
         self.saved = dist.broadcast_object(self.saved, root_rank=holder)
         self.restore()
+        hosts = dist.hosts_by_rank()
         if steps_and_resets[:, 1].any():  # (a worker that joined has none; those it joined have some)
-            self.engine.handed_over(holder)
+            self.engine.handed_over(holder, hosts)
+        else:
+            self.engine.placed(hosts)
 
     def reset(self) -> None:
         self.resets += 1

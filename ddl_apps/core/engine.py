@@ -159,10 +159,15 @@ class Engine(ABC):
             self.log.close()
             self.log = SilentLog()
 
-    def handed_over(self, holder: int) -> None:
-        """After workers changed, every worker took the newest commit, rank `holder`'s."""
+    def placed(self, hosts: list[str]) -> None:
+        """Which rank runs on which host (`hosts`, by rank), when there is more than one worker."""
+        if len(hosts) > 1:
+            self.log.message(f"{len(hosts)} workers: {dist.placement(hosts)}")
+
+    def handed_over(self, holder: int, hosts: list[str]) -> None:
+        """After workers changed, every worker took the newest commit, rank `holder`'s; `hosts`, by rank."""
         self.log.message(f"workers changed: training goes on with {self.topo.size} workers from step "
-                         f"{self.state.step}, the last commit (rank {holder}'s)")
+                         f"{self.state.step}, the last commit (rank {holder}'s): {dist.placement(hosts)}")
 
     # ---- the loop -------------------------------------------------------------------------------------
     def _next_event(self) -> int:

@@ -43,6 +43,8 @@ class Elastic:
     min_np: int
     max_np: int
     discovery: str  # a shell command printing `host:slots` lines
+    lost_after_s: int  # how soon a host that stopped answering over SSH counts as lost (dist.timeout_s)
+    rejoin_after_s: tuple[int, int] = (10, 300)  # a lost host's wait before it may rejoin: min, doubling up to max
     network_interface: str | None = None  # else Horovod waits for two hosts to find their common interfaces
 
 
@@ -68,19 +70,22 @@ def horovodrun_command(
         argv += ["-H", hosts]
     if elastic:
         argv += ["--min-np", str(elastic.min_np), "--max-np", str(elastic.max_np),
-                 "--host-discovery-script", elastic.discovery]
+                 "--host-discovery-script", elastic.discovery,
+                 "--blacklist-cooldown-range", *map(str, elastic.rejoin_after_s)]
         if elastic.network_interface:
             argv += ["--network-interface", elastic.network_interface]
     return argv + command  # for MPI, horovodrun itself passes --allow-run-as-root
 
 
-def worker_env(controller: str | None, elastic: bool, env: dict[str, str] | None = None) -> dict[str, str]:
+def worker_env(controller: str | None, elastic: Elastic | None, env: dict[str, str] | None = None) -> dict[str, str]:
     """The environment for horovodrun: ours (os.environ and `env`) wins over the settings the core ships."""
     shipped = {}
     if controller != "gloo":  # Open MPI busy-polls while it waits for the other ranks; on a host with as many
         shipped["OMPI_MCA_mpi_yield_when_idle"] = "1"  # workers as cores that took the CPU from compute
-    if elastic:  # a worker replacing a dead one starts (imports, data) while the others wait for it: Horovod's 30 s
-        shipped["HOROVOD_GLOO_TIMEOUT_SECONDS"] = "120"  # is short for that on a busy host
+    if elastic:
+        # A host that died without a word: its workers' SSH sessions end (and the host is dropped) this soon (patch
+        # python/0020), as the survivors' collectives give up on it.
+        shipped["HOROVOD_SSH_ALIVE_SECONDS"] = str(elastic.lost_after_s)
         # Horovod's response cache outlives an elastic reset in the survivors but starts empty in a newcomer, so
         # they no longer agree on what a cached name means: the text recipe's state broadcast after a worker was
         # replaced sent 1,002,884 bytes where the survivor expected 16,512, and Gloo aborted both. No cache: each
@@ -114,7 +119,7 @@ def run_horovod(
     When shown: when a worker fails, its own message is what the user needs, so horovodrun's Python traceback
     about it is left out, and the exit code is the worker's (2 for an error in the user's input)."""
     argv = horovodrun_command(command, np, controller, hosts, elastic)
-    full_env = worker_env(controller, elastic is not None, env)
+    full_env = worker_env(controller, elastic, env)
     if capture:
         return subprocess.run(argv, env=full_env, timeout=timeout, text=True, capture_output=True, check=False)
     launcher_traceback: list[str] = []

@@ -53,9 +53,8 @@ def run_training(recipe: Recipe, resume: bool, trainer: Trainer) -> Path:
     elif topology.is_root and not (run_dir / rundir.CONFIG_FILE).exists():
         rundir.prepare_run_dir(run_dir, recipe, resume)
     engine = engine_type(recipe, task, topology, run_dir)
-    hosts = [] if is_elastic else dist.hosts_by_rank()  # (an elastic run says so when its workers change)
-    if len(hosts) > 1:
-        engine.log.message(where_workers_run(hosts))
+    hosts = [] if is_elastic else dist.hosts_by_rank()  # (an elastic run says so as it syncs its workers)
+    engine.placed(hosts)
     if resume:
         engine.restore(found)
 
@@ -88,16 +87,6 @@ def lost_workers(run_dir: Path, hosts: list[str], rank: int) -> ClusterError:
                         f"of them failed (its own message, if any, is above), its host died, or the network between "
                         f"the hosts failed ({waited}). {last[0].upper()}{last[1:]}: once every host is back, run the "
                         f"same ddl train command with --resume and run.dir={run_dir}")
-
-
-def where_workers_run(hosts: list[str]) -> str:
-    """'4 workers: ranks 0, 1 on node1; ranks 2, 3 on node2': which rank's lines (tagged [1]... by horovodrun, 1: by
-    srun --label) come from which host."""
-    ranks: dict[str, list[int]] = {}
-    for rank, host in enumerate(hosts):
-        ranks.setdefault(host, []).append(rank)
-    return f"{len(hosts)} workers: " + "; ".join(
-        f"rank{'s' if len(on) > 1 else ''} {', '.join(map(str, on))} on {host}" for host, on in ranks.items())
 
 
 def evaluate_exported(recipe: Recipe, run_dir: Path, trainer: Trainer) -> dict[str, float]:

@@ -66,7 +66,8 @@ def test_keras_elastic_state_goes_on_without_a_killed_worker(tmp_path):
     hosts.write_text("localhost:1\n127.0.0.1:1\n")
     marker = tmp_path / "killed"
     result = run_horovod([sys.executable, str(WORKERS / "keras_elastic.py"), str(marker)], 2, "gloo", timeout=300,
-                         capture=True, elastic=Elastic(1, 2, hostfile_discovery(hosts), "lo"))
+                         capture=True, elastic=Elastic(1, 2, hostfile_discovery(hosts), lost_after_s=30,
+                                                 network_interface="lo"))
     output = result.stdout + result.stderr
     assert result.returncode == 0 and marker.exists(), output[-4000:]
     finished = [line.split("finished ", 1)[1] for line in output.splitlines() if "finished rank" in line]

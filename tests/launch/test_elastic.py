@@ -48,6 +48,7 @@ def test_hostfile_forms_and_errors():
     (("--elastic", "--min-np", "3", "--max-np", "2"), "--min-np <= -np <= --max-np"),
     (("--elastic", "--max-np", "2", "--mpi"), "runs on Gloo"),
     (("--elastic", "--host-discovery-script", "true"), "needs --max-np"),
+    (("--elastic", "--max-np", "2", "--blacklist-cooldown-range", "60", "10"), "needs MIN <= MAX (got 60 10)"),
 ])
 def test_bad_elastic_options_are_refused(tmp_path, args, message):
     result = ddl("train", PROBE, f"run.dir={tmp_path / 'run'}", *args)
@@ -107,7 +108,8 @@ def undisturbed(tmp_path_factory):
     return run
 
 
-TWO_HOSTS = ("-H", "localhost:1,127.0.0.1:1")  # a dead worker's host is gone: the other goes on alone, as rank 0
+# A dead worker's host is gone (and stays out: no rejoining within the hour): the other goes on alone, as rank 0.
+TWO_HOSTS = ("-H", "localhost:1,127.0.0.1:1", "--blacklist-cooldown-range", "3600", "3600")
 ONE_MACHINE = ("--max-np", "2")  # the dead worker's slot starts a new worker, which holds no commit and rejoins
 
 

@@ -10,158 +10,32 @@ uninterrupted run's weights."""
 from __future__ import annotations
 
 import os
+import re
 import shlex
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import textwrap
+import threading
 import time
-from contextlib import suppress
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from ddl_apps.core.checkpoint import list_checkpoints
-from tests.engine_runs import PROBE, REPO, final_weights, summary
+from tests.engine_runs import PROBE, REPO, final_weights, summary, train
+from tests.launch import hosts
+from tests.launch.hosts import ADDRESSES, Hosts, kill_host, partition, revive_host, workers_in
+from tests.launch.test_elastic import assert_steps_continue, logged_steps
 
 pytestmark = pytest.mark.distributed
-
-ADDRESSES = ("10.213.0.1", "10.213.0.2")
-NODES = ("node1", "node2")  # the hosts' names on a cluster (SLURM's node names), known on both hosts
-# One name on both ends: horovodrun looks for an interface name that every host has in common.
-IFACE = "ddl0"
-
-
-@dataclass
-class Hosts:
-    namespaces: tuple[str, str]
-    ssh_dir: Path  # the client's config and key, and what each server ran ("commands-<address>.log")
-
-    def commands_run_by_sshd(self, address: str) -> list[str]:
-        log = self.ssh_dir / f"commands-{address}.log"
-        return log.read_text().splitlines() if log.exists() else []
-
-
-def sh(*argv: str) -> None:
-    done = subprocess.run(argv, capture_output=True, text=True)
-    assert done.returncode == 0, f"{shlex.join(argv)}: {done.stderr}"
-
-
-def join_namespaces(namespaces: tuple[str, str]) -> None:
-    for ns in namespaces:
-        sh("ip", "netns", "add", ns)
-    a, b = namespaces
-    sh("ip", "link", "add", IFACE, "netns", a, "type", "veth", "peer", "name", IFACE, "netns", b)
-    for ns, address in zip(namespaces, ADDRESSES, strict=True):
-        sh("ip", "-n", ns, "addr", "add", f"{address}/24", "dev", IFACE)
-        sh("ip", "-n", ns, "link", "set", IFACE, "up")
-        sh("ip", "-n", ns, "link", "set", "lo", "up")
-
-
-def resolve_hostname_to_own_address(namespaces: tuple[str, str]) -> None:
-    """Give each host an /etc/hosts (`ip netns exec` mounts /etc/netns/NS/hosts over it) that maps the machine's name
-    to that host's address, as on a cluster, and each node name to its host's address. Horovod 0.28.1's process-set
-    Gloo contexts ignore HOROVOD_GLOO_IFACE and bind to the address of the host's name, so a name that resolves to a
-    loopback address breaks cross-host runs."""
-    for ns, address in zip(namespaces, ADDRESSES, strict=True):
-        etc = Path("/etc/netns") / ns
-        etc.mkdir(parents=True, exist_ok=True)
-        nodes = "".join(f"{a} {node}\n" for a, node in zip(ADDRESSES, NODES, strict=True))
-        etc.joinpath("hosts").write_text(f"127.0.0.1 localhost\n{address} {socket.gethostname()}\n{nodes}")
-
-
-def keygen(path: Path) -> str:
-    sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "", "-f", str(path))
-    return Path(f"{path}.pub").read_text().strip()
-
-
-def write_client_config(ssh_dir: Path, host_keys: list[str]) -> None:
-    """An `ssh` first on PATH that uses our key and known_hosts, so nothing of the user's ~/.ssh is read or written."""
-    (ssh_dir / "known_hosts").write_text(
-        "".join(f"{a},{node} {k}\n" for a, node, k in zip(ADDRESSES, NODES, host_keys, strict=True)))
-    (ssh_dir / "config").write_text(textwrap.dedent(f"""\
-        Host *
-          User root
-          IdentityFile {ssh_dir / "id_ed25519"}
-          IdentitiesOnly yes
-          UserKnownHostsFile {ssh_dir / "known_hosts"}
-          BatchMode yes
-          ConnectTimeout 10
-          LogLevel ERROR
-        """))
-    wrapper = ssh_dir / "bin" / "ssh"
-    wrapper.parent.mkdir()
-    wrapper.write_text(f'#!/bin/sh\nexec /usr/bin/ssh -F {ssh_dir / "config"} "$@"\n')
-    wrapper.chmod(0o755)
-
-
-def start_sshd(ns: str, address: str, ssh_dir: Path) -> subprocess.Popen:
-    """sshd in NS, keys only; it records every command it runs (the evidence of where each worker started)."""
-    log = ssh_dir / f"commands-{address}.log"
-    (ssh_dir / f"run-{address}").write_text(
-        f'#!/bin/bash\nprintf "%s\\n" "$SSH_ORIGINAL_COMMAND" >> {log}\nexec /bin/bash -c "$SSH_ORIGINAL_COMMAND"\n')
-    (ssh_dir / f"run-{address}").chmod(0o755)
-    config = ssh_dir / f"sshd-{address}.conf"
-    config.write_text(textwrap.dedent(f"""\
-        ListenAddress {address}
-        HostKey {ssh_dir / f"host-{address}"}
-        PidFile {ssh_dir / f"sshd-{address}.pid"}
-        AuthorizedKeysFile {ssh_dir / "authorized_keys"}
-        PermitRootLogin prohibit-password
-        PasswordAuthentication no
-        KbdInteractiveAuthentication no
-        UsePAM no
-        StrictModes no
-        ForceCommand {ssh_dir / f"run-{address}"}
-        """))
-    with open(ssh_dir / f"sshd-{address}.log", "w") as server_log:
-        return subprocess.Popen(["ip", "netns", "exec", ns, "/usr/sbin/sshd", "-D", "-e", "-f", str(config)],
-                                stdout=subprocess.DEVNULL, stderr=server_log)
-
-
-def wait_for_ssh(server: subprocess.Popen, ns: str, address: str, ssh_dir: Path, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        probe = subprocess.run(["ip", "netns", "exec", ns, str(ssh_dir / "bin" / "ssh"), address, "true"],
-                               capture_output=True, text=True)
-        if probe.returncode == 0:
-            return
-        server_log = (ssh_dir / f"sshd-{address}.log").read_text()
-        assert server.poll() is None, f"sshd on {address} exited: {server_log}"
-        assert time.monotonic() < deadline, f"sshd on {address} does not answer: {probe.stderr}{server_log}"
-        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
 def two_hosts(tmp_path_factory):
     if os.geteuid() != 0:
         pytest.skip("needs root: creates network namespaces and starts SSH servers in them")
-    namespaces = (f"ddl{os.getpid()}a", f"ddl{os.getpid()}b")
-    ssh_dir = tmp_path_factory.mktemp("ssh")
-    servers: list[subprocess.Popen] = []
-    try:
-        join_namespaces(namespaces)
-        resolve_hostname_to_own_address(namespaces)
-        (ssh_dir / "authorized_keys").write_text(keygen(ssh_dir / "id_ed25519") + "\n")
-        host_keys = [keygen(ssh_dir / f"host-{address}") for address in ADDRESSES]
-        write_client_config(ssh_dir, host_keys)
-        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation directory
-        for ns, address in zip(namespaces, ADDRESSES, strict=True):
-            servers.append(start_sshd(ns, address, ssh_dir))
-            wait_for_ssh(servers[-1], namespaces[0], address, ssh_dir)
-        yield Hosts(namespaces, ssh_dir)
-    finally:
-        for server in servers:
-            server.kill()
-            server.wait()
-        for ns in namespaces:
-            subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
-            shutil.rmtree(Path("/etc/netns") / ns, ignore_errors=True)
-
+    with hosts.two_hosts(tmp_path_factory.mktemp("ssh"), str(os.getpid())) as made:
+        yield made
 
 TIMEOUT_S = 5
 # 96 steps, a checkpoint every 16: a fault at the first leaves most of the run to go (a step takes about 60 ms).
@@ -169,15 +43,16 @@ RUN = ("optim.epochs=4", "run.checkpoint_every=16", f"dist.timeout_s={TIMEOUT_S}
 MARGIN_S = 15  # start-up of the error path, and a busy 2-core machine
 
 
-def ddl_train(hosts: Hosts, run_dir: Path, hostfile: Path, *flags: str) -> subprocess.Popen:
-    """`ddl train` of the probe from the first host, as a user would type it there (no -np: the hostfile's slots);
-    output captured."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2",
-           "PATH": f"{hosts.ssh_dir / 'bin'}:{os.environ['PATH']}"}
-    command = [sys.executable, "-m", "ddl_apps.cli", "train", PROBE, f"run.dir={run_dir}", *RUN,
+def ddl_train(hosts: Hosts, run_dir: Path, hostfile: Path, *flags: str, run: tuple[str, ...] = RUN,
+              where: str | None = None) -> subprocess.Popen:
+    """`ddl train` of the probe from the first host (or the namespace `where`), as a user would type it there (no
+    -np: the hostfile's slots); output captured."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2", "OMP_NUM_THREADS": "1",
+           "PATH": f"{hosts.ssh_dir / 'bin'}:{os.environ['PATH']}"}  # (the two hosts share this machine's 2 cores)
+    command = [sys.executable, "-m", "ddl_apps.cli", "train", PROBE, f"run.dir={run_dir}", *run,
                "--hostfile", str(hostfile), "--gloo", *flags]
-    return subprocess.Popen(["ip", "netns", "exec", hosts.namespaces[0], *command], cwd=REPO, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return subprocess.Popen(["ip", "netns", "exec", where or hosts.namespaces[0], *command], cwd=REPO, env=env,
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
 def to_the_end(job: subprocess.Popen) -> str:
@@ -222,34 +97,6 @@ def workers_started_over_ssh(hosts: Hosts, address: str, run_dir: Path) -> list[
 
 
 # ---- faults between the hosts, without --elastic (issue 34, items 2 and 3) ----------------------------------------
-def workers_in(ns: str) -> list[int]:
-    """The pids of the processes in a host's network namespace."""
-    listed = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, check=True).stdout
-    return [int(pid) for pid in listed.split()]
-
-
-def kill_host(hosts: Hosts, which: int) -> None:
-    """The host's link down, then every process of the host SIGKILLed (its sshd, and the launcher on the first):
-    as a host that loses its power, it says goodbye to no one (the other way round, its kernel would close its
-    connections, and the peers would know at once)."""
-    subprocess.run(["ip", "-n", hosts.namespaces[which], "link", "set", "ddl0", "down"], check=True)
-    for pid in workers_in(hosts.namespaces[which]):
-        with suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-
-
-def revive_host(hosts: Hosts, which: int) -> None:
-    subprocess.run(["ip", "-n", hosts.namespaces[which], "link", "set", "ddl0", "up"], check=True)
-    server = start_sshd(hosts.namespaces[which], ADDRESSES[which], hosts.ssh_dir)
-    wait_for_ssh(server, hosts.namespaces[0], ADDRESSES[which], hosts.ssh_dir)
-
-
-def partition(hosts: Hosts, action: str) -> None:
-    """Each host's route to the other as a blackhole ('add'), or back ('del')."""
-    for ns, other in zip(hosts.namespaces, reversed(ADDRESSES), strict=True):
-        subprocess.run(["ip", "-n", ns, "route", action, "blackhole", other], check=True)
-
-
 def wait_for_a_checkpoint(run_dir: Path, job: subprocess.Popen) -> None:
     deadline = time.monotonic() + 120
     while not list_checkpoints(run_dir / "checkpoints"):
@@ -316,3 +163,108 @@ def test_the_worker_of_a_host_whose_launcher_and_rank_0_died_stops(two_hosts, ho
         print(f"host of rank 0 dies: rank 1 exited {time.monotonic() - start:.1f} s after")
     finally:
         revive_host(two_hosts, 0)
+
+
+# ---- a slow host (issue 34, item 4) --------------------------------------------------------------------------
+SLOW_HOST_CORES = 0.5  # the second host's share of one core (BENCHMARKS.md: what it costs, in `ddl bench hosts`)
+
+
+def test_a_slow_host_slows_the_run_and_changes_nothing_else(two_hosts, hostfile, uninterrupted, tmp_path):
+    """The second host throttled to half a core (a CPU quota): the run waits for it at every step, and ends with the
+    weights of the run on two even hosts."""
+    with hosts.cpu_quota(two_hosts, 1, SLOW_HOST_CORES) as group:
+        to_the_end(ddl_train(two_hosts, tmp_path / "run", hostfile))
+        throttled = dict(line.split() for line in (group / "cpu.stat").read_text().splitlines())
+    assert int(throttled["nr_throttled"]) > 0  # (the worker of the second host ran under the quota)
+    done = summary(tmp_path / "run")
+    assert done["hosts_by_rank"] == list(ADDRESSES) and len(set(done["weights_sha256_by_rank"])) == 1
+    np.testing.assert_array_equal(final_weights(tmp_path / "run"), final_weights(uninterrupted))
+
+
+# ---- a host dies under --elastic (issue 34, item 2) ---------------------------------------------------------------
+class Watched:
+    """A launcher whose output is read as it comes, each line with the time it came."""
+
+    def __init__(self, job: subprocess.Popen):
+        self.job, self.lines = job, []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        for line in self.job.stdout:
+            self.lines.append((time.monotonic(), line))
+
+    def output(self) -> str:
+        return "".join(line for _, line in self.lines)
+
+    def wait_for(self, pattern: str, timeout: float, after: int = 0) -> tuple[int, float, re.Match]:
+        """The first line from index `after` on that matches: its index, time and match."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for index, (at, line) in enumerate(self.lines[after:], start=after):
+                if found := re.search(pattern, line):
+                    return index, at, found
+            assert self.job.poll() is None and time.monotonic() < deadline, f"no {pattern!r}: {self.output()}"
+            time.sleep(0.05)
+
+    def to_the_end(self) -> str:
+        self.job.wait(timeout=240)
+        self.reader.join()
+        assert self.job.returncode == 0, self.output()
+        return self.output()
+
+
+ELASTIC_TIMEOUT_S = 10  # (a worker that joins starts while the others wait, as long as this, on a busy machine)
+# 3,840 steps: alone, the survivor must still be training when the lost host may rejoin (2-3 s after it was dropped,
+# with the shortest wait Horovod allows), after each of the two faults.
+ELASTIC_RUN = ("optim.epochs=160", "dist.cycle_time_ms=1", f"dist.timeout_s={ELASTIC_TIMEOUT_S}")
+REJOIN_AFTER_S = ("--blacklist-cooldown-range", "1", "2")
+CHANGED = r"workers changed: training goes on with (\d) workers from step (\d+), the last commit \(rank \d's\): (.*)"
+
+
+@pytest.fixture(scope="module")
+def elastic_reference(tmp_path_factory) -> Path:
+    """The elastic run's arguments on 2 workers on one host, undisturbed."""
+    return train(tmp_path_factory.mktemp("elastic-reference") / "run", *ELASTIC_RUN, np=2)
+
+
+def rank_0_host(placement: str) -> int:
+    """Which host (0 or 1) holds rank 0 in a log's 'rank 0 on X; rank 1 on Y'."""
+    return ADDRESSES.index(re.match(r"rank 0 on (\S+?);", placement).group(1))
+
+
+# Slow because it must: each fault waits out dist.timeout_s, and then the lost host's wait to rejoin.
+def test_an_elastic_run_goes_on_without_a_lost_host_takes_it_back_and_ends_undisturbed(two_hosts, hostfile,
+                                                                                     elastic_reference, tmp_path):
+    """From the login node, with --elastic: the host of rank 1 dies, and later the host of rank 0 (by then either);
+    each time the other host goes on alone, and the lost one rejoins once it is back (its link up, its sshd
+    restarted). The run ends with the weights of an undisturbed run."""
+    run_dir = tmp_path / "run"
+    job = Watched(ddl_train(two_hosts, run_dir, hostfile, "--elastic", *REJOIN_AFTER_S, run=ELASTIC_RUN,
+                            where=two_hosts.login))
+    index, _, placed = job.wait_for(r"2 workers: (rank 0 on .*)", 60)
+    victims, seen = [1 - rank_0_host(placed.group(1))], []
+    for _ in range(2):
+        while max(logged_steps(run_dir), default=0) < 100 + 10 * len(seen):  # (a commit since the last change)
+            assert job.job.poll() is None, job.output()
+            time.sleep(0.02)
+        kill_host(two_hosts, victims[-1])
+        lost = time.monotonic()
+        index, dropped, alone = job.wait_for(CHANGED, 60, after=index + 1)
+        assert alone.group(1) == "1" and alone.group(3) == f"rank 0 on {ADDRESSES[1 - victims[-1]]}", job.output()
+        revive_host(two_hosts, victims[-1])
+        index, back, both = job.wait_for(CHANGED, 60, after=index + 1)
+        assert both.group(1) == "2" and ADDRESSES[victims[-1]] in both.group(3), job.output()
+        seen.append((dropped - lost, int(alone.group(2)), back - dropped))
+        victims.append(rank_0_host(both.group(3)))
+    job.to_the_end()
+    for (detected_s, from_step, back_s), victim in zip(seen, ("rank 1", "rank 0"), strict=False):
+        print(f"elastic, the host of {victim} dies: dropped {detected_s:.1f} s after, the run went on from step "
+              f"{from_step}; the host rejoined {back_s:.1f} s after it was dropped")
+        assert detected_s < ELASTIC_TIMEOUT_S + MARGIN_S
+    note = job.output()[-4000:]
+    assert_steps_continue(run_dir, note)
+    assert summary(run_dir)["workers"] == 2, note
+    np.testing.assert_allclose(final_weights(run_dir), final_weights(elastic_reference), rtol=0, atol=1e-6,
+                               err_msg=job.output())
+

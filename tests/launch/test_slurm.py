@@ -1,6 +1,6 @@
 """The shipped SLURM script, examples/slurm/train.sbatch, submitted to a real two-node SLURM cluster on one machine.
 
-The two hosts of test_multihost (network namespaces joined by a veth pair, an SSH server in each) become the nodes
+The two hosts of tests/launch/hosts.py (network namespaces on one switch, an SSH server in each) become the nodes
 node1 and node2: munged runs on the machine, slurmctld and node1's slurmd in the first host, node2's slurmd in the
 second. The nodes share the machine's file system, as a cluster's nodes share the one jobs are submitted from.
 """
@@ -22,13 +22,8 @@ import pytest
 
 from ddl_apps.core.checkpoint import list_checkpoints
 from tests.engine_runs import PROBE, REPO, final_weights, summary
-from tests.launch.test_multihost import (  # two_hosts: a fixture
-    ADDRESSES,
-    NODES,
-    Hosts,
-    two_hosts,  # noqa: F401
-    workers_started_over_ssh,
-)
+from tests.launch.hosts import ADDRESSES, NODES, Hosts
+from tests.launch.test_multihost import two_hosts, workers_started_over_ssh  # noqa: F401 (two_hosts: a fixture)
 
 pytestmark = pytest.mark.distributed
 
