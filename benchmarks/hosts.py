@@ -5,7 +5,7 @@ half and a quarter of a core. The hosts are network namespaces on this machine w
 waits for both workers, so the run goes at the slow host's pace: ratio = throttled samples/s / even samples/s.
 Writes results/hosts.json.
 
-    .venv/bin/python benchmarks/hosts.py [--runs 1]
+    .venv/bin/python benchmarks/hosts.py [--runs 2]
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def measure(runs: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=1, help="runs of each setting")
+    parser.add_argument("--runs", type=int, default=2, help="runs of each setting, taking turns")
     args = parser.parse_args()
     if os.geteuid() != 0:  # (the rest of `make bench` goes on)
         print("hosts: not measured: it needs root (network namespaces, SSH servers, a CPU cgroup)", file=sys.stderr)

@@ -1,5 +1,5 @@
-"""`make bench` / `ddl bench [PART ...]`: run the benchmarks (all by default, 13-25 minutes on 2 cores, and about
-35 more for `data`, which needs 40 GB of free disk), then
+"""`make bench` / `ddl bench [PART ...]`: run the benchmarks (all by default, 13-25 minutes on 2 cores, about
+35 more for `data`, which needs 40 GB of free disk, and 4 for `hosts`, which needs root), then
 rebuild BENCHMARKS.md and its charts from benchmarks/results/.
 
     .venv/bin/python benchmarks/run.py [allreduce] [scaling] [overhead] [peer] [data] [hosts] [report]

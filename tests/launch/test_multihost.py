@@ -138,7 +138,8 @@ def test_survivors_stop_naming_the_lost_host_and_the_run_resumes_exactly(fault, 
     checkpoint = list_checkpoints(run_dir / "checkpoints")[-1]
     assert f"rank 0 on {ADDRESSES[0]} lost contact with the other workers (on {ADDRESSES[1]})" in output, output
     assert f"dist.timeout_s = {TIMEOUT_S} s" in output and f"The last checkpoint is {checkpoint}" in output
-    print(f"{fault}: the launcher exited {seconds:.1f} s after the fault")
+    print(f"{fault}: the launcher exited {seconds:.1f} s after the fault, {max(logged_steps(run_dir))} steps logged; "
+          f"the run goes on from {checkpoint.name}")
     resumed = to_the_end(ddl_train(two_hosts, run_dir, hostfile, "--resume"))
     assert f"resumed from {checkpoint}" in resumed
     np.testing.assert_allclose(final_weights(run_dir), final_weights(uninterrupted), rtol=0, atol=1e-6)
@@ -248,19 +249,21 @@ def test_an_elastic_run_goes_on_without_a_lost_host_takes_it_back_and_ends_undis
         while max(logged_steps(run_dir), default=0) < 100 + 10 * len(seen):  # (a commit since the last change)
             assert job.job.poll() is None, job.output()
             time.sleep(0.02)
+        logged = max(logged_steps(run_dir))
         kill_host(two_hosts, victims[-1])
         lost = time.monotonic()
         index, dropped, alone = job.wait_for(CHANGED, 60, after=index + 1)
         assert alone.group(1) == "1" and alone.group(3) == f"rank 0 on {ADDRESSES[1 - victims[-1]]}", job.output()
+        assert logged - 10 <= int(alone.group(2)) <= logged + 10, job.output()  # (commits come with log lines)
         revive_host(two_hosts, victims[-1])
         index, back, both = job.wait_for(CHANGED, 60, after=index + 1)
         assert both.group(1) == "2" and ADDRESSES[victims[-1]] in both.group(3), job.output()
-        seen.append((dropped - lost, int(alone.group(2)), back - dropped))
+        seen.append((dropped - lost, logged, int(alone.group(2)), back - dropped))
         victims.append(rank_0_host(both.group(3)))
     job.to_the_end()
-    for (detected_s, from_step, back_s), victim in zip(seen, ("rank 1", "rank 0"), strict=False):
-        print(f"elastic, the host of {victim} dies: dropped {detected_s:.1f} s after, the run went on from step "
-              f"{from_step}; the host rejoined {back_s:.1f} s after it was dropped")
+    for (detected_s, logged, from_step, back_s), victim in zip(seen, ("rank 1", "rank 0"), strict=False):
+        print(f"elastic, the host of {victim} dies after step {logged} was logged: dropped {detected_s:.1f} s after, "
+              f"the run went on from step {from_step}; the host rejoined {back_s:.1f} s after it was dropped")
         assert detected_s < ELASTIC_TIMEOUT_S + MARGIN_S
     note = job.output()[-4000:]
     assert_steps_continue(run_dir, note)
