@@ -74,6 +74,16 @@ def run(argv: list[str], env: dict[str, str] | None = None, timeout: float = 180
     return output
 
 
+def window_rates(run_dir: Path, windows: int, what: str) -> list[float]:
+    """Samples/s of each log window of a finished run after the first (start-up); `what` names the run."""
+    from ddl_apps.core.metrics import read_metrics
+
+    rates = [r["samples_per_s"] for r in read_metrics(run_dir) if r["split"] == "train"]
+    if len(rates) != windows:
+        raise SystemExit(f"{what}: expected {windows} log windows, the run logged {len(rates)}")
+    return rates[1:]
+
+
 RESULT_ENV = "DDL_BENCH_RESULT"  # where a launched job's rank 0 writes its result (stdout splits long lines)
 
 

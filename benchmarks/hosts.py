@@ -18,8 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import REPO, VENV_BIN, run, spread, write_result  # noqa: E402
-from ddl_apps.core.metrics import read_metrics  # noqa: E402
+from benchmarks.common import VENV_BIN, run, spread, window_rates, write_result  # noqa: E402
 from tests.launch import hosts  # noqa: E402
 
 RECIPE = "fraud_mlp"
@@ -31,13 +30,10 @@ CORES = (0.5, 0.25)  # the slow host's share of one core
 
 def train_across(two: hosts.Hosts, hostfile: Path, run_dir: Path) -> list[float]:
     """Samples/s of each log window after the first, from one run over both hosts launched from the first."""
-    env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "PATH": f"{two.ssh_dir / 'bin'}:{os.environ['PATH']}"}
+    env = two.user_env(OMP_NUM_THREADS="1")
     run(["ip", "netns", "exec", two.namespaces[0], str(VENV_BIN / "ddl"), "train", RECIPE, f"run.dir={run_dir}",
          *TRAIN, "--hostfile", str(hostfile), "--gloo"], env=env)
-    rates = [r["samples_per_s"] for r in read_metrics(run_dir) if r["split"] == "train"]
-    if len(rates) != WINDOWS:
-        raise SystemExit(f"{RECIPE} over two hosts: expected {WINDOWS} log windows, the run logged {len(rates)}")
-    return rates[1:]
+    return window_rates(run_dir, WINDOWS, f"{RECIPE} over two hosts")
 
 
 def measure(runs: int) -> dict:

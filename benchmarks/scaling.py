@@ -27,8 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import timeline  # noqa: E402
-from benchmarks.common import VENV_BIN, run, spread, write_result  # noqa: E402
-from ddl_apps.core.metrics import read_metrics  # noqa: E402
+from benchmarks.common import VENV_BIN, run, spread, window_rates, write_result  # noqa: E402
 from ddl_apps.recipe import load_recipe  # noqa: E402
 
 # recipe: (steps per window, windows); windows of a few seconds at one thread per worker
@@ -53,10 +52,7 @@ def train(recipe: str, np: int, steps: int, windows: int, overrides: list[str], 
     run([*pin, str(VENV_BIN / "ddl"), "train", recipe, "-np", str(np), f"run.dir={run_dir}",
          f"run.log_every={steps}", f"run.max_steps={steps * windows}", "run.eval_every_epoch=false",
          "run.progress=false", *overrides], env={"OMP_NUM_THREADS": "1", **(env or {})})
-    rates = [r["samples_per_s"] for r in read_metrics(run_dir) if r["split"] == "train"]
-    if len(rates) != windows:
-        raise SystemExit(f"{recipe} at np={np}: expected {windows} log windows, the run logged {len(rates)}")
-    return rates[1:]
+    return window_rates(run_dir, windows, f"{recipe} at np={np}")
 
 
 def measure(recipe: str, runs: int, overrides: list[str]) -> dict:

@@ -116,10 +116,7 @@ def train(recipe, overrides, num_proc, hosts, hostfile, controller, resume, elas
             num_proc = num_proc or sum(slots for _, slots in listed) or 1
             host_list = ",".join(f"{host}:{slots}" for host, slots in listed) or None
             sys.exit(run_horovod(command, num_proc, controller, host_list).returncode)
-        if rejoin_after_s[0] > rejoin_after_s[1]:
-            raise click.UsageError(f"--blacklist-cooldown-range needs MIN <= MAX (got {rejoin_after_s[0]} "
-                                   f"{rejoin_after_s[1]})")
-        max_np, extra = _elastic_run(config, resume, controller, num_proc, min_np, max_np,
+        max_np, extra = _elastic_run(config, resume, controller, num_proc, min_np, max_np, rejoin_after_s,
                                      None if host_discovery_script else listed)
         with tempfile.TemporaryDirectory(prefix="ddl-hosts-") as scratch:
             discovery, interface = ((host_discovery_script, None) if host_discovery_script else
@@ -146,7 +143,7 @@ def _listed_hosts(hosts: str | None, hostfile: str | None) -> list[tuple[str, in
 
 
 def _elastic_run(config, resume: bool, controller: str, num_proc: int | None, min_np: int, max_np: int | None,
-                 listed: list[tuple[str, int]] | None) -> tuple[int, list[str]]:
+                 rejoin_after_s: tuple[int, int], listed: list[tuple[str, int]] | None) -> tuple[int, list[str]]:
     """--max-np (default: -np, or the listed hosts' slots), and the overrides every worker gets: the run directory
     (chosen here, as a worker joining later cannot agree on it with the others) and the global batch of --max-np
     workers (with --resume, the one the run was trained with)."""
@@ -159,6 +156,9 @@ def _elastic_run(config, resume: bool, controller: str, num_proc: int | None, mi
         raise click.UsageError(f"--elastic needs --min-np <= -np <= --max-np (got {min_np}, {num_proc}, {max_np})")
     if controller != "gloo":
         raise click.UsageError("--elastic runs on Gloo; leave out --mpi (and dist.controller=mpi)")
+    if rejoin_after_s[0] > rejoin_after_s[1]:
+        raise click.UsageError(f"--blacklist-cooldown-range needs MIN <= MAX (got {rejoin_after_s[0]} "
+                               f"{rejoin_after_s[1]})")
     run_dir = rundir.choose_run_dir(config, resume)
     rundir.check_new_run(run_dir, resume)
     if resume:  # the global batch the run was trained with, which its workers cannot agree on among themselves

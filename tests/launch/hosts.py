@@ -17,6 +17,8 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.engine_runs import REPO
+
 ADDRESSES = ("10.213.0.1", "10.213.0.2")
 LOGIN_ADDRESS = "10.213.0.3"  # a third namespace, where a cluster's users log in: it launches the elastic runs
 NODES = ("node1", "node2")  # the hosts' names on a cluster (SLURM's node names), known on both hosts
@@ -34,6 +36,12 @@ class Hosts:
     def start_sshd(self, which: int) -> None:
         self.servers.append(start_sshd(self.namespaces[which], ADDRESSES[which], self.ssh_dir))
         wait_for_ssh(self.servers[-1], self.login, ADDRESSES[which], self.ssh_dir)
+
+    def user_env(self, **extra: str) -> dict[str, str]:
+        """A user's environment on these hosts: the repository importable, our ssh client first on PATH (its key
+        and known hosts), and `extra`."""
+        return {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2",
+                "PATH": f"{self.ssh_dir / 'bin'}:{os.environ['PATH']}", **extra}
 
     def commands_run_by_sshd(self, address: str) -> list[str]:
         log = self.ssh_dir / f"commands-{address}.log"
@@ -168,14 +176,14 @@ def kill_host(hosts: Hosts, which: int) -> None:
     """The host's link down, then every process of the host SIGKILLed (its sshd, and the launcher on the first):
     as a host that loses its power, it says goodbye to no one (the other way round, its kernel would close its
     connections, and the peers would know at once)."""
-    subprocess.run(["ip", "-n", hosts.namespaces[which], "link", "set", "ddl0", "down"], check=True)
+    subprocess.run(["ip", "-n", hosts.namespaces[which], "link", "set", IFACE, "down"], check=True)
     for pid in workers_in(hosts.namespaces[which]):
         with suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
 
 
 def revive_host(hosts: Hosts, which: int) -> None:
-    subprocess.run(["ip", "-n", hosts.namespaces[which], "link", "set", "ddl0", "up"], check=True)
+    subprocess.run(["ip", "-n", hosts.namespaces[which], "link", "set", IFACE, "up"], check=True)
     hosts.start_sshd(which)
 
 

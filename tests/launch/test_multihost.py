@@ -47,8 +47,7 @@ def ddl_train(hosts: Hosts, run_dir: Path, hostfile: Path, *flags: str, run: tup
               where: str | None = None) -> subprocess.Popen:
     """`ddl train` of the probe from the first host (or the namespace `where`), as a user would type it there (no
     -np: the hostfile's slots); output captured."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2", "OMP_NUM_THREADS": "1",
-           "PATH": f"{hosts.ssh_dir / 'bin'}:{os.environ['PATH']}"}  # (the two hosts share this machine's 2 cores)
+    env = hosts.user_env(OMP_NUM_THREADS="1")  # (the two hosts share this machine's 2 cores)
     command = [sys.executable, "-m", "ddl_apps.cli", "train", PROBE, f"run.dir={run_dir}", *run,
                "--hostfile", str(hostfile), "--gloo", *flags]
     return subprocess.Popen(["ip", "netns", "exec", where or hosts.namespaces[0], *command], cwd=REPO, env=env,

@@ -169,8 +169,7 @@ def cluster(two_hosts, tmp_path_factory):  # noqa: F811
         pytest.skip("needs SLURM and MUNGE (apt-get install slurm-wlm munge; scripts/setup.sh installs them)")
     top = tmp_path_factory.mktemp("slurm")
     conf = write_slurm_conf(top)
-    env = {**os.environ, "SLURM_CONF": str(conf), "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2",
-           "PATH": f"{two_hosts.ssh_dir / 'bin'}:{os.environ['PATH']}"}
+    env = two_hosts.user_env(SLURM_CONF=str(conf))
     cluster = Cluster(two_hosts, top, env)
     daemons = [start_munged(top)]
     try:
