@@ -34,7 +34,7 @@ def image(tmp_path_factory) -> str:
         pytest.skip("needs root: builds and runs images with podman, and makes network namespaces")
     log = tmp_path_factory.mktemp("build") / "build.log"
     seconds = images.build_cpu_image(log)
-    print(f"\n{CPU_IMAGE} built in {seconds:.0f} s")
+    print(f"\n{CPU_IMAGE}: {'built before from the same inputs' if seconds is None else f'built in {seconds:.0f} s'}")
     return CPU_IMAGE
 
 
