@@ -7,7 +7,8 @@
 #   4. a check that Horovod was built with PyTorch, TensorFlow, Gloo and MPI, recorded for horovodrun (python/0016).
 # Re-running it is cheap: every step is skipped when its result is already there and still valid.
 # The Docker images run it too: DDL_EXTRAS=gpu (TensorFlow with CUDA), DDL_TORCH_INDEX (the index that serves the
-# wanted torch build), DDL_DEV=0 (no development tools), HOROVOD_GPU_OPERATIONS=NCCL (Horovod for CUDA GPUs).
+# wanted torch build), DDL_DEV=0 (no development tools), DDL_PROJECT=0 (the dependencies without the project, which
+# the images install from the sources in a later layer), HOROVOD_GPU_OPERATIONS=NCCL (Horovod for CUDA GPUs).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
