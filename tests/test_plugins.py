@@ -91,7 +91,7 @@ HOOKS = TrainerHooks(build_task=build_task, predict=predict)
 def test_the_type_checker_finds_what_a_trainer_breaks_of_the_contract(tmp_path):
     (tmp_path / "bad_trainer.py").write_text(BAD_TRAINER)
     result = subprocess.run([sys.executable, "-m", "mypy", "--config-file", str(Path(__file__).parent.parent /
-                             "pyproject.toml"), str(tmp_path / "bad_trainer.py")], capture_output=True, text=True,
+                             "mypy.ini"), str(tmp_path / "bad_trainer.py")], capture_output=True, text=True,
                             cwd=Path(__file__).parent.parent)
     assert result.returncode == 1, result.stdout
     assert 'Cannot instantiate abstract class "Task" with abstract attributes "loss", "test", "train" and "valid"' \
