@@ -142,28 +142,37 @@ def wait_for_ssh(server: subprocess.Popen, ns: str, address: str, ssh_dir: Path,
 
 
 @contextmanager
-def two_hosts(top: Path, tag: str) -> Iterator[Hosts]:
-    """Two hosts and a login node (namespaces named ddl<tag>a, b and login); keys and logs under `top`."""
-    namespaces = (f"ddl{tag}a", f"ddl{tag}b")
-    login = f"ddl{tag}login"
-    hosts = Hosts(namespaces, login, top)
+def switched_namespaces(tag: str) -> Iterator[tuple[tuple[str, str], str]]:
+    """Two hosts' namespaces and a login node's (ddl<tag>a, b and login) on one switch: (hosts, login); deleted on
+    the way out."""
+    namespaces, login = (f"ddl{tag}a", f"ddl{tag}b"), f"ddl{tag}login"
     try:
         join_namespaces(namespaces, login)
-        resolve_hostname_to_own_address((*namespaces, login))
-        (top / "authorized_keys").write_text(keygen(top / "id_ed25519") + "\n")
-        host_keys = [keygen(top / f"host-{address}") for address in ADDRESSES]
-        write_client_config(top, host_keys)
-        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation directory
-        for which in range(len(namespaces)):
-            hosts.start_sshd(which)
-        yield hosts
+        yield namespaces, login
     finally:
-        for server in hosts.servers:
-            server.kill()
-            server.wait()
         for ns in (*namespaces, login):
             subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
             shutil.rmtree(Path("/etc/netns") / ns, ignore_errors=True)
+
+
+@contextmanager
+def two_hosts(top: Path, tag: str) -> Iterator[Hosts]:
+    """Two hosts and a login node (switched_namespaces), an SSH server in each host; keys and logs under `top`."""
+    with switched_namespaces(tag) as (namespaces, login):
+        hosts = Hosts(namespaces, login, top)
+        try:
+            resolve_hostname_to_own_address((*namespaces, login))
+            (top / "authorized_keys").write_text(keygen(top / "id_ed25519") + "\n")
+            host_keys = [keygen(top / f"host-{address}") for address in ADDRESSES]
+            write_client_config(top, host_keys)
+            Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation directory
+            for which in range(len(namespaces)):
+                hosts.start_sshd(which)
+            yield hosts
+        finally:
+            for server in hosts.servers:
+                server.kill()
+                server.wait()
 
 
 def workers_in(ns: str) -> list[int]:

@@ -90,20 +90,16 @@ def test_the_fraud_recipe_across_two_containers_as_two_hosts_over_the_images_ssh
     tmp = tmp_path_factory.mktemp("two")
     runs = writable_by_the_image_user(tmp / "runs")
     (runs / "hostfile").write_text("".join(f"{node} slots=1\n" for node in NODES))
-    tag = str(os.getpid())
-    namespaces, login = (f"ddl{tag}ia", f"ddl{tag}ib"), f"ddl{tag}il"
-    containers = [f"ddl-{tag}-{node}" for node in NODES]
-    try:
-        hosts.join_namespaces(namespaces, login)
-        for ns, node, name in zip(namespaces, NODES, containers, strict=True):
-            start_host(image, name, ns, node, ssh_folder(tmp), container_volumes(tmp / node, runs))
-        trained = subprocess.run([*PODMAN, "exec", containers[0], "ddl", *FRAUD, "run.dir=runs/fraud",
-                                  "--hostfile", "runs/hostfile"], capture_output=True, text=True, timeout=600)
-        logs = [sshd_log(c) for c in containers]
-    finally:
-        images.remove_containers(*containers)
-        for ns in (*namespaces, login):
-            subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
+    containers = [f"ddl-{os.getpid()}-{node}" for node in NODES]
+    with hosts.switched_namespaces(f"{os.getpid()}i") as (namespaces, _):
+        try:
+            for ns, node, name in zip(namespaces, NODES, containers, strict=True):
+                start_host(image, name, ns, node, ssh_folder(tmp), container_volumes(tmp / node, runs))
+            trained = subprocess.run([*PODMAN, "exec", containers[0], "ddl", *FRAUD, "run.dir=runs/fraud",
+                                      "--hostfile", "runs/hostfile"], capture_output=True, text=True, timeout=600)
+            logs = [sshd_log(c) for c in containers]
+        finally:
+            images.remove_containers(*containers)
     assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:] + "".join(logs)
     assert "Accepted publickey for ddl" in logs[1]  # rank 1 was started over SSH in the second container
     done = summary(runs / "fraud")
