@@ -154,6 +154,10 @@ def _elastic_run(config, resume: bool, controller: str, num_proc: int | None, mi
         raise click.UsageError("--elastic needs --max-np (the most workers) or -np")
     if not min_np <= (num_proc or max_np) <= max_np:
         raise click.UsageError(f"--elastic needs --min-np <= -np <= --max-np (got {min_np}, {num_proc}, {max_np})")
+    if config.dist.zero:
+        from ddl_apps.core.launch import ZERO_UNDER_ELASTIC
+
+        raise click.UsageError(ZERO_UNDER_ELASTIC)
     if controller != "gloo":
         raise click.UsageError("--elastic runs on Gloo; leave out --mpi (and dist.controller=mpi)")
     if rejoin_after_s[0] > rejoin_after_s[1]:
@@ -219,7 +223,7 @@ INPUTS = click.argument("inputs", nargs=-1, required=True)
 OUTPUT = click.option("-o", "--output", type=click.Path(path_type=Path), help="also write the results to this file")
 
 
-BENCHMARK_PARTS = ("allreduce", "scaling", "overhead", "peer", "data", "report")
+BENCHMARK_PARTS = ("allreduce", "scaling", "overhead", "peer", "data", "hosts", "zero", "report")  # benchmarks/run.py's
 
 
 @main.command()

@@ -56,6 +56,12 @@ class DistConfig(Section):
     batch_workers: int | None = Field(None, ge=1, description="the global batch is batch_size x this x accumulation; "
                                       "default: the number of workers. `ddl train --elastic` sets it to --max-np, "
                                       "so workers leaving or joining change neither the batch nor the lr")
+    zero: Literal[0, 1, 2, 3] = Field(0, description="PyTorch engine: ZeRO stage. 1 shards the optimizer state "
+                                      "across the workers, 2 also the gradients, 3 also the parameters (gathered "
+                                      "module by module for each pass); 0: every worker holds everything")
+    zero_bucket_mb: float = Field(4.0, gt=0, description="dist.zero: the size of the units the parameters are "
+                                  "flattened into (one collective each); stage 3 gathers a module once its "
+                                  "parameters reach it")
     cycle_time_ms: float = Field(5.0, gt=0, description="how often Horovod's background thread negotiates; "
                                  "longer suits long steps (HOROVOD_CYCLE_TIME in the environment wins)")
     timeout_s: int | None = Field(None, ge=1, description="how long a collective waits for the other workers: how "

@@ -100,11 +100,12 @@ def summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 
 
-def launch_worker(script: str, controller: str, np: int = 2, timeout: float = 300) -> str:
-    """Run a script of tests/workers under horovodrun; its output (the test fails if it does)."""
+def launch_worker(script: str, controller: str, np: int = 2, timeout: float = 300, args: tuple[str, ...] = ()) -> str:
+    """Run a script of tests/workers under horovodrun (`args` after it); its output (the test fails if it does)."""
     from ddl_apps.core.launch import run_horovod
 
-    result = run_horovod([sys.executable, str(WORKERS / script)], np, controller, timeout=timeout, capture=True)
+    result = run_horovod([sys.executable, str(WORKERS / script), *args], np, controller, timeout=timeout,
+                         capture=True)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     return output

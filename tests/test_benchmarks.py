@@ -179,6 +179,30 @@ def test_report_gives_what_a_slow_host_costs(results):
     assert "host" not in text.split("## Targets")[1].split("\n## ")[0]  # (a figure, not a target)
 
 
+def test_report_judges_zero(results):
+    """Issue 36's section: bytes beside the paper's formulas, step times against stage 0 (1.05x for stages 1 and
+    2, 1.3x for stage 3), and how each capped run ended."""
+    mib = 2**20
+    held = {"parameters": 4 * mib, "gradients": 2 * mib, "optimizer_state": 4 * mib, "sharded": 0}
+    formula = {"parameters": 4 * mib, "gradients": 2 * mib, "optimizer_state": 4 * mib}
+    write(results, "zero", {
+        "memory": [{"workers": 2, "stage": 2, "held": held, "formula": formula}],
+        "speed": {"controller": "mpi", "stages": {"0": 1.0, "1": 1.04, "2": 1.1, "3": 1.2},
+                  "peers": {"zero_redundancy": 0.9, "fsdp2": 1.5}},
+        "too_large": {"cap_gib": 3.1, "overrides": ["model.hidden_size=1024"], "runs": [
+            {"workers": 1, "stage": 0, "exit": 2, "steps_trained": 0, "seconds": 9.0,
+             "message": "error: rank 0 ran out of memory", "tail": "..."},
+            {"workers": 2, "stage": 3, "exit": 0, "steps_trained": 4, "seconds": 28.0, "message": "", "tail": ""}]}})
+    text = report.build().read_text()
+    assert "| ZeRO stage 1 step time vs stage 0, np=2 | <= 1.05x | 1.040x | met |" in text
+    assert "| ZeRO stage 2 step time vs stage 0, np=2 | <= 1.05x | 1.100x | **missed** |" in text
+    assert "| ZeRO stage 3 step time vs stage 0, np=2 | <= 1.3x | 1.200x | met |" in text
+    assert "| 2 | 2 | 4.0 (4.0) | 2.0 (2.0) | 4.0 (4.0) | 10.0 | 10.0 |" in text
+    assert "| PyTorch FSDP2 fully_shard (stage 3) | 1.500 | 1.500 |" in text
+    assert "| 1 | 0 | 2 | 0 | 9.0 | error: rank 0 ran out of memory |" in text
+    assert "| 2 | 3 | 0 | 4 | 28.0 | trained |" in text
+
+
 def test_report_names_what_was_not_measured(results):
     text = report.build().read_text()
     assert "Not measured yet: run `ddl bench scaling`." in text
@@ -216,3 +240,10 @@ def test_every_benchmark_part_overrides_its_recipe_with_settings_it_has():
             ("image_resnet", media.IMAGE_RUN), ("asr_conformer", media.SPEECH_RUN)]
     for recipe, overrides in runs:
         load_recipe(recipe, list(overrides))  # (a RecipeError names the unknown setting)
+
+
+def test_ddl_bench_offers_every_part_the_runner_has():
+    from benchmarks import run
+    from ddl_apps.cli import BENCHMARK_PARTS
+
+    assert set(BENCHMARK_PARTS) == {*run.PARTS, "report"}

@@ -36,22 +36,25 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_checkpoint(root: Path, step: int, write_files: Callable[[Path], None], keep: int) -> Path:
+def write_checkpoint(root: Path, step: int, write_files: Callable[[Path], None], keep: int,
+                     folder: Path | None = None, digests: dict[str, str] | None = None) -> Path:
     """Create `root/step-N` atomically: `write_files(tmp_dir)` fills it, then checksums, fsync, rename, prune.
 
+    `folder` is a temporary folder begun with begin_checkpoint that other workers already wrote files into (their
+    shards of the state), each fsynced, with their SHA-256 in `digests`.
     A folder already at step N is replaced by rename-then-delete, so a crash leaves the old one or the new one.
     Pruning keeps the `keep` newest checkpoints up to this one and never touches a newer one (a newer folder can
     only be one that resume could not use; set_aside moves those out of the way)."""
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+    tmp = folder or begin_checkpoint(root, step)
     try:
         write_files(tmp)
-        manifest = {"step": step, "files": {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}}
+        known = digests or {}
+        manifest = {"step": step, "files": {p.name: known.get(p.name) or file_sha256(p) for p in sorted(tmp.iterdir())}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         for path in tmp.iterdir():
-            with path.open("rb") as f:
-                os.fsync(f.fileno())
+            if path.name not in known:
+                fsync_file(path)
         os.chmod(tmp, 0o700)
         _replace(tmp, final)
         _fsync_dir(root)
@@ -62,6 +65,17 @@ def write_checkpoint(root: Path, step: int, write_files: Callable[[Path], None],
     for old in older[: max(0, len(older) - (keep - 1))]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def begin_checkpoint(root: Path, step: int) -> Path:
+    """The temporary folder a checkpoint of `step` is written into (write_checkpoint renames it when complete)."""
+    root.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{PREFIX}{step:08d}.", dir=root))
+
+
+def fsync_file(path: Path) -> None:
+    with path.open("rb") as f:
+        os.fsync(f.fileno())
 
 
 def _replace(new: Path, final: Path) -> None:

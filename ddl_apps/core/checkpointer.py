@@ -4,6 +4,7 @@ restores it; on --resume it keeps the global batch the checkpoints were trained 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
@@ -32,10 +33,12 @@ class Checkpointable(Protocol):
 
     topo: dist.Topology
     state: TrainState
+    writes_shards: bool  # every rank writes its own shards of the state (write_shards)
 
     def rng_state(self) -> np.ndarray: ...
     def set_rng_state(self, state: np.ndarray) -> None: ...
     def gather_state(self) -> Any: ...
+    def write_shards(self, folder: Path) -> dict[str, str]: ...
     def write_state(self, folder: Path, gathered: Any) -> None: ...
     def restore_state(self, checkpoint: Path | None) -> None: ...
     def load_checkpoint(self, checkpoint: Path) -> None: ...
@@ -102,9 +105,20 @@ class Checkpointer:
         self.root, self.keep, self.batch = root, keep, batch
 
     def save(self, engine: Checkpointable) -> None:
-        """Collective (gathers every rank's RNG state and what the engine's write_state needs); rank 0 writes."""
+        """Collective (gathers every rank's RNG state and what the engine's write_state needs); rank 0 writes, and
+        every rank its shards where the engine writes them (into the folder rank 0 began; it completes it)."""
         rng = dist.allgather_array(engine.rng_state()[None])
         gathered = engine.gather_state()
+        folder, digests = None, {}
+        if engine.writes_shards:
+            folder = dist.on_root(ckpt.begin_checkpoint, self.root, engine.state.step)
+            try:
+                digests = {name: digest for written in dist.on_every_rank(engine.write_shards, folder)
+                           for name, digest in written.items()}
+            except Exception:
+                if engine.topo.is_root:
+                    shutil.rmtree(folder, ignore_errors=True)
+                raise
         if not engine.topo.is_root:
             return
 
@@ -114,7 +128,7 @@ class Checkpointer:
             progress = {**engine.state.state_dict(), "size": engine.topo.size, **self.batch}
             (folder / PROGRESS_FILE).write_text(json.dumps(progress))
 
-        ckpt.write_checkpoint(self.root, engine.state.step, write, self.keep)
+        ckpt.write_checkpoint(self.root, engine.state.step, write, self.keep, folder, digests)
 
     @staticmethod
     def restore(engine: Checkpointable, found: Found | None, elastic: bool) -> None:

@@ -150,8 +150,10 @@ def seed_everything(seed: int) -> None:
 
 
 def broadcast_object(obj: Any, root_rank: int = 0) -> Any:
-    """Rank `root_rank`'s (picklable, in-memory) object on every rank."""
-    return _active().hvd.broadcast_object(obj, root_rank=root_rank)
+    """Rank `root_rank`'s (picklable, in-memory) object on every rank; the other ranks' `obj` may be of another type
+    (None): Horovod names the collective after the type unless given a name, and ranks whose names differ wait for
+    each other forever."""
+    return _active().hvd.broadcast_object(obj, root_rank=root_rank, name="ddl.broadcast_object")
 
 
 def on_root(fn: Callable[..., Any], *args: Any) -> Any:
@@ -170,6 +172,21 @@ def on_root(fn: Callable[..., Any], *args: Any) -> Any:
     if error is not None:
         raise error
     return result
+
+
+def on_every_rank(fn: Callable[..., Any], *args: Any) -> list[Any]:
+    """Run fn on every rank and give every rank each rank's result, in rank order; when fn raised on any rank,
+    the first rank's exception is raised on all (so no rank goes on to wait for the others)."""
+    result = error = None
+    try:
+        result = fn(*args)
+    except Exception as e:  # handed to every rank and raised there
+        error = e
+    gathered = _active().hvd.allgather_object((result, error))
+    for _, raised in gathered:
+        if raised is not None:
+            raise raised
+    return [value for value, _ in gathered]
 
 
 def allreduce_sum(values: np.ndarray | list[float]) -> np.ndarray:

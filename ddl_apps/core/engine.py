@@ -4,7 +4,7 @@ The loop runs global steps of each epoch until the next event (a log line, a che
 epoch's end), each worker reading its share of every step through the feed (core/feed.py); the checkpointer
 (core/checkpointer.py) saves and restores, the evaluator (core/evaluator.py) evaluates, and core/run_end.py ends
 the run. A framework engine supplies `run_steps` (train given global steps of the epoch), `predict_batch`,
-`current_lr`, `weights_bytes`, `parameter_bytes`, and `write_state` / `restore_state` for checkpoints; one whose
+`current_lr`, `weights_arrays`, `parameter_bytes`, and `write_state` / `restore_state` for checkpoints; one whose
 model is partly sharded across ranks also gathers it whole (`gather_state`, `exportable_model`). For elastic
 training (core/elastic.py) each names its Horovod elastic module (`elastic`), hands its state over in memory
 (`modules_state_dict`, `load_modules_state_dict`), reads checkpoints on one rank (`load_checkpoint`) and follows a
@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -95,8 +95,9 @@ class Engine(ABC):
     def current_lr(self) -> float: ...
 
     @abstractmethod
-    def weights_bytes(self) -> bytes:
-        """Collective: the whole model's weights (sharded parts gathered), identical on every rank."""
+    def weights_arrays(self) -> Iterator[np.ndarray]:
+        """Collective (consume it whole): the whole model's weights one array at a time (sharded parts gathered),
+        identical on every rank."""
 
     @abstractmethod
     def parameter_bytes(self) -> dict[str, int]:
@@ -105,6 +106,12 @@ class Engine(ABC):
     def gather_state(self) -> Any:
         """Collective: what this rank's write_state needs from the others (sharded weights and optimizer state)."""
         return None
+
+    writes_shards = False  # whether every rank writes its own part of a checkpoint (write_shards)
+
+    def write_shards(self, folder: Path) -> dict[str, str]:
+        """Every rank: its shards of the state into a checkpoint's folder, fsynced; {file name: SHA-256}."""
+        raise NotImplementedError
 
     def exportable_model(self) -> Any:
         """Collective: the model to export, whole on every rank."""

@@ -13,6 +13,12 @@ from pathlib import Path
 
 CONTROLLERS = ("gloo", "mpi")
 
+ZERO_UNDER_ELASTIC = ("--elastic cannot train with dist.zero > 0: a worker that is lost takes its shard of the "
+                      "training state with it, and the others' in-memory commit cannot restore it. Train with "
+                      "dist.zero=0 under --elastic, or with ZeRO without --elastic (a stopped run resumes from its "
+                      "sharded checkpoints with --resume, on any number of workers)")
+
+
 
 def choose_controller(configured: str, elastic: bool, hosts: list[tuple[str, int]]) -> str:
     """The recipe's dist.controller, with `auto` resolved: MPI when every worker is on this host (Open MPI's

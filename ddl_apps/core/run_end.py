@@ -16,7 +16,10 @@ Results = dict[str, dict[str, float]]
 
 def weights_digest_by_rank(engine: Engine) -> list[str]:
     """Collective: SHA-256 of every rank's weights, all equal unless data parallelism broke."""
-    digest = hashlib.sha256(engine.weights_bytes()).digest()
+    hashed = hashlib.sha256()
+    for array in engine.weights_arrays():  # (one at a time: a sharded model is never whole here)
+        hashed.update(np.ascontiguousarray(array).tobytes())
+    digest = hashed.digest()
     gathered = dist.allgather_array(np.frombuffer(digest, dtype=np.uint8).copy())
     return [bytes(row).hex() for row in gathered.reshape(engine.topo.size, -1)]
 
@@ -33,6 +36,19 @@ def write_artifacts(engine: Engine, outputs: dict[str, np.ndarray]) -> list[str]
     return []
 
 
+def parameter_bytes_by_rank(engine: Engine) -> list[dict[str, int]]:
+    """Collective: every rank's parameter_bytes, in rank order."""
+    memory = engine.parameter_bytes()
+    rows = dist.allgather_array(np.array([list(memory.values())], dtype=np.int64))
+    return [dict(zip(memory, map(int, row), strict=True)) for row in rows]
+
+
+def held(memory: dict[str, int]) -> str:
+    """'1.2 MiB of parameters, ...' for parameter_bytes' memory (but the sharded part, a part of parameters)."""
+    return ", ".join(f"{value / 2**20:.1f} MiB of {key.replace('_', ' ')}" for key, value in memory.items()
+                     if key != "sharded")
+
+
 def finish(engine: Engine, complete: bool) -> Results:
     """Collective: report the run; a complete one (not stopped at run.max_steps) is also evaluated on its test
     split (validation split if it has none) and exported, and rank 0 writes its outputs and summary."""
@@ -46,7 +62,8 @@ def finish(engine: Engine, complete: bool) -> Results:
         log.message(f"[bold red]warning:[/] weights differ across ranks: {digests}")
     hosts = dist.hosts_by_rank()
     memory = engine.parameter_bytes()
-    memory_by_rank = dist.allgather_array(np.array([list(memory.values())], dtype=np.int64))
+    memory_by_rank = parameter_bytes_by_rank(engine)
+    log.message(f"each worker holds {held(memory)} (rank 0's; dist.zero={engine.recipe.dist.zero})")
     model = engine.exportable_model()
     if complete:
         split, source = final_split(task)
@@ -60,8 +77,7 @@ def finish(engine: Engine, complete: bool) -> Results:
             results.update(task.report())
             summary = {"results": results, "warnings": warnings, "steps": engine.state.step, "workers": topo.size,
                        "hosts_by_rank": hosts, "training": done, "weights_sha256_by_rank": digests,
-                       "parameter_bytes_by_rank": [dict(zip(memory, row.tolist(), strict=True))
-                                                   for row in memory_by_rank]}
+                       "parameter_bytes_by_rank": memory_by_rank}
             (engine.run_dir / rundir.SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
     log.close(results)
     return results

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import collections
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +132,9 @@ class KerasEngine(Engine):
         if recipe.optim.nonfinite == "skip":
             raise RecipeError("optim.nonfinite=skip needs the PyTorch engine; with Keras a non-finite loss stops the "
                               "run (optim.nonfinite=stop)")
+        if recipe.dist.zero:
+            raise RecipeError("dist.zero shards the training state on the PyTorch engine; the Keras engine keeps it "
+                              "whole on every worker: set dist.zero=0")
 
     def _compile(self, recipe: Recipe) -> None:
         import horovod.tensorflow.keras as hvd_keras
@@ -307,8 +310,9 @@ class KerasEngine(Engine):
     def predict_batch(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {k: np.asarray(v) for k, v in self.task.predict(self.model, batch).items()}
 
-    def weights_bytes(self) -> bytes:
-        return b"".join(np.asarray(v).tobytes() for v in self.model.weights)
+    def weights_arrays(self) -> Iterator[np.ndarray]:
+        for variable in self.model.weights:
+            yield np.asarray(variable)
 
     def parameter_bytes(self) -> dict[str, int]:
         return {"parameters": sum(np.asarray(v).nbytes for v in self.model.weights), "sharded": 0}

@@ -1,11 +1,15 @@
-"""The data-parallel engine for PyTorch trainers: Horovod's DistributedOptimizer with accumulation, compression,
-clipping and mixed precision; weights and optimizer state checkpointed as safetensors (+ JSON)."""
+"""The data-parallel engine for PyTorch trainers: Horovod's DistributedOptimizer (or, with dist.zero, the
+ZeroOptimizer of core/parallel/zero.py) with accumulation, compression, clipping and mixed precision; weights and
+optimizer state checkpointed as safetensors (+ JSON), or as each worker's shards."""
 
 from __future__ import annotations
 
 import copy
+import json
+from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,7 +19,10 @@ from ddl_apps.core import checkpoint as ckpt
 from ddl_apps.core import dist, sharding
 from ddl_apps.core.engine import Engine
 from ddl_apps.core.feed import examples_in
+from ddl_apps.core.launch import ZERO_UNDER_ELASTIC
 from ddl_apps.core.parallel import embedding as parallel
+from ddl_apps.core.parallel import zero_checkpoint as zero_ckpt
+from ddl_apps.core.parallel.zero import TABLES_REFUSAL, ZeroOptimizer, tensor_bytes
 from ddl_apps.core.sources import ColumnSource
 from ddl_apps.errors import CheckpointError, RecipeError
 from ddl_apps.recipe import OptimConfig, Recipe
@@ -23,15 +30,19 @@ from ddl_apps.recipe import OptimConfig, Recipe
 Batch = dict[str, torch.Tensor]
 
 
-def make_optimizer(optim: OptimConfig, params, lr: float) -> torch.optim.Optimizer:
+def make_optimizer(optim: OptimConfig, params, lr: float, foreach: bool | None = None) -> torch.optim.Optimizer:
+    """`foreach`: None lets torch choose; False steps one tensor at a time (the temporaries are one tensor's, not
+    the whole model's)."""
     if optim.name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=optim.momentum, weight_decay=optim.weight_decay,
+                               foreach=foreach)
     if optim.name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=optim.weight_decay)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=optim.weight_decay)
+        return torch.optim.Adam(params, lr=lr, weight_decay=optim.weight_decay, foreach=foreach)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=optim.weight_decay, foreach=foreach)
 
 
 WEIGHTS = "model.safetensors"  # in an exported model's folder and in every checkpoint
+UNSHARDED = "unsharded.safetensors"  # in a ZeRO checkpoint: what no unit shards (buffers, frozen parameters)
 
 
 def _host_tensor(obj: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -41,12 +52,12 @@ def _host_tensor(obj: torch.Tensor | np.ndarray) -> torch.Tensor:
 TORCH_FILES = ckpt.TensorFiles(lambda obj: isinstance(obj, torch.Tensor), _host_tensor, save_file, load_file)
 
 
-def save_weights(model: torch.nn.Module | dict[str, torch.Tensor], folder: Path) -> None:
+def save_weights(model: torch.nn.Module | dict[str, torch.Tensor], folder: Path, name: str = WEIGHTS) -> None:
     """The weights (of a model, or a state dict), as safetensors, in `folder` (an exported model's, or a
     checkpoint's)."""
     state = model if isinstance(model, dict) else model.state_dict()
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(folder / WEIGHTS))
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(folder / name))
 
 
 def load_weights(model: torch.nn.Module, folder: Path) -> None:
@@ -74,6 +85,7 @@ def unpack_rng_state(state: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | No
 class TorchEngine(Engine):
     init = staticmethod(dist.init_torch)
     elastic = "horovod.torch.elastic"
+    optimizer: Any  # Horovod's DistributedOptimizer, or with dist.zero a ZeroOptimizer: the same calls
 
     def __init__(self, recipe: Recipe, task, topology: dist.Topology, run_dir: Path, training: bool = True):
         super().__init__(recipe, task, topology, run_dir, training)
@@ -81,6 +93,8 @@ class TorchEngine(Engine):
         self.model = task.build_model().to(self.device)
         precision = recipe.run.precision
         self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        self.zero: ZeroOptimizer | None = None
+        self.writes_shards = bool(training and recipe.dist.zero)
         if training:
             self._build_optimizer(recipe)
 
@@ -96,17 +110,32 @@ class TorchEngine(Engine):
         else:  # (an elastic run broadcasts its whole state when training starts)
             hvd.broadcast_parameters({k: v for k, v in self.model.state_dict().items() if k not in shards},
                                      root_rank=0)
-        compression = hvd.Compression.fp16 if recipe.dist.compression == "fp16" else hvd.Compression.none
-        self.optimizer = hvd.DistributedOptimizer(
-            make_optimizer(optim, self.model.parameters(), self.base_lr),
-            named_parameters=self.model.named_parameters(),
-            compression=compression,
-            backward_passes_per_step=optim.accumulation,
-            local_parameters=parallel.sharded_parameters(self.model),
-            groups=recipe.dist.gradient_groups or None,
-        )
-        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
+        if recipe.dist.zero:
+            if shards:
+                raise RecipeError(TABLES_REFUSAL)
+            self.zero = ZeroOptimizer(hvd, self.model, recipe.dist.zero,
+                                      lambda params: make_optimizer(optim, params, self.base_lr, foreach=False),
+                                      recipe.dist.zero_bucket_mb, fp16_compression=recipe.dist.compression == "fp16",
+                                      agree_on_overflow=recipe.run.precision == "fp16")
+            self.optimizer = self.zero
+            stepped = self.zero.inner  # (what the LR schedule sets)
+        else:
+            compression = hvd.Compression.fp16 if recipe.dist.compression == "fp16" else hvd.Compression.none
+            self.optimizer = stepped = hvd.DistributedOptimizer(
+                make_optimizer(optim, self.model.parameters(), self.base_lr),
+                named_parameters=self.model.named_parameters(),
+                compression=compression,
+                backward_passes_per_step=optim.accumulation,
+                local_parameters=parallel.sharded_parameters(self.model),
+                groups=recipe.dist.gradient_groups or None,
+            )
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(stepped, self.lr_factor)
         self.scaler = torch.amp.GradScaler(self.device.type) if recipe.run.precision == "fp16" else None
+
+    @staticmethod
+    def check_recipe(recipe: Recipe, task, size: int) -> None:
+        if recipe.dist.zero and dist.is_elastic():
+            raise RecipeError(ZERO_UNDER_ELASTIC)
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -151,13 +180,14 @@ class TorchEngine(Engine):
             if self.scaler:
                 self.scaler.unscale_(self.optimizer)
             if optim.clip_grad_norm or skip_nonfinite:
-                norm = parallel.global_grad_norm(self.model)
+                norm = self.zero.grad_norm() if self.zero else parallel.global_grad_norm(self.model)
                 if skip_nonfinite and not torch.isfinite(norm):  # the same on every rank: gradients are averaged
                     self.skipped_steps.append(step)
                     self.schedule.step()
                     return float("nan")
                 if optim.clip_grad_norm:
-                    torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), optim.clip_grad_norm, norm)
+                    stepped = self.zero.shards() if self.zero else self.model.parameters()
+                    torch.nn.utils.clip_grads_with_norm_(stepped, optim.clip_grad_norm, norm)
             with self.optimizer.skip_synchronize():
                 self._optimizer_step()
         else:
@@ -190,17 +220,33 @@ class TorchEngine(Engine):
             out = self.task.predict(self.model, self._to_device(batch))
         return {k: (v.float() if v.is_floating_point() else v).cpu().numpy() for k, v in out.items()}
 
-    def weights_bytes(self) -> bytes:
-        return b"".join(v.cpu().numpy().tobytes() for v in parallel.replicated_state(self.model).values())
+    def weights_arrays(self) -> Iterator[np.ndarray]:
+        if not self.zero:
+            for value in parallel.replicated_state(self.model).values():
+                yield value.cpu().numpy()
+            return
+        for unit in self.zero.units:  # one unit whole at a time
+            with self.zero.gathered(unit):
+                for p in unit.params:  # (copies: numpy's view would pin the storage, which stage 3 frees)
+                    yield p.detach().clone().numpy()
+        for value in self._unsharded_state().values():
+            yield value.cpu().numpy()
 
     def parameter_bytes(self) -> dict[str, int]:
         def size(params) -> int:
             return sum(p.numel() * p.element_size() for p in params)
 
+        sharded = size(parallel.sharded_parameters(self.model))
+        if self.zero:
+            return {**self.zero.state_bytes(), "sharded": sharded}
         return {"parameters": size(self.model.parameters()),
-                "sharded": size(parallel.sharded_parameters(self.model))}
+                "gradients": size(p for p in self.model.parameters() if p.requires_grad),
+                "optimizer_state": tensor_bytes(self.optimizer), "sharded": sharded}
 
     def exportable_model(self) -> torch.nn.Module:
+        if self.zero:  # (training is over: its checkpoint is written and its memory counted)
+            self.zero.release_training_state()
+            self.zero.gather_all()  # (for the rest of the run: the final evaluation and the export)
         return parallel.replicated_model(self.model)
 
     # ---- checkpoints ----------------------------------------------------------------------------------
@@ -213,26 +259,71 @@ class TorchEngine(Engine):
         if cuda is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(cuda)
 
-    def gather_state(self) -> dict:
+    def write_shards(self, folder: Path) -> dict[str, str]:
+        assert self.zero is not None
+        return zero_ckpt.write_shard(self.zero, folder, self.topo.rank)
+
+    def gather_state(self) -> dict | None:
+        if self.zero:
+            return None  # (each rank writes its own shards)
         return {"model": parallel.replicated_state(self.model),
                 "optimizer": parallel.replicated_optimizer_state(self.optimizer, self.model)}
 
-    def write_state(self, folder: Path, gathered: dict) -> None:
-        save_weights(gathered["model"], folder)
+    def write_state(self, folder: Path, gathered: dict | None) -> None:
+        if self.zero:
+            (folder / zero_ckpt.LAYOUT).write_text(json.dumps(zero_ckpt.layout(self.zero)))
+            save_weights(self._unsharded_state(), folder, UNSHARDED)
+            optimizer = zero_ckpt.optimizer_summary(self.zero)
+        else:
+            assert gathered is not None
+            save_weights(gathered["model"], folder)
+            optimizer = gathered["optimizer"]
         ckpt.save_state(folder, "training", {
-            "optimizer": gathered["optimizer"],
+            "optimizer": optimizer,
             "schedule": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else {},
         }, TORCH_FILES)
 
-    @staticmethod
-    def _read_checkpoint(checkpoint: Path) -> dict:
-        return {"model": load_file(str(checkpoint / WEIGHTS)),
-                "training": ckpt.load_state(checkpoint, "training", TORCH_FILES)}
+    def _unsharded_state(self) -> dict[str, torch.Tensor]:
+        """The model's state that ZeRO does not shard: buffers, frozen and shared parameters."""
+        assert self.zero is not None
+        sharded = self.zero.sharded_names()
+        return {key: value for key, value in self.model.state_dict().items() if key not in sharded}
+
+    def _parameter_names(self) -> list[str]:
+        """In the order the optimizer of a dist.zero=0 run holds them."""
+        return [name for name, _ in self.model.named_parameters()]
+
+    def _read_checkpoint(self, checkpoint: Path) -> dict:
+        """The whole state, from a checkpoint of the whole state or of ZeRO shards."""
+        training = ckpt.load_state(checkpoint, "training", TORCH_FILES)
+        if not zero_ckpt.is_sharded(checkpoint):
+            return {"model": load_file(str(checkpoint / WEIGHTS)), "training": training}
+        params, optimizer = zero_ckpt.whole_state(zero_ckpt.ShardedSource(checkpoint), training["optimizer"],
+                                                  self._parameter_names())
+        return {"model": {**load_file(str(checkpoint / UNSHARDED)), **params},
+                "training": {**training, "optimizer": optimizer}}
 
     def restore_state(self, checkpoint: Path | None) -> None:
+        if self.zero:  # every rank reads its own slices
+            dist.on_every_rank(self._load_shards, dist.broadcast_object(checkpoint))
+            return
         # rank 0 reads; every rank gets the same state and keeps its own rows
         self._apply_checkpoint(dist.on_root(self._read_checkpoint, checkpoint))
+
+    def _load_shards(self, checkpoint: Path) -> None:
+        assert self.zero is not None
+        training = ckpt.load_state(checkpoint, "training", TORCH_FILES)
+        source: zero_ckpt.ShardedSource | zero_ckpt.ReplicatedSource
+        if zero_ckpt.is_sharded(checkpoint):
+            source, unsharded = zero_ckpt.ShardedSource(checkpoint), load_file(str(checkpoint / UNSHARDED))
+        else:
+            whole = load_file(str(checkpoint / WEIGHTS))
+            source = zero_ckpt.ReplicatedSource(whole, training["optimizer"], self._parameter_names())
+            unsharded = {key: value for key, value in whole.items() if key not in self.zero.sharded_names()}
+        self.model.load_state_dict(unsharded, strict=False)
+        zero_ckpt.load_shards(self.zero, source, training["optimizer"])
+        self._load_schedule(training)
 
     def load_checkpoint(self, checkpoint: Path) -> None:
         self._apply_checkpoint(self._read_checkpoint(checkpoint))
@@ -241,6 +332,10 @@ class TorchEngine(Engine):
         parallel.load_replicated_state(self.model, state["model"])
         training = state["training"]
         parallel.load_replicated_optimizer_state(self.optimizer, self.model, training["optimizer"])
+        self._load_schedule(training)
+
+    def _load_schedule(self, training: dict) -> None:
+        """The LR schedule's state, and the fp16 loss scaler's, from a checkpoint's training state."""
         self.schedule.load_state_dict(training["schedule"])
         if self.scaler and training["scaler"]:
             self.scaler.load_state_dict(training["scaler"])
@@ -257,9 +352,7 @@ class TorchEngine(Engine):
     def load_modules_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])  # (Horovod's also drops pending allreduces)
-        self.schedule.load_state_dict(state["schedule"])
-        if self.scaler and state["scaler"]:
-            self.scaler.load_state_dict(state["scaler"])
+        self._load_schedule(state)
 
     def resized(self, topology: dist.Topology) -> None:
         super().resized(topology)

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import importlib
 import os
+import resource
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from ddl_apps.core import dist, elastic, run_end, rundir
@@ -15,7 +18,7 @@ from ddl_apps.core.engine import Engine
 from ddl_apps.core.evaluator import final_split
 from ddl_apps.core.feed import train_examples
 from ddl_apps.core.schedule import epoch_steps
-from ddl_apps.errors import ClusterError
+from ddl_apps.errors import ClusterError, TrainingError
 from ddl_apps.recipe import Recipe
 
 ENGINES = {"torch": ("ddl_apps.core.torch_engine", "TorchEngine"),
@@ -52,7 +55,8 @@ def run_training(recipe: Recipe, resume: bool, trainer: Trainer) -> Path:
         dist.on_root(rundir.prepare_run_dir, run_dir, recipe, resume)
     elif topology.is_root and not (run_dir / rundir.CONFIG_FILE).exists():
         rundir.prepare_run_dir(run_dir, recipe, resume)
-    engine = engine_type(recipe, task, topology, run_dir)
+    with memory_named(recipe, topology.rank):
+        engine = engine_type(recipe, task, topology, run_dir)
     hosts = [] if is_elastic else dist.hosts_by_rank()  # (an elastic run says so as it syncs its workers)
     engine.placed(hosts)
     if resume:
@@ -65,12 +69,38 @@ def run_training(recipe: Recipe, resume: bool, trainer: Trainer) -> Path:
         elastic.run(engine, engine_type.elastic, train_and_finish)
         return run_dir
     try:
-        train_and_finish()
+        with memory_named(recipe, topology.rank):
+            train_and_finish()
     except Exception as e:
         if dist.lost_contact(e):
             raise lost_workers(run_dir, hosts, topology.rank) from None
         raise
     return run_dir
+
+
+@contextmanager
+def memory_named(recipe: Recipe, rank: int) -> Iterator[None]:
+    """A worker that runs out of memory stops with what it holds and how to hold less (torch's allocator raises a
+    RuntimeError; Python a MemoryError)."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as e:
+        if not (isinstance(e, MemoryError) or "can't allocate memory" in str(e)):
+            raise
+        limit = resource.getrlimit(resource.RLIMIT_DATA)[0]
+        capped = f" (its RLIMIT_DATA is {limit / 2**30:.2f} GiB)" if limit != resource.RLIM_INFINITY else ""
+        fix = ("shard them across the workers with dist.zero=3 (1 shards the optimizer state, 2 also the "
+               "gradients), train on more workers, or lower optim.batch_size") if recipe.dist.zero < 3 else \
+            "train on more workers (each holds a smaller shard), or lower optim.batch_size"
+        raise TrainingError(f"rank {rank} ran out of memory{capped}: {str(e).strip().splitlines()[0]}. With "
+                            f"dist.zero={recipe.dist.zero}, each worker holds {ZERO_HOLDS[recipe.dist.zero]}: "
+                            f"{fix}") from None
+
+
+ZERO_HOLDS = {0: "the whole model, its gradients and its optimizer state",
+              1: "the whole model and its gradients, and its shard of the optimizer state",
+              2: "the whole model, and its shard of the gradients and the optimizer state",
+              3: "its shard of the parameters, the gradients and the optimizer state"}
 
 
 def lost_workers(run_dir: Path, hosts: list[str], rank: int) -> ClusterError:

@@ -11,9 +11,9 @@ written = []
 write_checkpoint = checkpoint.write_checkpoint
 
 
-def recording(root, step, write_files, keep):
+def recording(root, step, write_files, keep, *sharded):
     written.append(step)
-    return write_checkpoint(root, step, write_files, keep)
+    return write_checkpoint(root, step, write_files, keep, *sharded)
 
 
 checkpoint.write_checkpoint = recording
