@@ -371,8 +371,70 @@ def hosts_section(result: dict) -> tuple[list[str], list[tuple]]:
     return lines + [""], []
 
 
+def mib(value: float) -> str:
+    return f"{value / 2**20:,.1f}"
+
+
+def zero_memory_lines(rows: list[dict]) -> list[str]:
+    lines = ["| workers | stage | parameters MiB | gradients MiB | optimizer state MiB | total MiB | the paper's total "
+             "MiB |", "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        held, formula = row["held"], row["formula"]
+        parts = ("parameters", "gradients", "optimizer_state")
+        lines.append(f"| {row['workers']} | {row['stage']} | " + " | ".join(
+            f"{mib(held[p])} ({mib(formula[p])})" for p in parts) +
+            f" | {mib(sum(held[p] for p in parts))} | {mib(sum(formula[p] for p in parts))} |")
+    return lines
+
+
+ZERO_LIMITS = {1: 1.05, 2: 1.05, 3: 1.3}
+
+
+def zero_section(result: dict) -> tuple[list[str], list[tuple]]:
+    """Issue 36: ZeRO's memory per worker, a model too large for one worker, and its speed against stage 0 and
+    PyTorch's own."""
+    lines = ["## 7. ZeRO: the training state sharded across workers (text classification, MiniLM-L6, AdamW)",
+             machine_line(result)]
+    summaries: list[tuple] = []
+    if "memory" in result:
+        lines += ["Each worker's bytes between steps, as the engine counts the tensors it holds (`summary.json`'s "
+                  "`parameter_bytes_by_rank`; the fullest worker), and in brackets the ZeRO paper's formula for "
+                  "fp32 AdamW: 4 bytes per parameter of weights, 4 of gradients, 8 of moments, each divided by the "
+                  "workers from its stage on (1: moments, 2: gradients, 3: weights). The small excess is the "
+                  "padding of each unit to a multiple of the workers and, in stage 3, the pooler and classifier "
+                  "that no unit module holds (kept whole).", "", *zero_memory_lines(result["memory"]), ""]
+    if "speed" in result:
+        speed = result["speed"]
+        base = speed["stages"]["0"]
+        lines += [f"Median step time at np=2 ({speed['controller']}), the stages taking turns in one job on the same "
+                  "model and batches (batch 32 per worker); PyTorch's own under `torchrun` with Gloo on the same "
+                  "model, batches, optimizer and clipping.", "", "| run | step s | ratio to stage 0 |",
+                  "|---|---|---|"]
+        for stage, seconds in speed["stages"].items():
+            lines.append(f"| ddl_apps dist.zero={stage} | {seconds:.3f} | {seconds / base:.3f} |")
+            if int(stage) in ZERO_LIMITS:
+                summaries.append((f"ZeRO stage {stage} step time vs stage 0, np=2", f"<= {ZERO_LIMITS[int(stage)]}x",
+                                  f"{seconds / base:.3f}x", verdict(seconds / base, ZERO_LIMITS[int(stage)], False)))
+        names = {"zero_redundancy": "PyTorch DDP + ZeroRedundancyOptimizer (stage 1)",
+                 "fsdp2": "PyTorch FSDP2 fully_shard (stage 3)"}
+        for peer, seconds in speed["peers"].items():
+            lines.append(f"| {names[peer]} | {seconds:.3f} | {seconds / base:.3f} |")
+        lines.append("")
+    if "too_large" in result:
+        large = result["too_large"]
+        lines += [f"A model one worker cannot train: `ddl train nlp_minilm {' '.join(large['overrides'])}` with every "
+                  f"process's RLIMIT_DATA at {large['cap_gib']} GiB (set on the launcher, inherited by each worker).",
+                  "", "| workers | dist.zero | exit | steps trained | s | how it ended |", "|---|---|---|---|---|---|"]
+        for run in large["runs"]:
+            ended = run["message"] or ("trained" if run["exit"] == 0 else run["tail"].strip().splitlines()[-1][:200])
+            lines.append(f"| {run['workers']} | {run['stage']} | {run['exit']} | {run['steps_trained']} | "
+                         f"{run['seconds']} | {ended.replace('|', '/')} |")
+        lines.append("")
+    return lines, summaries
+
+
 SECTIONS = {"allreduce": allreduce_section, "scaling": scaling_section, "overhead": overhead_section,
-            "peer": peer_section, "data": data_section, "hosts": hosts_section}
+            "peer": peer_section, "data": data_section, "hosts": hosts_section, "zero": zero_section}
 
 
 def build() -> Path:

@@ -1,8 +1,8 @@
 """`make bench` / `ddl bench [PART ...]`: run the benchmarks (all by default, 13-25 minutes on 2 cores, about
-35 more for `data`, which needs 40 GB of free disk, and 4 for `hosts`, which needs root), then
+35 more for `data`, which needs 40 GB of free disk, 4 for `hosts`, which needs root, and 4 for `zero`), then
 rebuild BENCHMARKS.md and its charts from benchmarks/results/.
 
-    .venv/bin/python benchmarks/run.py [allreduce] [scaling] [overhead] [peer] [data] [hosts] [report]
+    .venv/bin/python benchmarks/run.py [allreduce] [scaling] [overhead] [peer] [data] [hosts] [zero] [report]
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ PARTS = {
     "peer": ["loops.py", "peer"],
     "data": ["data.py"],
     "hosts": ["hosts.py"],
+    "zero": ["zero.py"],
 }
 
 
