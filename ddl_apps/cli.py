@@ -265,6 +265,32 @@ def recommend(run_dir: Path, user_id: str, count: int) -> None:
     recommend(run_dir, user_id, count)
 
 
+EXPORT_FORMATS = ("onnx",)
+
+
+@main.command()
+@RUN_DIR
+@click.option("--format", "format_", type=click.Choice(EXPORT_FORMATS), default="onnx", show_default=True,
+              help="the file format")
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="the file to write  [default: RUN_DIR/model.onnx]")
+def export(run_dir: Path, format_: str, output: Path | None) -> None:
+    """Write the model RUN_DIR exported as an ONNX file, checked against the framework's own predictions."""
+    from ddl_apps.core.rundir import MODEL_DIR
+    from ddl_apps.errors import CheckpointError
+
+    output = output or run_dir / f"model.{format_}"
+    if output.exists():
+        raise UserError(f"{output} already exists; remove it or name another file with -o")
+    export_onnx = _run_hook(run_dir, "export_onnx", f"the trainer of {run_dir} cannot export to ONNX")
+    if not (run_dir / MODEL_DIR).is_dir():
+        raise CheckpointError(f"{run_dir} has no exported model ({MODEL_DIR}/); did the run finish? (runs stopped by "
+                              "run.max_steps export nothing: resume them with --resume)")
+    difference = export_onnx(run_dir / MODEL_DIR, output)
+    console.print(f"wrote {output} (onnxruntime against the framework on an example batch: largest absolute "
+                  f"difference {difference:.1e})", highlight=False, markup=False)
+
+
 @main.group()
 def data() -> None:
     """Make datasets: prepare a recipe's data once, for every run and worker to stream."""

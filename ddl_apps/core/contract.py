@@ -118,13 +118,16 @@ class Preparer:
 class TrainerHooks:
     """What training and the trainer's commands call: `build_task(recipe, topology)` reads the data (bad data
     fails here, with a DataError, before the run writes anything); `predict(run_dir, inputs, output)` is
-    `ddl predict`; `recommend(run_dir, user_id, k)`, if any, is `ddl recommend`; `prepare`, if any, makes the
+    `ddl predict`; `recommend(run_dir, user_id, k)`, if any, is `ddl recommend`; `export_onnx(model_dir, output)`,
+    if any, is `ddl export --format onnx`: it writes the exported model as an ONNX file and returns the largest
+    absolute difference of its outputs from the framework's on an example batch; `prepare`, if any, makes the
     prepared dataset `build_task` reads."""
 
     build_task: Callable[[Recipe, Topology], Task]
     predict: Callable[[Path, list[str], Path | None], None] | None = None
     recommend: Callable[[Path, str, int], None] | None = None
     prepare: Preparer | None = None
+    export_onnx: Callable[[Path, Path], float] | None = None
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from ddl_apps.data.dataset import task_splits
 from ddl_apps.data.prepare import open_prepared, run_seed
 from ddl_apps.recipe import Recipe
 from ddl_apps.trainers import file_inputs
-from ddl_apps.trainers.asr import data, prepared
+from ddl_apps.trainers.asr import data, onnx_graph, prepared
 from ddl_apps.trainers.asr.audio import load_audio
 from ddl_apps.trainers.asr.model import ConformerCTC, greedy_decode
 
@@ -144,18 +144,24 @@ def build_task(recipe: Recipe, topology: Topology) -> AsrTask:
     return AsrTask(recipe, train, valid, test, test_references)
 
 
-def transcribe(model_dir: Path, files: list[Path]) -> list[str]:
-    """The transcript of each audio file, with the model a run exported."""
+def load_exported(model_dir: Path) -> tuple[ConformerCTC, int]:
+    """The model a run exported, ready to transcribe, and its number of mel bins."""
     with reading_export(model_dir):
         architecture = json.loads((model_dir / ARCHITECTURE).read_text())
     model = ConformerCTC(**architecture)
     load_weights(model, model_dir)
-    features = data.LogMel(architecture["n_mels"])
+    return model.eval(), architecture["n_mels"]
+
+
+def transcribe(model_dir: Path, files: list[Path]) -> list[str]:
+    """The transcript of each audio file, with the model a run exported."""
+    model, n_mels = load_exported(model_dir)
+    features = data.LogMel(n_mels)
     transcripts = []
     with torch.no_grad():
         for path in files:
             x = features(torch.from_numpy(load_audio(path)))[None]
-            log_probs, lengths = model.eval()(x, torch.tensor([len(x[0])]))
+            log_probs, lengths = model(x, torch.tensor([len(x[0])]))
             transcripts.append(data.decode(greedy_decode(log_probs, lengths, data.BLANK)[0]))
     return transcripts
 
@@ -168,4 +174,8 @@ def predict_cli(run_dir: Path, inputs: list[str], output: Path | None) -> None:
     file_inputs.print_rows(["file", "transcript"], rows, output)
 
 
-HOOKS = TrainerHooks(build_task=build_task, predict=predict_cli, prepare=PREPARER)
+def export_onnx(model_dir: Path, output: Path) -> float:
+    return onnx_graph.export(*load_exported(model_dir), output)
+
+
+HOOKS = TrainerHooks(build_task=build_task, predict=predict_cli, prepare=PREPARER, export_onnx=export_onnx)

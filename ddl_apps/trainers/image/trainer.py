@@ -19,7 +19,7 @@ from ddl_apps.data.dataset import task_splits
 from ddl_apps.data.prepare import open_prepared, run_seed
 from ddl_apps.recipe import Recipe
 from ddl_apps.trainers import file_inputs
-from ddl_apps.trainers.image import data, prepared
+from ddl_apps.trainers.image import data, onnx_graph, prepared
 from ddl_apps.trainers.image.model import small_resnet
 
 KERAS_FILE, SAVED_MODEL, LABELS = "model.keras", "saved_model", "labels.json"
@@ -124,11 +124,16 @@ def build_task(recipe: Recipe, topology: Topology) -> ImageTask:
     return ImageTask(recipe, dataset.manifest.fitted["classes"], train, valid, test, decode)
 
 
-def classify_files(model_dir: Path, files: list[Path]) -> list[tuple[str, float]]:
-    """(class name, probability) for each image file, with the exported .keras model (safe mode: no code)."""
+def load_exported(model_dir: Path) -> tuple[keras.Model, dict]:
+    """The exported .keras model (safe mode: no code) and its labels.json."""
     with reading_export(model_dir):
         labels = json.loads((model_dir / LABELS).read_text())
-        model = keras.saving.load_model(model_dir / KERAS_FILE, compile=False, safe_mode=True)
+        return keras.saving.load_model(model_dir / KERAS_FILE, compile=False, safe_mode=True), labels
+
+
+def classify_files(model_dir: Path, files: list[Path]) -> list[tuple[str, float]]:
+    """(class name, probability) for each image file, with the model a run exported."""
+    model, labels = load_exported(model_dir)
     images = data.load_image_files(files, labels["image_size"], labels["channels"])
     probabilities = np.asarray(model(data.to_model_input(images, labels["image_size"], labels["channels"]),
                                      training=False))
@@ -143,4 +148,8 @@ def predict_cli(run_dir: Path, inputs: list[str], output: Path | None) -> None:
                      [[str(f), name, f"{p:.4f}"] for f, (name, p) in zip(images, classified, strict=True)], output)
 
 
-HOOKS = TrainerHooks(build_task=build_task, predict=predict_cli, prepare=PREPARER)
+def export_onnx(model_dir: Path, output: Path) -> float:
+    return onnx_graph.export(*load_exported(model_dir), output)
+
+
+HOOKS = TrainerHooks(build_task=build_task, predict=predict_cli, prepare=PREPARER, export_onnx=export_onnx)

@@ -19,7 +19,7 @@ from ddl_apps.data.dataset import PreparedDataset, task_splits
 from ddl_apps.data.prepare import open_prepared
 from ddl_apps.errors import DataError
 from ddl_apps.recipe import Recipe
-from ddl_apps.trainers.nlp import data, model
+from ddl_apps.trainers.nlp import data, model, onnx_graph
 
 PREDICTIONS = "test_predictions.jsonl"
 
@@ -142,4 +142,8 @@ def predict_cli(run_dir: Path, inputs: list[str], output: Path | None) -> None:
         output.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
-HOOKS = TrainerHooks(build_task=build_task, predict=predict_cli, prepare=PREPARER)
+def export_onnx(model_dir: Path, output: Path) -> float:
+    return onnx_graph.export(*model.load_exported(model_dir), output)
+
+
+HOOKS = TrainerHooks(build_task=build_task, predict=predict_cli, prepare=PREPARER, export_onnx=export_onnx)

@@ -19,7 +19,7 @@ from ddl_apps.data.dataset import PreparedDataset, task_splits
 from ddl_apps.data.prepare import open_prepared
 from ddl_apps.errors import DataError
 from ddl_apps.recipe import Recipe
-from ddl_apps.trainers.recsys import data
+from ddl_apps.trainers.recsys import data, onnx_graph
 from ddl_apps.trainers.recsys.model import NeuMF
 
 ARCHITECTURE = "model.json"
@@ -146,4 +146,11 @@ def predict_cli(run_dir: Path, inputs: list[str], output: Path | None) -> None:
     recommend_cli(run_dir, inputs[0], 10)
 
 
-HOOKS = TrainerHooks(build_task=build_task, predict=predict_cli, recommend=recommend_cli, prepare=PREPARER)
+def export_onnx(model_dir: Path, output: Path) -> float:
+    model, catalogue, _ = load_exported(model_dir)
+    with reading_export(model_dir), np.load(model_dir / data.HISTORY, allow_pickle=False) as history:
+        return onnx_graph.export(model, catalogue, dict(history), output)
+
+
+HOOKS = TrainerHooks(build_task=build_task, predict=predict_cli, recommend=recommend_cli, prepare=PREPARER,
+                     export_onnx=export_onnx)

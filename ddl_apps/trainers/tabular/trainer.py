@@ -22,7 +22,7 @@ from ddl_apps.data.dataset import PreparedDataset, task_splits
 from ddl_apps.data.prepare import open_prepared, run_seed
 from ddl_apps.errors import DataError
 from ddl_apps.recipe import Recipe
-from ddl_apps.trainers.tabular import charts, data
+from ddl_apps.trainers.tabular import charts, data, onnx_graph
 from ddl_apps.trainers.tabular.model import TabularModel, focal_loss
 
 PREPROCESSING, ARCHITECTURE = "preprocessing.json", "model.json"
@@ -214,4 +214,8 @@ def predict_cli(run_dir: Path, inputs: list[str], output: Path | None) -> None:
     print(f"wrote {rows} scores to {output}")
 
 
-HOOKS = TrainerHooks(build_task=build_task, predict=predict_cli, prepare=PREPARER)
+def export_onnx(model_dir: Path, output: Path) -> float:
+    return onnx_graph.export(*load_exported(model_dir), output)
+
+
+HOOKS = TrainerHooks(build_task=build_task, predict=predict_cli, prepare=PREPARER, export_onnx=export_onnx)
