@@ -83,6 +83,8 @@ class RunConfig(Section):
     keep_checkpoints: int = Field(3, ge=1)
     max_steps: int | None = Field(None, ge=1, description="stop (with a checkpoint) after this many steps")
     progress: bool = True
+    mlflow: bool = Field(False, description="track the run in MLflow (rank 0): in the local store ./mlruns/, or "
+                         "at MLFLOW_TRACKING_URI, which turns tracking on by itself (docs/tracking.md)")
 
 
 class Recipe(Section):

@@ -74,6 +74,23 @@ class BaseTask(Protocol):
         """Rank 0, at the end of a run: files made from the final split's predictions (a plot, a table)."""
         return None
 
+    def tracked_model(self, model: Any, batch: dict[str, Any]) -> TrackedModel | None:
+        """The exported model as experiment tracking logs it, with `batch` (a few examples of the final split) as
+        its input example; None (the default): its exported files (model/) instead."""
+        return None
+
+
+@dataclass(frozen=True)
+class TrackedModel:
+    """A model as MLflow logs it (core/tracking.py): `model` in MLflow's `flavour`, `example` the model's inputs for
+    a few examples as the flavour's predict takes them (the input example, which the signature is inferred from),
+    and for the transformers flavour its pipeline `task` (e.g. "text-classification")."""
+
+    flavour: Literal["pytorch", "keras", "transformers"]
+    model: Any
+    example: Any
+    task: str | None = None
+
 
 class TorchTask(BaseTask, Protocol):
     """A task for the PyTorch engine: `loss(model, batch)` is the batch's mean loss, a scalar tensor."""

@@ -43,7 +43,7 @@ class Engine(ABC):
         """With training=False: only the model (for evaluating an exported one), no optimizer, nothing written."""
         self.recipe, self.task, self.topo, self.run_dir = recipe, task, topology, run_dir
         self.training = training
-        self.log = RunLog(run_dir, recipe.run.progress) if training and topology.is_root else SilentLog()
+        self.log = RunLog(run_dir, recipe.run.progress, recipe) if training and topology.is_root else SilentLog()
         optim = recipe.optim
         self.batch_workers = recipe.dist.batch_workers or topology.size  # the workers the global batch is sized for
         self.global_batch, self.steps_per_epoch = epoch_steps(recipe, train_examples(task.train), topology.size)
@@ -161,9 +161,9 @@ class Engine(ABC):
         that is no longer rank 0 stops."""
         self.topo = topology
         if self.training and topology.is_root and type(self.log) is SilentLog:
-            self.log = RunLog(self.run_dir, self.recipe.run.progress)
+            self.log = RunLog(self.run_dir, self.recipe.run.progress, self.recipe)
         elif not topology.is_root and type(self.log) is not SilentLog:
-            self.log.close()
+            self.log.close(run_ended=False)
             self.log = SilentLog()
 
     def placed(self, hosts: list[str]) -> None:

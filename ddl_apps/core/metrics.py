@@ -20,6 +20,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 
 from ddl_apps.console import stderr_console
+from ddl_apps.core import tracking
+from ddl_apps.core.contract import TrackedModel
+from ddl_apps.recipe import Recipe
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
@@ -66,11 +69,15 @@ class SilentLog:
     def advance(self, steps: int = 1) -> None: ...
     def record(self, split: str, step: int, values: dict[str, float]) -> None: ...
     def message(self, text: str) -> None: ...
-    def close(self, summary: dict[str, dict[str, float]] | None = None) -> None: ...
+    def model(self, tracked: TrackedModel | None, model_dir: Path) -> None: ...
+    def close(self, summary: dict[str, dict[str, float]] | None = None, run_ended: bool = True) -> None: ...
 
 
 class RunLog(SilentLog):
-    def __init__(self, run_dir: Path, show_progress: bool = True):
+    """With a recipe, the run is also tracked in MLflow where the recipe or the environment asks (core/tracking.py):
+    every value recorded here goes to the file, TensorBoard and the tracker alike."""
+
+    def __init__(self, run_dir: Path, show_progress: bool = True, recipe: Recipe | None = None):
         self.run_dir = run_dir
         self.console = stderr_console()
         self._jsonl = _open_for_appending(run_dir / METRICS_FILE)
@@ -81,6 +88,7 @@ class RunLog(SilentLog):
         self._last_print = 0.0
         self._total = self._done = self._started_at = 0
         self._start_time = time.monotonic()
+        self._tracker = tracking.start(recipe, run_dir, self.message) if recipe else tracking.Tracker()
 
     def start(self, total_steps: int, done_steps: int = 0) -> None:
         self._total, self._done, self._started_at = total_steps, done_steps, done_steps
@@ -119,6 +127,11 @@ class RunLog(SilentLog):
         self._jsonl.write((json.dumps(row) + "\n").encode())  # one write per row: readers see whole lines
         for key, value in values.items():
             self._tb.add_scalar(f"{split}/{key}", value, step)
+        self._tracker.metrics(split, step, values)
+
+    def model(self, tracked: TrackedModel | None, model_dir: Path) -> None:
+        """The exported model, to the tracker (its flavour, or its files where `tracked` is None)."""
+        self._tracker.model(tracked, model_dir)
 
     def message(self, text: str) -> None:
         if self._progress is not None:
@@ -126,12 +139,14 @@ class RunLog(SilentLog):
         else:
             self.console.print(text, highlight=False)
 
-    def close(self, summary: dict[str, dict[str, float]] | None = None) -> None:
+    def close(self, summary: dict[str, dict[str, float]] | None = None, run_ended: bool = True) -> None:
+        """`run_ended`: False where this rank stops writing the log of a run that goes on (an elastic resize)."""
         if self._progress is not None:
             self._progress.stop()
         self._jsonl.close()
         self._tb.close()
         plot_curves(self.run_dir)
+        self._tracker.close(summary, run_ended)
         if summary:
             self.console.print(summary_table(summary))
 

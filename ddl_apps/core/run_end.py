@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import Any
 
 import numpy as np
 
 from ddl_apps.core import dist, rundir
+from ddl_apps.core.contract import BatchSource
 from ddl_apps.core.engine import Engine
 from ddl_apps.core.evaluator import final_split
 
@@ -34,6 +36,13 @@ def write_artifacts(engine: Engine, outputs: dict[str, np.ndarray]) -> list[str]
         engine.log.message(f"warning: {warning}")
         return [warning]
     return []
+
+
+EXAMPLES = 5  # examples of the final split in a tracked model's input example
+
+
+def example_batch(source: BatchSource) -> dict[str, Any]:
+    return source.take(np.arange(min(EXAMPLES, len(source))))
 
 
 def parameter_bytes_by_rank(engine: Engine) -> list[dict[str, int]]:
@@ -74,6 +83,7 @@ def finish(engine: Engine, complete: bool) -> Results:
             np.savez(engine.run_dir / f"{split}_outputs.npz", **outputs)  # type: ignore[arg-type]
             task.export(model, engine.run_dir / rundir.MODEL_DIR)
             warnings = write_artifacts(engine, outputs)
+            log.model(task.tracked_model(model, example_batch(source)), engine.run_dir / rundir.MODEL_DIR)
             results.update(task.report())
             summary = {"results": results, "warnings": warnings, "steps": engine.state.step, "workers": topo.size,
                        "hosts_by_rank": hosts, "training": done, "weights_sha256_by_rank": digests,

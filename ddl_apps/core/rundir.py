@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -49,9 +50,14 @@ def prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool) -> None:
     check_new_run(run_dir, resume)
     run_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(run_dir, 0o700)
+    (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(resolved_config(recipe, run_dir), sort_keys=False))
+
+
+def resolved_config(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
+    """The recipe as the run trains it, secrets redacted: what config.yaml holds (and experiment tracking logs)."""
     resolved = recipe.model_dump(mode="json")
     resolved["run"]["dir"] = str(run_dir)
-    (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(redact(resolved), sort_keys=False))
+    return redact(resolved)
 
 
 def load_run_recipe(run_dir: Path) -> Recipe:

@@ -11,7 +11,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from ddl_apps.core.contract import KerasTask, Preparer, TrainerHooks
+from ddl_apps.core.contract import KerasTask, Preparer, TrackedModel, TrainerHooks
 from ddl_apps.core.dist import Topology
 from ddl_apps.core.rundir import MODEL_DIR, reading_export
 from ddl_apps.core.tf_engine import ColumnSource, save_weights
@@ -100,6 +100,9 @@ class ImageTask(KerasTask):
         cfg = self.data_cfg
         (model_dir / LABELS).write_text(json.dumps({"classes": self.classes, "image_size": cfg.image_size,
                                                     "channels": cfg.channels}))
+
+    def tracked_model(self, model: keras.Model, batch: dict[str, np.ndarray]) -> TrackedModel:
+        return TrackedModel("keras", model, np.asarray(batch["x"], dtype=np.float32))
 
     def report(self) -> dict[str, dict[str, float]]:
         return {}

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ddl_apps.core.contract import Preparer, TorchTask, TrainerHooks
+from ddl_apps.core.contract import Preparer, TorchTask, TrackedModel, TrainerHooks
 from ddl_apps.core.dist import Topology
 from ddl_apps.core.rundir import MODEL_DIR
 from ddl_apps.core.torch_engine import Batch
@@ -78,6 +78,13 @@ class TextTask(TorchTask):
 
     def export(self, classifier: Any, model_dir: Path) -> None:
         model.save_exported(classifier, self.tokenizer, model_dir)
+
+    def tracked_model(self, classifier: Any, batch: Batch) -> TrackedModel:
+        """A text-classification pipeline (the tokenizer and the model); the batch's texts as its input example."""
+        rows = np.asarray(batch["index"])
+        texts = self.dataset.split("test").load(int(rows.max()) + 1, ["text"])["text"][rows]
+        return TrackedModel("transformers", {"model": classifier, "tokenizer": self.tokenizer},
+                            [str(text) for text in texts], task="text-classification")
 
     def report(self) -> dict[str, dict[str, float]]:
         """A TF-IDF + logistic-regression baseline on the same split, scored on the same test texts: how much the

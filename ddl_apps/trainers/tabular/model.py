@@ -74,6 +74,19 @@ class TabularModel(nn.Module):
         return torch.sigmoid(self(numeric, categories)).mean(1)
 
 
+class Scorer(nn.Module):
+    """The model on one float array, the numeric features then the category indices (exact in float32):
+    [batch, numeric + categorical] -> the members' mean probability [batch]. MLflow's pytorch flavour serves it
+    (a model of one input)."""
+
+    def __init__(self, model: TabularModel, numeric: int):
+        super().__init__()
+        self.model, self.numeric = model, numeric
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.model.probability(features[:, : self.numeric], features[:, self.numeric :].long())
+
+
 def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float, pos_weight: float) -> torch.Tensor:
     """Binary focal loss (Lin et al. 2017) with a class weight: down-weights easy, confident examples."""
     bce = nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none")

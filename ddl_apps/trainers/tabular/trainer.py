@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 from threadpoolctl import threadpool_limits
 
-from ddl_apps.core.contract import Preparer, TorchTask, TrainerHooks
+from ddl_apps.core.contract import Preparer, TorchTask, TrackedModel, TrainerHooks
 from ddl_apps.core.dist import Topology
 from ddl_apps.core.rundir import MODEL_DIR, reading_export
 from ddl_apps.core.torch_engine import Batch, load_weights, save_weights
@@ -23,7 +23,7 @@ from ddl_apps.data.prepare import open_prepared, run_seed
 from ddl_apps.errors import DataError
 from ddl_apps.recipe import Recipe
 from ddl_apps.trainers.tabular import charts, data, onnx_graph
-from ddl_apps.trainers.tabular.model import TabularModel, focal_loss
+from ddl_apps.trainers.tabular.model import Scorer, TabularModel, focal_loss
 
 PREPROCESSING, ARCHITECTURE = "preprocessing.json", "model.json"
 GAINS_PNG, CALIBRATION_PNG = "gains.png", "calibration.png"
@@ -105,6 +105,12 @@ class TabularTask(TorchTask):
         save_weights(model, model_dir)
         self.preprocessor.save(model_dir / PREPROCESSING)
         (model_dir / ARCHITECTURE).write_text(json.dumps({**self.architecture(), **self.columns}))
+
+    def tracked_model(self, model: TabularModel, batch: Batch) -> TrackedModel:
+        """Each row as one array: its preprocessed numeric features, then its category indices."""
+        numeric = batch["numeric"]
+        features = torch.cat([numeric, batch["categories"].to(numeric.dtype)], 1).numpy()
+        return TrackedModel("pytorch", Scorer(model, numeric.shape[1]).eval(), features)
 
     def write_artifacts(self, run_dir: Path, outputs: dict[str, np.ndarray]) -> None:
         """The baselines, trained on the same split and features and scored on the same test rows, then the
