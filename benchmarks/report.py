@@ -433,8 +433,27 @@ def zero_section(result: dict) -> tuple[list[str], list[tuple]]:
     return lines, summaries
 
 
+def export_section(result: dict) -> tuple[list[str], list[tuple]]:
+    """Issue 38: onnxruntime's latency on one example against the framework's, on one core (no target)."""
+    lines = ["## 8. ONNX export: one example on one core, onnxruntime against the framework", machine_line(result),
+             f"Each recipe's model as it ships, after one short run, written by `ddl export RUN_DIR --format onnx`; "
+             f"the median of {result['calls']} calls after {result['warm_up']} warm-up calls in a process pinned to "
+             "CPU 0 (`taskset -c 0`), one thread in the framework (PyTorch, or TensorFlow for the image model) and "
+             "in onnxruntime. The difference is `ddl export`'s own check on its example batch; the test split's are "
+             "in [ONNX export](docs/export.md#how-close-the-graph-is-to-the-framework).", "",
+             "| recipe | one call | framework ms | onnxruntime ms | framework / onnxruntime | ONNX MiB | "
+             "example difference |", "|---|---|---|---|---|---|---|"]
+    for row in result["rows"]:
+        alone = f" (the model alone: {row['model_alone_ms']:.3f} ms)" if "model_alone_ms" in row else ""
+        lines.append(f"| {row['recipe']} | {row['call']} | {row['framework_ms']:.3f}{alone} | "
+                     f"{row['onnxruntime_ms']:.3f} | {row['ratio']:.2f} | {row['onnx_mib']} | "
+                     f"{row['example_difference']:.1e} |")
+    return lines + [""], []
+
+
 SECTIONS = {"allreduce": allreduce_section, "scaling": scaling_section, "overhead": overhead_section,
-            "peer": peer_section, "data": data_section, "hosts": hosts_section, "zero": zero_section}
+            "peer": peer_section, "data": data_section, "hosts": hosts_section, "zero": zero_section,
+            "export": export_section}
 
 
 def build() -> Path:

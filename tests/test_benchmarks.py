@@ -203,6 +203,18 @@ def test_report_judges_zero(results):
     assert "| 2 | 3 | 0 | 4 | 28.0 | trained |" in text
 
 
+def test_report_gives_onnx_latencies(results):
+    """Issue 38's section: each recipe's single-example latency in the framework and in onnxruntime (no target)."""
+    write(results, "export", {"calls": 200, "warm_up": 20, "rows": [
+        {"recipe": "churn_tabm", "framework_ms": 20.0, "onnxruntime_ms": 0.08, "model_alone_ms": 0.15, "ratio": 250.0,
+         "onnx_mib": 0.2, "example_difference": 4.5e-08, "call": "one row"},
+        {"recipe": "nlp_minilm", "framework_ms": 9.0, "onnxruntime_ms": 3.0, "ratio": 3.0, "onnx_mib": 87.0,
+         "example_difference": 0.0, "call": "one review"}]})
+    text = report.build().read_text()
+    assert "| churn_tabm | one row | 20.000 (the model alone: 0.150 ms) | 0.080 | 250.00 | 0.2 | 4.5e-08 |" in text
+    assert "| nlp_minilm | one review | 9.000 | 3.000 | 3.00 | 87.0 | 0.0e+00 |" in text
+
+
 def test_report_names_what_was_not_measured(results):
     text = report.build().read_text()
     assert "Not measured yet: run `ddl bench scaling`." in text
@@ -232,12 +244,12 @@ def test_ddl_bench_refuses_an_unknown_part():
 def test_every_benchmark_part_overrides_its_recipe_with_settings_it_has():
     """A renamed setting stopped `ddl bench data` at its first fraud run (`model.baseline`, which became
     `model.baselines`): every override the data and media parts pass validates against its recipe."""
-    from benchmarks import data, hosts, media
+    from benchmarks import data, hosts, media, onnx_latency
     from ddl_apps.recipe import load_recipe
 
     runs = [(data.RECIPE, data.TRAIN), (hosts.RECIPE, hosts.TRAIN),
             *((recipe, overrides) for recipe, (overrides, _) in data.STEP_RUNS.items()),
-            ("image_resnet", media.IMAGE_RUN), ("asr_conformer", media.SPEECH_RUN)]
+            ("image_resnet", media.IMAGE_RUN), ("asr_conformer", media.SPEECH_RUN), *onnx_latency.RUNS.items()]
     for recipe, overrides in runs:
         load_recipe(recipe, list(overrides))  # (a RecipeError names the unknown setting)
 

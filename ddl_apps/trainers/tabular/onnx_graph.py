@@ -2,20 +2,20 @@
 median imputation, missing-value indicators, scaling, category lookup and counts) runs inside it.
 
 Inputs: `numeric` float64 [batch, numeric columns] (missing values NaN) and `categories` string [batch, categorical
-columns] (a value the training rows did not hold often enough, or a missing one, counts as unknown); output `score`
-[batch], the probability of the positive label. The column names, in order, are in the file's metadata."""
+columns], each cell as the training data held it (a CSV's text; a value the training rows did not hold often enough,
+or a missing one, counts as unknown); output `score` [batch], the probability of the positive label. The column
+names, in order, are in the file's metadata."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from torch import nn
 
 from ddl_apps.trainers import onnx_export
-from ddl_apps.trainers.tabular.data import Preprocessor, category_strings, column_numbers
+from ddl_apps.trainers.tabular.data import Preprocessor
 from ddl_apps.trainers.tabular.model import TabularModel
 
 ML_DOMAIN = "ai.onnx.ml"
@@ -76,15 +76,6 @@ def look_up_categories(path: Path, vocabularies: list[list[str]]) -> None:
     graph.node.extend(nodes)
     model.opset_import.append(helper.make_opsetid(ML_DOMAIN, 3))
     onnx.save(model, str(path))
-
-
-def graph_inputs(frame: pd.DataFrame, pre: Preprocessor) -> dict[str, np.ndarray]:
-    """A table's rows as the graph takes them, read as `ddl predict` reads a file: numbers stored as text parsed
-    (true/yes 1, false/no 0, other text missing), categories as text (404.0 as 404, booleans true/false)."""
-    numeric = [column_numbers(frame[c], c, "the data", refuse_text=False)[0] for c in pre.numeric]
-    categories = [category_strings(frame[c]).fillna("").to_numpy(object) for c in pre.vocabularies]
-    return {"numeric": np.column_stack(numeric) if numeric else np.empty((len(frame), 0)),
-            "categories": np.column_stack(categories) if categories else np.empty((len(frame), 0), object)}
 
 
 def category_indices(strings: np.ndarray, pre: Preprocessor) -> np.ndarray:

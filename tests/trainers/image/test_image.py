@@ -10,6 +10,7 @@ from PIL import Image
 from ddl_apps.core.rundir import load_run_recipe
 from ddl_apps.trainers.image import data
 from tests.engine_runs import ddl, final_weights, summary, train
+from tests.trainers.onnx_checks import exported, largest_difference
 
 SLICE = ("data.limit=600", "optim.epochs=1", "optim.batch_size=32", "model.width=8", "run.log_every=5")
 
@@ -64,15 +65,37 @@ def shapes_folder(root, per_class=24, size=20):
             save_png(image, root / name / f"{i}.png")
 
 
-def test_bring_your_own_folder_trains_and_predicts(tmp_path):
-    shapes_folder(tmp_path / "shapes")
-    run = train(tmp_path / "run", f"data.source={tmp_path / 'shapes'}", "data.image_size=16", "data.channels=3",
-                "data.test_fraction=0.25", "optim.epochs=10", "optim.batch_size=8", "model.width=8",
-                "run.log_every=5", recipe="image_resnet")
+@pytest.fixture(scope="module")
+def shapes_run(tmp_path_factory):
+    """A run on a folder of generated RGB pictures of three classes."""
+    folder = tmp_path_factory.mktemp("shapes")
+    shapes_folder(folder / "shapes")
+    return train(folder / "run", f"data.source={folder / 'shapes'}", "data.image_size=16", "data.channels=3",
+                 "data.test_fraction=0.25", "optim.epochs=10", "optim.batch_size=8", "model.width=8",
+                 "run.log_every=5", recipe="image_resnet"), folder / "shapes"
+
+
+def test_bring_your_own_folder_trains_and_predicts(shapes_run):
+    run, shapes = shapes_run
     assert summary(run)["results"]["model (test)"]["accuracy"] >= 0.9  # the shapes are easy: it learned them
-    printed = ddl("predict", str(run), *(str(tmp_path / "shapes" / name / "0.png") for name in ("square", "vertical")))
+    printed = ddl("predict", str(run), *(str(shapes / name / "0.png") for name in ("square", "vertical")))
     assert printed.returncode == 0, printed.stderr
     assert [line.split("\t")[1] for line in printed.stdout.splitlines()] == ["square", "vertical"]
+
+
+def test_onnx_export_classifies_the_test_split_as_keras_did(shapes_run, tmp_path):
+    """Issue 38: images in [0, 1] in, every class's probability out; the class names in the file's metadata."""
+    run, _ = shapes_run
+    session, metadata = exported(run, tmp_path / "image.onnx")
+    assert metadata["labels"] == ["horizontal", "square", "vertical"] and metadata["image_size"] == 16
+    recipe = load_run_recipe(run)
+    test = data.stratified_splits(data.read_images(recipe.data), recipe.data, recipe.run.seed)["test"]
+    [probabilities] = session.run(None, {"image": test.x})  # 18 images (the export's example: 4)
+    evaluated = np.load(run / "test_outputs.npz")  # Keras's, in the final evaluation
+    assert probabilities.argmax(1).tolist() == evaluated["pred"].tolist()
+    assert largest_difference(probabilities.max(1), evaluated["probability"]) < 1e-5  # measured: 6e-08
+    [alone] = session.run(None, {"image": test.x[:1]})
+    np.testing.assert_allclose(alone, probabilities[:1], atol=1e-6)
 
 
 def test_corrupt_image_is_named_and_nothing_is_written(tmp_path):

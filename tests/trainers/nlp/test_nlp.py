@@ -13,6 +13,7 @@ from ddl_apps.trainers import splits
 from ddl_apps.trainers.nlp import data, model
 from ddl_apps.trainers.nlp.trainer import build_task, classification_metrics
 from tests.engine_runs import ddl, summary, train
+from tests.trainers.onnx_checks import exported, largest_difference
 
 RECIPE = "nlp_minilm"
 TINY_MODEL = ("model.pretrained=false", "model.num_hidden_layers=1", "model.hidden_size=32",
@@ -227,6 +228,23 @@ def test_predictions_from_the_reloaded_export_equal_those_recorded_before_export
     assert all(0.5 <= float(probability) <= 1 for _, probability, _ in lines)
     evaluated = json.loads(ddl("eval", str(tiny_run)).stdout)
     assert evaluated == pytest.approx(summary(tiny_run)["results"]["model (test)"])
+
+
+def test_onnx_export_with_its_tokenizer_gives_the_recorded_test_probabilities(tiny_run, tmp_path):
+    """Issue 38: the graph takes token ids and mask [batch, sequence]; the file's metadata carries the tokenizer
+    (read by `tokenizers` alone), and the probabilities come out as the run recorded them."""
+    from tokenizers import Tokenizer
+
+    session, metadata = exported(tiny_run, tmp_path / "text.onnx")
+    tokenizer = Tokenizer.from_str(json.dumps(metadata["tokenizer"]))  # (truncation and padding included)
+    recorded = read_jsonl(tiny_run / "test_predictions.jsonl")
+    encoded = tokenizer.encode_batch([r["text"] for r in recorded])
+    inputs = {"input_ids": np.array([e.ids for e in encoded]), "attention_mask": np.array([e.attention_mask
+                                                                                           for e in encoded])}
+    assert inputs["input_ids"].shape[0] == 12  # (the export's example: 2 texts, of another length)
+    [probabilities] = session.run(None, inputs)
+    expected = np.array([[r["probabilities"][name] for name in metadata["labels"]] for r in recorded])
+    assert largest_difference(probabilities, expected) < 1e-5  # measured: 0 to 3e-8
 
 
 def test_predict_refuses_empty_texts_and_missing_models(tiny_run, tmp_path):

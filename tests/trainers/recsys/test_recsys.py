@@ -7,14 +7,16 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from ddl_apps.core.dist import Topology
 from ddl_apps.errors import DataError
 from ddl_apps.recipe import load_recipe
 from ddl_apps.trainers.recsys import data
-from ddl_apps.trainers.recsys.trainer import build_task, held_out_rank, ranking_metrics
+from ddl_apps.trainers.recsys.trainer import build_task, held_out_rank, load_exported, ranking_metrics
 from tests.engine_runs import ddl, final_weights, launch_worker, summary
 from tests.engine_runs import train as train_recipe
+from tests.trainers.onnx_checks import exported, largest_difference
 
 RECIPE = "recsys_neumf"
 ONE_WORKER = Topology(rank=0, size=1, local_rank=0, local_size=1)
@@ -163,8 +165,13 @@ def test_timestamp_that_is_not_a_number_is_named(tmp_path):
 
 
 # ---- training -----------------------------------------------------------------------------------------------
-def test_one_worker_learns_and_recommends_unseen_films(tmp_path):
-    run = train(tmp_path / "run", *ONE_EPOCH)
+@pytest.fixture(scope="module")
+def one_worker_run(tmp_path_factory):
+    return train(tmp_path_factory.mktemp("one") / "run", *ONE_EPOCH)
+
+
+def test_one_worker_learns_and_recommends_unseen_films(one_worker_run):
+    run = one_worker_run
     results = summary(run)["results"]
     model, baseline = results["model (test)"], results["baseline most-popular (test)"]
     assert model["hr@10"] > 0.3 and baseline["hr@10"] > 0.3  # chance is 0.1
@@ -183,6 +190,24 @@ def test_one_worker_learns_and_recommends_unseen_films(tmp_path):
 
     unknown = ddl("recommend", str(run), "no-such-user")
     assert unknown.returncode == 2 and "unknown user 'no-such-user'" in unknown.stderr
+
+
+def test_onnx_export_ranks_the_test_candidates_as_pytorch_did(one_worker_run, movielens_task, tmp_path):
+    """Issue 38: user and candidate items in, probabilities out; ids, titles and each user's seen items in the
+    file's metadata."""
+    session, metadata = exported(one_worker_run, tmp_path / "recommend.onnx")
+    catalogue = json.loads((one_worker_run / "model" / "catalogue.json").read_text())
+    assert metadata["users"] == catalogue["users"] and metadata["items"] == catalogue["items"]
+    assert len(metadata["seen_items"]) == len(catalogue["users"])
+    test = movielens_task.test.take(np.arange(len(movielens_task.test)))  # every user's held-out item first
+    inputs = {"user": test["user"].numpy(), "items": test["items"].numpy()}  # 943 x 100 (the example: 4 x 6)
+    [probability] = session.run(None, inputs)
+    model = load_exported(one_worker_run / "model")[0]
+    with torch.no_grad():
+        expected = torch.sigmoid(model(test["user"], test["items"])).numpy()
+    assert largest_difference(probability, expected) < 1e-6  # measured: 1.2e-07
+    evaluated = np.load(one_worker_run / "test_outputs.npz")  # PyTorch's ranks, in the final evaluation
+    assert np.mean(held_out_rank(probability) == evaluated["rank"]) > 0.99  # (near-ties may flip)
 
 
 @pytest.fixture(scope="module")

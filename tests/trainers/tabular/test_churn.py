@@ -16,6 +16,7 @@ from ddl_apps.recipe import load_recipe
 from ddl_apps.trainers.tabular import data
 from ddl_apps.trainers.tabular.trainer import baseline_scores, binary_metrics, captured
 from tests.engine_runs import ddl, summary, train
+from tests.trainers.onnx_checks import exported, largest_difference, table_inputs
 
 CHURN = "churn_tabm"
 QUICK = ("optim.epochs=1", "model.baselines=[]", "run.log_every=10")
@@ -27,8 +28,22 @@ def churn_table():
     return pd.read_csv(data.shipped_path(data.TELCO_CHURN), dtype={"TotalCharges": str}, keep_default_na=False)
 
 
-def test_churn_end_to_end_and_ranked_scores_reproduce_the_evaluation(tmp_path):
-    run = train(tmp_path / "run", "optim.epochs=3", recipe=CHURN)
+@pytest.fixture(scope="module")
+def churn_run(tmp_path_factory):
+    return train(tmp_path_factory.mktemp("churn") / "run", "optim.epochs=3", recipe=CHURN)
+
+
+def held_out_rows(run) -> pd.DataFrame:
+    """The rows of the shipped table in the run's test split, as preparing drew them."""
+    recipe = load_run_recipe(run)
+    with data.Table(recipe.data.source) as table:
+        label = data.LabelCoding.of(table.column("Churn"), recipe.data).encode(table.column("Churn"), recipe.data)
+        assignment = data.split_rows(table, label, recipe.data, recipe.run.seed)
+    return pd.read_csv(data.shipped_path(data.TELCO_CHURN))[assignment == 2]
+
+
+def test_churn_end_to_end_and_ranked_scores_reproduce_the_evaluation(churn_run, tmp_path):
+    run = churn_run
     for name in ("gains.png", "calibration.png", "curves.png", "test_outputs.npz", "model/model.json"):
         assert (run / name).stat().st_size > 0, name
     results = summary(run)["results"]
@@ -54,6 +69,22 @@ def test_churn_end_to_end_and_ranked_scores_reproduce_the_evaluation(tmp_path):
     evaluated = np.load(run / "test_outputs.npz")
     by_customer = scored.set_index("customerID")["churn_probability"]
     np.testing.assert_allclose(by_customer[pd.read_csv(test_rows)["customerID"]], evaluated["score"], atol=1e-6)
+
+
+def test_onnx_export_scores_the_test_split_as_the_framework_did(churn_run, tmp_path):
+    """Issue 38: raw columns in (numbers with NaN for missing cells, categories as text), the score out; the
+    preprocessing runs inside the graph."""
+    session, metadata = exported(churn_run, tmp_path / "churn.onnx")
+    pre = data.Preprocessor.load(churn_run / "model" / "preprocessing.json")
+    assert metadata["numeric_columns"] == pre.numeric and metadata["categorical_columns"] == list(pre.vocabularies)
+    assert metadata["score_column"] == "churn_probability"
+    held_out_rows(churn_run).to_csv(tmp_path / "test.csv", index=False)
+    inputs = table_inputs(tmp_path / "test.csv", metadata)
+    [score] = session.run(None, inputs)  # the whole test split (1,409 rows; the export's example had 8)
+    evaluated = np.load(churn_run / "test_outputs.npz")["score"]  # PyTorch's, in the final evaluation
+    assert largest_difference(score, evaluated) < 1e-6  # measured: 1.2e-07
+    one_row = [session.run(None, {name: v[i : i + 1] for name, v in inputs.items()})[0] for i in range(3)]
+    np.testing.assert_allclose(np.concatenate(one_row), score[:3], atol=1e-7)
 
 
 @pytest.mark.distributed

@@ -11,6 +11,7 @@ from ddl_apps.core.rundir import load_run_recipe
 from ddl_apps.recipe import load_recipe
 from ddl_apps.trainers.tabular import data
 from tests.engine_runs import ddl, summary, train
+from tests.trainers.onnx_checks import exported, largest_difference, table_inputs
 
 SLICE = ("data.rows=20000", "optim.epochs=1", "optim.batch_size=256", "optim.warmup_steps=5", "run.log_every=10")
 
@@ -32,12 +33,19 @@ def assert_complete_run(run_dir):
         assert 0 < results[row]["pr_auc"] <= 1 and 0.5 < results[row]["roc_auc"] <= 1, results
 
 
-def test_bring_your_own_csv_single_process(ieee_sample, tmp_path):
+@pytest.fixture(scope="module")
+def own_csv_run(ieee_sample, tmp_path_factory):
+    """A run on the sample written as a user's own CSV (other names for the label, id and time columns)."""
+    folder = tmp_path_factory.mktemp("own")
     own = ieee_sample.rename(columns={"isFraud": "label", "TransactionID": "txn", "TransactionDT": "t"})
-    csv = tmp_path / "transactions.csv"
+    csv = folder / "transactions.csv"
     own.to_csv(csv, index=False)
-    run = train(tmp_path / "run", *SLICE, f"data.source={csv}", "data.label=label", "data.id_column=txn",
-                "data.time_column=t", recipe="fraud_mlp")
+    return train(folder / "run", *SLICE, f"data.source={csv}", "data.label=label", "data.id_column=txn",
+                 "data.time_column=t", recipe="fraud_mlp"), own, csv
+
+
+def test_bring_your_own_csv_single_process(own_csv_run, tmp_path):
+    run, own, csv = own_csv_run
     assert_complete_run(run)
     scores = tmp_path / "scores.csv"
     assert ddl("predict", str(run), str(csv), "-o", str(scores)).returncode == 0
@@ -73,6 +81,21 @@ def test_two_workers_and_predict_reproduces_evaluation(tmp_path):
 
     metrics = json.loads(ddl("eval", str(run)).stdout)
     assert metrics["pr_auc"] == pytest.approx(summary(run)["results"]["model (test)"]["pr_auc"], abs=1e-6)
+
+
+def test_onnx_export_scores_the_test_split_as_the_framework_did(own_csv_run, tmp_path):
+    """Issue 38: the fraud model from raw columns (394 numbers, 14 categories of text and numbers) to the score."""
+    run, own, csv = own_csv_run
+    session, metadata = exported(run, tmp_path / "fraud.onnx")
+    assert metadata["id_column"] == "txn" and metadata["score_column"] == "fraud_probability"
+    recipe = load_run_recipe(run)
+    with data.Table(str(csv)) as table:  # (the splits, as preparing drew them)
+        label = data.LabelCoding.of(table.column("label"), recipe.data).encode(table.column("label"), recipe.data)
+        assignment = data.split_rows(table, label, recipe.data, recipe.run.seed)
+    inputs = {name: v[assignment == 2] for name, v in table_inputs(csv, metadata).items()}
+    [score] = session.run(None, inputs)  # the whole test split (3,000 rows; the export's example had 8)
+    evaluated = np.load(run / "test_outputs.npz")["score"]  # PyTorch's, in the final evaluation
+    assert largest_difference(score, evaluated) < 1e-6  # measured: 6.0e-08
 
 
 def assert_a_log_fit_for_a_file(log: str, written: dict) -> None:
