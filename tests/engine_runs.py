@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 WORKERS = REPO / "tests" / "workers"  # scripts run under horovodrun
 PROBE = "tests/probe/digits.yaml"
 PROBES = {"torch": PROBE, "keras": "tests/probe_keras/digits.yaml"}  # the same data and model in each engine
+KILLABLE = ("optim.batch_size=32", "optim.epochs=6", "run.checkpoint_every=7")  # 144 steps, a checkpoint every 7
 
 
 def ddl(*args: str, timeout: float = 600, python_path: tuple[Path, ...] = ()) -> subprocess.CompletedProcess:

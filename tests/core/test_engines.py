@@ -19,12 +19,14 @@ from ddl_apps.core import sharding
 from ddl_apps.core.checkpoint import list_checkpoints, load_state
 from ddl_apps.core.metrics import read_metrics
 from tests.engine_runs import (
+    KILLABLE,
     PROBE,
     PROBES,
     REPO,
     ddl,
     final_weights,
     kill_training,
+    launch_worker,
     start_training,
     summary,
     train,
@@ -39,15 +41,24 @@ def engine(request):
 
 
 @pytest.fixture(scope="module")
-def reference(engine, tmp_path_factory):
-    """One process, batch 64: the run every data-parallel run below must reproduce."""
-    return train(tmp_path_factory.mktemp(f"{engine}-np1") / "run", "optim.batch_size=64", recipe=PROBES[engine])
+def runs(engine, tmp_path_factory) -> Path:
+    """Every run below that is not killed, launched or failed on purpose, one after another in three horovodrun jobs
+    (tests/workers/probe_runs.py): a Keras worker takes 5-8 s to start, more than a probe run takes to train."""
+    out = tmp_path_factory.mktemp(engine)
+    for phase, workers, controller in (("np1", 1, "mpi"), ("np2", 2, "mpi"), ("gloo", 2, "gloo")):
+        launch_worker("probe_runs.py", controller, np=workers, args=(str(out), PROBES[engine], phase))
+    return out
 
 
 @pytest.fixture(scope="module")
-def two_workers(engine, tmp_path_factory):
-    return train(tmp_path_factory.mktemp(f"{engine}-np2") / "run", "optim.batch_size=32", np=2,
-                 recipe=PROBES[engine])
+def reference(runs):
+    """One process, batch 64: the run every data-parallel run below must reproduce."""
+    return runs / "reference"
+
+
+@pytest.fixture(scope="module")
+def two_workers(runs):
+    return runs / "two-workers"
 
 
 def assert_close(actual, expected, rtol):
@@ -64,31 +75,17 @@ def test_weights_bit_identical_across_ranks(two_workers):
     assert len(digests) == 2 and digests[0] == digests[1]
 
 
-def test_accumulation_equals_the_large_batch(engine, reference, tmp_path):
-    run = train(tmp_path / "run", "optim.batch_size=16", "optim.accumulation=2", np=2, recipe=PROBES[engine])
-    assert_close(final_weights(run), final_weights(reference), rtol=1e-5)
+def test_accumulation_equals_the_large_batch(runs, reference):
+    assert_close(final_weights(runs / "accumulation"), final_weights(reference), rtol=1e-5)
 
 
-def test_fp16_compression_stays_close(engine, reference, tmp_path):
+def test_fp16_compression_stays_close(runs, reference):
     """fp16 gradients carry ~3 significant digits: after 96 steps the weights stay within 1 % of fp32's,
     and validation accuracy within 1 point."""
-    run = train(tmp_path / "run", "optim.batch_size=32", "dist.compression=fp16", np=2, recipe=PROBES[engine])
+    run = runs / "compressed"
     assert_close(final_weights(run), final_weights(reference), rtol=1e-2)
     accuracy = {r: summary(r)["results"]["model (valid)"]["accuracy"] for r in (run, reference)}
     assert abs(accuracy[run] - accuracy[reference]) <= 0.01, accuracy
-
-
-def stopped_at_37(run: Path, engine: str, controller: str) -> Path:
-    """Two workers stopped at step 37 (mid-epoch 1) with a checkpoint and no exported model."""
-    train(run, "optim.batch_size=32", "run.max_steps=37", np=2, flags=(controller,), recipe=PROBES[engine])
-    assert not (run / "model").exists()
-    return run
-
-
-@pytest.fixture(scope="module")
-def stopped_on_mpi(engine, tmp_path_factory):
-    """Resumed by two tests, each on a copy: on two workers over MPI, and on one worker."""
-    return stopped_at_37(tmp_path_factory.mktemp(f"{engine}-stopped") / "run", engine, "--mpi")
 
 
 def copy_of(run: Path, tmp_path: Path) -> Path:
@@ -96,23 +93,16 @@ def copy_of(run: Path, tmp_path: Path) -> Path:
     return tmp_path / "run"
 
 
-@pytest.mark.parametrize("controller", ["--gloo", "--mpi"])
-def test_stop_and_resume_gives_the_uninterrupted_weights(engine, two_workers, stopped_on_mpi, tmp_path, controller):
-    run = copy_of(stopped_on_mpi, tmp_path) if controller == "--mpi" else stopped_at_37(tmp_path / "run", engine,
-                                                                                        controller)
-    train(run, "optim.batch_size=32", np=2, flags=(controller, "--resume"), recipe=PROBES[engine])
-    np.testing.assert_allclose(final_weights(run), final_weights(two_workers), rtol=0, atol=1e-6)
+@pytest.mark.parametrize("controller", ["gloo", "mpi"])
+def test_stop_and_resume_gives_the_uninterrupted_weights(runs, two_workers, controller):
+    """Two workers stopped at step 37 (mid-epoch 1) with a checkpoint and no exported model, resumed on the same
+    controller: the uninterrupted run's weights."""
+    assert list_checkpoints(runs / f"{controller}-stopped" / "checkpoints")[-1].name == "step-00000037"
+    assert not (runs / f"{controller}-stopped" / "model").exists()
+    np.testing.assert_allclose(final_weights(runs / controller), final_weights(two_workers), rtol=0, atol=1e-6)
 
 
-KILLABLE = ("optim.batch_size=32", "optim.epochs=6", "run.checkpoint_every=7")  # 144 steps, a checkpoint every 7
-
-
-@pytest.fixture(scope="module")
-def killable_reference(engine, tmp_path_factory):
-    return train(tmp_path_factory.mktemp(f"{engine}-long") / "run", *KILLABLE, np=2, recipe=PROBES[engine])
-
-
-def test_a_job_killed_at_a_random_step_resumes_exactly(engine, killable_reference, tmp_path):
+def test_a_job_killed_at_a_random_step_resumes_exactly(engine, runs, tmp_path):
     """SIGKILL the launcher and both workers once a random checkpoint exists, truncate the newest checkpoint (as a
     crash in the middle of writing one would on a file system without atomic renames), resume: the corrupt one is
     named and skipped, and the run ends with the uninterrupted run's weights."""
@@ -132,12 +122,12 @@ def test_a_job_killed_at_a_random_step_resumes_exactly(engine, killable_referenc
     assert result.returncode == 0, result.stderr
     assert f"checkpoint {checkpoints[-1]} is unusable: {newest.name} does not match its checksum" in result.stderr
     assert f"resumed from {checkpoints[-2]}" in result.stderr, result.stderr
-    np.testing.assert_allclose(final_weights(run), final_weights(killable_reference), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(final_weights(run), final_weights(runs / "killable"), rtol=0, atol=1e-6)
 
 
-def test_bf16_mixed_precision_trains(engine, reference, tmp_path):
+def test_bf16_mixed_precision_trains(runs, reference):
     """bf16 autocast (PyTorch) / mixed_bfloat16 policy (Keras): one process learns as well as fp32, within 3 points."""
-    run = train(tmp_path / "run", "optim.batch_size=64", "run.precision=bf16", recipe=PROBES[engine])
+    run = runs / "bf16"
     accuracy = {r: summary(r)["results"]["model (valid)"]["accuracy"] for r in (run, reference)}
     assert abs(accuracy[run] - accuracy[reference]) <= 0.03, accuracy
 
@@ -154,15 +144,13 @@ def loss_scaler_steps(run: Path) -> int:
         "optimizer/step_counter/.ATTRIBUTES/VARIABLE_VALUE"))
 
 
-def test_fp16_mixed_precision_resumes_with_its_loss_scale(engine, reference, tmp_path):
+def test_fp16_mixed_precision_resumes_with_its_loss_scale(runs, reference):
     """fp16 autocast with GradScaler (PyTorch) / mixed_float16 with dynamic loss scaling (Keras), on 2 workers
     stopped at step 20 and resumed: the loss scaler's state is checkpointed and restored (its count of finite
     steps goes on to 48, where Keras' started again from 0), and the run learns as well as fp32, within 3
     points."""
-    run = train(tmp_path / "run", "optim.batch_size=32", "run.precision=fp16", "run.max_steps=20", np=2,
-                recipe=PROBES[engine])
-    assert loss_scaler_steps(run) == 20
-    train(run, "optim.batch_size=32", "run.precision=fp16", np=2, flags=("--resume",), recipe=PROBES[engine])
+    run = runs / "fp16"
+    assert loss_scaler_steps(runs / "fp16-stopped") == 20
     assert loss_scaler_steps(run) == 48
     accuracy = {r: summary(r)["results"]["model (valid)"]["accuracy"] for r in (run, reference)}
     assert abs(accuracy[run] - accuracy[reference]) <= 0.03, accuracy
@@ -204,16 +192,13 @@ def test_nan_steps_can_be_skipped(engine, reference, tmp_path):
 
 
 @pytest.mark.parametrize("trained,resumed", [(2, 1), (1, 2)])
-def test_resume_on_another_worker_count_keeps_the_trained_global_batch(engine, reference, two_workers,
-                                                                       stopped_on_mpi, tmp_path, trained, resumed):
+def test_resume_on_another_worker_count_keeps_the_trained_global_batch(engine, runs, reference, two_workers, tmp_path,
+                                                                       trained, resumed):
     """Stopped mid-epoch on N workers (2: at step 37; 1: at step 20), resumed on M: the steps, their examples and
     the learning rates stay the trained run's, so the weights are the uninterrupted run's."""
     recipe = PROBES[engine]
     batch = f"optim.batch_size={64 // trained}"
-    if trained == 2:
-        run = copy_of(stopped_on_mpi, tmp_path)
-    else:
-        run = train(tmp_path / "run", batch, "run.max_steps=20", np=trained, recipe=recipe)
+    run = copy_of(runs / ("mpi-stopped" if trained == 2 else "stopped-np1"), tmp_path)
     result = ddl("train", recipe, f"run.dir={run}", batch, "-np", str(resumed), "--resume")
     assert result.returncode == 0, result.stderr
     assert f"global batch stays {64 // trained} x {trained} workers x 1 = 64 examples, shared by {resumed}" \
@@ -243,23 +228,18 @@ def test_resuming_at_max_steps_trains_nothing(tmp_path):
     assert max(row["step"] for row in read_metrics(run)) == 20
 
 
-def test_workers_with_a_share_smaller_than_their_micro_batches_train_exactly(engine, tmp_path):
+def test_workers_with_a_share_smaller_than_their_micro_batches_train_exactly(runs):
     """batch_size 1, a global batch of 3 on 2 workers: rank 1 holds one example of each step but runs 2 micro-
     batches; its empty one gave a NaN loss and stopped the run (PyTorch; Keras' second is an example weighted 0).
     Now: the weights of one worker with batch 3."""
-    common = ("data.train_examples=300", "optim.epochs=1")
-    recipe = PROBES[engine]
-    shared = train(tmp_path / "np2", *common, "optim.batch_size=1", "dist.batch_workers=3", np=2, recipe=recipe)
-    alone = train(tmp_path / "np1", *common, "optim.batch_size=3", recipe=recipe)
-    assert_close(final_weights(shared), final_weights(alone), rtol=1e-5)
+    assert_close(final_weights(runs / "small-np2"), final_weights(runs / "small-np1"), rtol=1e-5)
 
 
-def test_a_streamed_training_split_trains_as_the_indexed_one(engine, reference, tmp_path):
+def test_a_streamed_training_split_trains_as_the_indexed_one(runs, reference):
     """The probe's training digits as a StreamSource (each worker handed only its share of each step; no __len__,
     no take): on 2 workers with batch 32, stopped mid-epoch and resumed, the weights of the indexed split on one
     worker with batch 64."""
-    streamed = train(tmp_path / "streamed", "data.stream=true", "optim.batch_size=32", "run.max_steps=37", np=2,
-                     recipe=PROBES[engine])
-    train(streamed, "data.stream=true", "optim.batch_size=32", np=2, flags=("--resume",), recipe=PROBES[engine])
+    streamed = runs / "streamed"
+    assert list_checkpoints(runs / "streamed-stopped" / "checkpoints")[-1].name == "step-00000037"
     assert summary(streamed)["steps"] == summary(reference)["steps"] == 48
     assert_close(final_weights(streamed), final_weights(reference), rtol=1e-5)
