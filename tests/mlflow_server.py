@@ -64,3 +64,14 @@ def tracked_run(uri: str, run_dir: Path):
 
     run_id = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
     return MlflowClient(uri).get_run(run_id)
+
+
+def logged_model(uri: str, run_dir: Path):
+    """The model logged with the run directory's MLflow run, loaded as MLflow's generic pyfunc (its input example
+    with it), and its signature."""
+    import mlflow
+
+    run_id = tracked_run(uri, run_dir).info.run_id
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    return model, model.metadata.get_input_schema()

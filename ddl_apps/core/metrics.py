@@ -10,6 +10,7 @@ import sys
 import time
 import types
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from io import FileIO
 from pathlib import Path
@@ -69,7 +70,7 @@ class SilentLog:
     def advance(self, steps: int = 1) -> None: ...
     def record(self, split: str, step: int, values: dict[str, float]) -> None: ...
     def message(self, text: str) -> None: ...
-    def model(self, tracked: TrackedModel | None, model_dir: Path) -> None: ...
+    def model(self, tracked: Callable[[], TrackedModel | None], model_dir: Path) -> None: ...
     def close(self, summary: dict[str, dict[str, float]] | None = None, run_ended: bool = True) -> None: ...
 
 
@@ -129,8 +130,8 @@ class RunLog(SilentLog):
             self._tb.add_scalar(f"{split}/{key}", value, step)
         self._tracker.metrics(split, step, values)
 
-    def model(self, tracked: TrackedModel | None, model_dir: Path) -> None:
-        """The exported model, to the tracker (its flavour, or its files where `tracked` is None)."""
+    def model(self, tracked: Callable[[], TrackedModel | None], model_dir: Path) -> None:
+        """The exported model, to the tracker: what `tracked()` gives, in its flavour, or else its files."""
         self._tracker.model(tracked, model_dir)
 
     def message(self, text: str) -> None:

@@ -83,7 +83,7 @@ def finish(engine: Engine, complete: bool) -> Results:
             np.savez(engine.run_dir / f"{split}_outputs.npz", **outputs)  # type: ignore[arg-type]
             task.export(model, engine.run_dir / rundir.MODEL_DIR)
             warnings = write_artifacts(engine, outputs)
-            log.model(task.tracked_model(model, example_batch(source)), engine.run_dir / rundir.MODEL_DIR)
+            log.model(lambda: task.tracked_model(model, example_batch(source)), engine.run_dir / rundir.MODEL_DIR)
             results.update(task.report())
             summary = {"results": results, "warnings": warnings, "steps": engine.state.step, "workers": topo.size,
                        "hosts_by_rank": hosts, "training": done, "weights_sha256_by_rank": digests,

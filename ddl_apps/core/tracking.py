@@ -10,7 +10,10 @@ directory holds everything the run records without it.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import importlib.metadata
+import io
 import json
 import os
 import re
@@ -33,7 +36,12 @@ CUT = " ... (cut; config.yaml holds it whole)"
 # MLflow's client retries a failed request 7 times over about 2 minutes: an unreachable server should cost seconds
 # (2 retries, 2 s). Its own log (database set-up, pip requirements...) stays out of the run's. The environment wins.
 CLIENT_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                   "MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_LOGGING_LEVEL": "ERROR"}
+                   "MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_LOGGING_LEVEL": "ERROR",
+                   "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+
+# What a transformers pipeline needs: MLflow's default requirements also name torchvision, whose version it reads
+# by importing it (here a failure: torchvision is not installed)
+TRANSFORMERS_NEEDS = ("transformers", "torch")
 
 Say = Callable[[str], None]
 
@@ -66,16 +74,16 @@ def metric_key(*parts: str) -> str:
 def why(error: Exception) -> str:
     """The cause of a failed MLflow call in a few words: the OS error of a failed connection, else the message's
     first line."""
-    text = str(error)
-    found = re.search(r"\[Errno [^\]]+\][^'\")]*", text)
-    return found.group(0) if found else f"{type(error).__name__}: {text.strip().splitlines()[0][:300] if text else ''}"
+    text = str(error).strip()
+    refused = re.search(r"Max retries exceeded.*?(\[Errno [^\]]+\][^'\")]*)", text)
+    return refused.group(1) if refused else f"{type(error).__name__}: {text.splitlines()[0][:300] if text else ''}"
 
 
 class Tracker:
     """No tracking: on ranks other than 0, in runs without MLflow, and once tracking failed."""
 
     def metrics(self, split: str, step: int, values: dict[str, float]) -> None: ...
-    def model(self, tracked: TrackedModel | None, model_dir: Path) -> None: ...
+    def model(self, tracked: Callable[[], TrackedModel | None], model_dir: Path) -> None: ...
     def close(self, results: dict[str, dict[str, float]] | None, run_ended: bool) -> None: ...
 
 
@@ -154,6 +162,8 @@ class MlflowTracker(Tracker):
     def metrics(self, split: str, step: int, values: dict[str, float]) -> None:
         from mlflow.entities import Metric
 
+        if self.failed:
+            return
         now, self.step = int(time.time() * 1000), max(self.step, step)
         self.pending += [Metric(metric_key(split, key), float(value), now, step) for key, value in values.items()
                          if isinstance(value, int | float)]
@@ -164,22 +174,28 @@ class MlflowTracker(Tracker):
         self.client.log_batch(self.run_id, metrics=self.pending)
         self.pending, self.flushed = [], time.monotonic()
 
-    def model(self, tracked: TrackedModel | None, model_dir: Path) -> None:
-        self._safely(lambda: self._log_model(tracked, model_dir))
+    def model(self, tracked: Callable[[], TrackedModel | None], model_dir: Path) -> None:
+        self._safely(lambda: self._log_model(tracked(), model_dir))
 
     def _log_model(self, tracked: TrackedModel | None, model_dir: Path) -> None:
         """In its flavour, with its signature (inferred from what the model makes of the example) and the example;
-        a task that gives none: its exported files."""
+        a task that gives none: its exported files. (Keras prints a progress bar as the flavour checks the model.)"""
         if tracked is None:
             self.client.log_artifacts(self.run_id, str(model_dir), MODEL)
             return
         import mlflow
 
-        flavour = importlib.import_module(f"mlflow.{tracked.flavour}")
-        options = {"task": tracked.task} if tracked.task else {}
         mlflow.set_tracking_uri(self.uri)
-        with mlflow.start_run(run_id=self.run_id):
-            flavour.log_model(tracked.model, name=MODEL, input_example=tracked.example, **options)
+        with mlflow.start_run(run_id=self.run_id), contextlib.redirect_stdout(io.StringIO()):
+            if tracked.flavour == "keras":
+                log_keras(tracked)
+            elif tracked.flavour == "transformers":
+                importlib.import_module("mlflow.transformers").log_model(
+                    tracked.model, name=MODEL, task=tracked.task, input_example=tracked.example,
+                    pip_requirements=pinned(TRANSFORMERS_NEEDS))
+            else:  # (torch.export's graph: MLflow's pt2 format, no pickle)
+                importlib.import_module("mlflow.pytorch").log_model(tracked.model, name=MODEL,
+                                                                    input_example=tracked.example)
 
     def close(self, results: dict[str, dict[str, float]] | None, run_ended: bool) -> None:
         """The metrics still pending; at the end of a run also the results, the run directory's files and the run's
@@ -198,3 +214,32 @@ class MlflowTracker(Tracker):
 
     def _end_run(self, status: str) -> None:
         self.client.set_terminated(self.run_id, status)
+
+
+def pinned(packages: tuple[str, ...]) -> list[str]:
+    """Requirements pinned to the installed versions (without a local label such as +cpu, which PyPI lacks)."""
+    return [f"{name}=={importlib.metadata.version(name).split('+')[0]}" for name in packages]
+
+
+class KerasFolderFirst:
+    """MLflow 3.17's keras flavour writes the input example before it makes the model's folder (FileNotFoundError):
+    its save_model, with the folder made first."""
+
+    @staticmethod
+    def save_model(path: str, **options: Any) -> None:
+        import mlflow.keras
+
+        os.makedirs(path)
+        mlflow.keras.save_model(path=path, **options)
+
+
+def log_keras(tracked: TrackedModel) -> None:
+    """What mlflow.keras.log_model does, around KerasFolderFirst, with the signature it does not infer."""
+    import mlflow.keras
+    import numpy as np
+    from mlflow.models import Model, infer_signature
+
+    outputs = np.asarray(tracked.model(tracked.example, training=False))
+    Model.log(None, name=MODEL, flavor=KerasFolderFirst, flavor_name="mlflow.keras", model=tracked.model,
+              signature=infer_signature(tracked.example, outputs), input_example=tracked.example,
+              pip_requirements=mlflow.keras.get_default_pip_requirements())

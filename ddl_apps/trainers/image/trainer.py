@@ -102,7 +102,10 @@ class ImageTask(KerasTask):
                                                     "channels": cfg.channels}))
 
     def tracked_model(self, model: keras.Model, batch: dict[str, np.ndarray]) -> TrackedModel:
-        return TrackedModel("keras", model, np.asarray(batch["x"], dtype=np.float32))
+        """An uncompiled copy: the run's optimizer is Horovod's, which MLflow's loader could not rebuild."""
+        copy = keras.Model.from_config(model.get_config())
+        copy.set_weights(model.get_weights())
+        return TrackedModel("keras", copy, np.asarray(batch["x"], dtype=np.float32))
 
     def report(self) -> dict[str, dict[str, float]]:
         return {}

@@ -5,11 +5,13 @@ import json
 import numpy as np
 import pytest
 import tensorflow as tf
+from mlflow import MlflowClient
 from PIL import Image
 
 from ddl_apps.core.rundir import load_run_recipe
 from ddl_apps.trainers.image import data
 from tests.engine_runs import ddl, final_weights, summary, train
+from tests.mlflow_server import logged_model, tracked_run
 from tests.trainers.onnx_checks import exported, largest_difference
 
 SLICE = ("data.limit=600", "optim.epochs=1", "optim.batch_size=32", "model.width=8", "run.log_every=5")
@@ -22,7 +24,8 @@ def save_png(array: np.ndarray, path):
 
 # Slow because it must: a Keras run at np=2 with its full export (SavedModel included), then predict and eval.
 @pytest.mark.distributed
-def test_two_workers_artifacts_and_predict_agrees_with_evaluation(tmp_path):
+def test_two_workers_artifacts_and_predict_agrees_with_evaluation(tmp_path, mlflow_uri, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
     run = train(tmp_path / "run", *SLICE, np=2, recipe="image_resnet")
     result = summary(run)
     assert len(set(result["weights_sha256_by_rank"])) == 1 and len(result["weights_sha256_by_rank"]) == 2
@@ -46,6 +49,18 @@ def test_two_workers_artifacts_and_predict_agrees_with_evaluation(tmp_path):
     assert predicted == evaluated["pred"][:40].tolist()
     metrics = json.loads(ddl("eval", str(run)).stdout)
     assert metrics["accuracy"] == pytest.approx(result["results"]["model (test)"]["accuracy"])
+
+    # tracked by rank 0 alone: the Keras flavour predicts the first test images as the evaluation did
+    client, tracked = MlflowClient(mlflow_uri), tracked_run(mlflow_uri, run)
+    assert len(client.search_runs([tracked.info.experiment_id], f"tags.`ddl.run_dir` = '{run}'")) == 1
+    assert {"confusion_matrix.png", "per_class_accuracy.json"} <= {a.path for a in client.list_artifacts(
+        tracked.info.run_id)}
+    assert tracked.data.metrics["test/accuracy"] == result["results"]["model (test)"]["accuracy"]
+    model, inputs = logged_model(mlflow_uri, run)
+    probabilities = np.asarray(model.predict(model.input_example))
+    assert inputs.is_tensor_spec() and probabilities.shape == (len(model.input_example), 10)
+    assert probabilities.argmax(1).tolist() == evaluated["pred"][: len(probabilities)].tolist()
+    np.testing.assert_allclose(probabilities.max(1), evaluated["probability"][: len(probabilities)], atol=1e-6)
 
 
 def shapes_folder(root, per_class=24, size=20):
