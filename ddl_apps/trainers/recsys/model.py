@@ -35,3 +35,15 @@ class NeuMF(nn.Module):
         g = self.gmf_dim
         mlp = self.mlp(torch.cat([u[..., g:], v[..., g:]], dim=-1))
         return self.head(torch.cat([u[..., :g] * v[..., :g], mlp], dim=-1)).squeeze(-1)
+
+
+class CandidateScorer(nn.Module):
+    """The model on one array per row, the user's index then its candidate items' [batch, 1 + candidates] -> the
+    candidates' logits [batch, candidates]. MLflow's pytorch flavour serves it (a model of one input)."""
+
+    def __init__(self, model: NeuMF):
+        super().__init__()
+        self.model = model
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.model(rows[:, 0], rows[:, 1:])

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ddl_apps.core.contract import Preparer, TorchTask, TrainerHooks
+from ddl_apps.core.contract import Preparer, TorchTask, TrackedModel, TrainerHooks
 from ddl_apps.core.dist import Topology
 from ddl_apps.core.rundir import MODEL_DIR, reading_export
 from ddl_apps.core.torch_engine import Batch, load_weights, save_weights
@@ -20,7 +20,7 @@ from ddl_apps.data.prepare import open_prepared
 from ddl_apps.errors import DataError
 from ddl_apps.recipe import Recipe
 from ddl_apps.trainers.recsys import data, onnx_graph
-from ddl_apps.trainers.recsys.model import NeuMF
+from ddl_apps.trainers.recsys.model import CandidateScorer, NeuMF
 
 ARCHITECTURE = "model.json"
 
@@ -85,6 +85,11 @@ class RecommendTask(TorchTask):
         (model_dir / ARCHITECTURE).write_text(json.dumps(self.architecture()))
         for name in (data.CATALOGUE, data.HISTORY):
             shutil.copyfile(self.dataset.file(name), model_dir / name)
+
+    def tracked_model(self, model: NeuMF, batch: Batch) -> TrackedModel:
+        """Each test row as the user's index, then its candidates' (the held-out item first)."""
+        rows = torch.cat([batch["user"][:, None], batch["items"]], 1).numpy()
+        return TrackedModel("pytorch", CandidateScorer(model).eval(), rows)
 
     def report(self) -> dict[str, dict[str, float]]:
         """Most popular first (training interactions per item), ranked over the same test candidates."""

@@ -16,6 +16,7 @@ from ddl_apps.trainers.recsys import data
 from ddl_apps.trainers.recsys.trainer import build_task, held_out_rank, load_exported, ranking_metrics
 from tests.engine_runs import ddl, final_weights, launch_worker, summary
 from tests.engine_runs import train as train_recipe
+from tests.mlflow_server import logged_model
 from tests.trainers.onnx_checks import exported, largest_difference
 
 RECIPE = "recsys_neumf"
@@ -166,8 +167,19 @@ def test_timestamp_that_is_not_a_number_is_named(tmp_path):
 
 # ---- training -----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def one_worker_run(tmp_path_factory):
-    return train(tmp_path_factory.mktemp("one") / "run", *ONE_EPOCH)
+def one_worker_run(tmp_path_factory, mlflow_uri):
+    with pytest.MonkeyPatch.context() as environment:
+        environment.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
+        return train(tmp_path_factory.mktemp("one") / "run", *ONE_EPOCH)
+
+
+def test_the_tracked_model_ranks_the_held_out_items_as_the_evaluation_did(one_worker_run, mlflow_uri):
+    """MLflow's pytorch flavour (torch.export's graph) on its input example, the first test rows."""
+    model, inputs = logged_model(mlflow_uri, one_worker_run)
+    rows = model.input_example
+    assert inputs.is_tensor_spec() and inputs.inputs[0].shape == (-1, rows.shape[1])
+    ranks = held_out_rank(np.asarray(model.predict(rows)))
+    assert ranks.tolist() == np.load(one_worker_run / "test_outputs.npz")["rank"][: len(rows)].tolist()
 
 
 def test_one_worker_learns_and_recommends_unseen_films(one_worker_run):
