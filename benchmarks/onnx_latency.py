@@ -1,7 +1,8 @@
 """`ddl bench export`: for each recipe, a short run with the recipe's own model, exported with `ddl export`; then
 onnxruntime's latency on one example against the framework's, on one core: each recipe measured in a process pinned
 to CPU 0 (`taskset -c 0`) with one thread in the framework and in onnxruntime, the median of 200 calls after 20
-warm-up calls. What each call covers is in NOTES below (the same work on both sides).
+warm-up calls, the two taking turns every 20 calls. What each call covers is in NOTES below (the same work on
+both sides).
 
     .venv/bin/python benchmarks/onnx_latency.py            # train, export, measure: benchmarks/results/export.json
     .venv/bin/python benchmarks/onnx_latency.py measure RECIPE RUN_DIR   # one recipe's figures, as JSON
@@ -46,15 +47,20 @@ NOTES = {
 }
 
 
-def median_ms(call: Callable[[], object]) -> float:
-    for _ in range(WARM_UP):
-        call()
-    times = []
-    for _ in range(CALLS):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return round(1000 * statistics.median(times), 3)
+def medians_ms(calls: dict[str, Callable[[], object]], rounds: int = 10) -> dict[str, float]:
+    """Each call's median time: after the warm-up, the calls take turns in rounds of CALLS / rounds each, so a
+    load that comes and goes weighs on all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for call in calls.values():
+        for _ in range(WARM_UP):
+            call()
+    for _ in range(rounds):
+        for name, call in calls.items():
+            for _ in range(CALLS // rounds):
+                start = time.perf_counter()
+                call()
+                times[name].append(time.perf_counter() - start)
+    return {f"{name}_ms": round(1000 * statistics.median(t), 3) for name, t in times.items()}
 
 
 def one_core_session(path: Path):
@@ -181,7 +187,7 @@ def measure(recipe: str, run_dir: Path) -> dict:
 
         torch.set_num_threads(1)
         torch.set_num_interop_threads(1)
-    return {f"{name}_ms": median_ms(call) for name, call in MEASURES[recipe](run_dir).items()}
+    return medians_ms(MEASURES[recipe](run_dir))
 
 
 def main() -> None:

@@ -437,10 +437,11 @@ def export_section(result: dict) -> tuple[list[str], list[tuple]]:
     """Issue 38: onnxruntime's latency on one example against the framework's, on one core (no target)."""
     lines = ["## 8. ONNX export: one example on one core, onnxruntime against the framework", machine_line(result),
              f"Each recipe's model as it ships, after one short run, written by `ddl export RUN_DIR --format onnx`; "
-             f"the median of {result['calls']} calls after {result['warm_up']} warm-up calls in a process pinned to "
-             "CPU 0 (`taskset -c 0`), one thread in the framework (PyTorch, or TensorFlow for the image model) and "
-             "in onnxruntime. The difference is `ddl export`'s own check on its example batch; the test split's are "
-             "in [ONNX export](docs/export.md#how-close-the-graph-is-to-the-framework).", "",
+             f"the median of {result['calls']} calls after {result['warm_up']} warm-up calls (the two taking turns "
+             "every 20 calls) in a process pinned to CPU 0 (`taskset -c 0`), one thread in the framework (PyTorch, "
+             "or TensorFlow for the image model) and in onnxruntime. The difference is `ddl export`'s own check on "
+             "its example batch; the test split's are in [ONNX export](docs/export.md#how-close-the-graph-is-to-the-"
+             "framework).", "",
              "| recipe | one call | framework ms | onnxruntime ms | framework / onnxruntime | ONNX MiB | "
              "example difference |", "|---|---|---|---|---|---|---|"]
     for row in result["rows"]:

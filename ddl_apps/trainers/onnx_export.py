@@ -57,8 +57,9 @@ def quiet(logger: str) -> Iterator[None]:
 def export_torch(module: Any, inputs: dict[str, Any], outputs: list[str], dynamic: dict[str, dict[int, str]],
                  path: Path, smallest: dict[str, int] | None = None) -> None:
     """`module(*inputs.values())` as an ONNX graph with inputs and outputs so named; `dynamic` names the axes of the
-    inputs that may take any size (an axis name shared by inputs is one size), from 1 or what `smallest` says. With
-    torch.export (dynamo): the TorchScript exporter refuses the complex STFT of the log-mel front end."""
+    inputs that may take any size (an axis name shared by inputs is one size), from 1 or what `smallest` says; the
+    example should hold at least 2 along each (torch.export takes a size of 1 for a constant). With torch.export
+    (dynamo), torch's default exporter."""
     import torch
 
     smallest = smallest or {}

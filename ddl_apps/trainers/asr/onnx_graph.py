@@ -3,11 +3,12 @@
 `audio_lengths` int64 [batch] -> `log_probs` [batch, frames, vocabulary] and `lengths` [batch] (each utterance's
 frames). Greedy CTC decoding and the alphabet (in the file's metadata) turn them into `ddl transcribe`'s text.
 
-An utterance alone, or among utterances of its own length, gets exactly its features; padded behind a shorter one,
-the last two frames of the shorter one see zeros where its own analysis window reflects its end."""
+An utterance alone, or among utterances of its own length, gets exactly its features; in a batch with a longer one,
+a shorter utterance's last two frames see the padding where its own analysis window would reflect its end."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -20,16 +21,38 @@ from ddl_apps.trainers.asr.audio import MIN_SAMPLES
 from ddl_apps.trainers.asr.model import ConformerCTC
 
 
+class MelPower(nn.Module):
+    """torchaudio's MelSpectrogram (data.LogMel's) as matrix products: centred, reflect-padded frames times the
+    window's cosines and sines, squared, times the mel filters: (batch, samples) -> (batch, frames, mels).
+    onnxruntime's DFT operator, which torch's STFT exports to, is many times slower at this 400-point size
+    (docs/export.md)."""
+
+    def __init__(self, n_mels: int):
+        super().__init__()
+        mel = data.LogMel(n_mels).mel
+        self.n_fft, self.hop = mel.spectrogram.n_fft, mel.spectrogram.hop_length
+        samples, bins = torch.arange(self.n_fft, dtype=torch.float64), torch.arange(self.n_fft // 2 + 1)
+        angle = 2 * math.pi * torch.outer(samples, bins.double()) / self.n_fft
+        window = mel.spectrogram.window.double()[:, None]
+        self.cos, self.sin = (nn.Buffer((window * wave(angle)).float()) for wave in (torch.cos, torch.sin))
+        self.filters = nn.Buffer(mel.mel_scale.fb)
+
+    def forward(self, audio: torch.Tensor) -> torch.Tensor:
+        half = self.n_fft // 2
+        frames = nn.functional.pad(audio[:, None], (half, half), mode="reflect")[:, 0].unfold(1, self.n_fft, self.hop)
+        return ((frames @ self.cos) ** 2 + (frames @ self.sin) ** 2) @ self.filters
+
+
 class TranscriptionGraph(nn.Module):
     """data.LogMel on each utterance of a padded batch (normalised over its own frames, padding zeroed as a padded
     training batch holds it), then the model."""
 
     def __init__(self, model: ConformerCTC, n_mels: int):
         super().__init__()
-        self.model, self.mel = model, data.LogMel(n_mels).mel
+        self.model, self.mel = model, MelPower(n_mels)
 
     def forward(self, audio: torch.Tensor, audio_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = torch.log(self.mel(audio) + 1e-6).transpose(1, 2)  # (batch, frames, mels)
+        features = torch.log(self.mel(audio) + 1e-6)  # (batch, frames, mels)
         frames = audio_lengths // data.HOP + 1  # (frames centred every HOP samples)
         real = (torch.arange(features.shape[1]) < frames[:, None]).unsqueeze(-1).to(features.dtype)
         count = frames[:, None].to(features.dtype)

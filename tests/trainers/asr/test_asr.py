@@ -113,8 +113,7 @@ def test_onnx_export_from_audio_gives_the_frameworks_log_probabilities(smoke_run
     batch = np.stack([a[:shortest] for a in clips[:5]])
     log_probs, _ = session.run(None, {"audio": batch, "audio_lengths": np.full(5, shortest)})
     worst = max(worst, largest_difference(log_probs, framework(batch)))
-    # onnxruntime's DFT against torch's FFT, through the log of near-silent frames: measured 1.0e-03
-    assert worst < 5e-3
+    assert worst < 1e-4  # measured: 8.1e-06 (the graph's STFT as matrix products against torch's FFT)
 
 
 # Slow because it must: 30 epochs at np=2 are what gets CTC past emitting only blanks on a slice.

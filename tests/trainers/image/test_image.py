@@ -108,7 +108,7 @@ def test_onnx_export_classifies_the_test_split_as_keras_did(shapes_run, tmp_path
     [probabilities] = session.run(None, {"image": test.x})  # 18 images (the export's example: 4)
     evaluated = np.load(run / "test_outputs.npz")  # Keras's, in the final evaluation
     assert probabilities.argmax(1).tolist() == evaluated["pred"].tolist()
-    assert largest_difference(probabilities.max(1), evaluated["probability"]) < 1e-5  # measured: 6e-08
+    assert largest_difference(probabilities.max(1), evaluated["probability"]) < 1e-5  # measured: 1.2e-07
     [alone] = session.run(None, {"image": test.x[:1]})
     np.testing.assert_allclose(alone, probabilities[:1], atol=1e-6)
 
