@@ -84,7 +84,7 @@ def test_two_workers_and_predict_reproduces_evaluation(tmp_path):
 
 
 def test_onnx_export_scores_the_test_split_as_the_framework_did(own_csv_run, tmp_path):
-    """Issue 38: the fraud model from raw columns (394 numbers, 14 categories of text and numbers) to the score."""
+    """Issue 38: the fraud model from raw columns (107 numbers, 11 categories) to the score."""
     run, own, csv = own_csv_run
     session, metadata = exported(run, tmp_path / "fraud.onnx")
     assert metadata["id_column"] == "txn" and metadata["score_column"] == "fraud_probability"
