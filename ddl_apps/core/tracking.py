@@ -17,6 +17,7 @@ import io
 import json
 import os
 import re
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +31,7 @@ RUN_FILE = "mlflow_run.json"  # the tracking URI and the MLflow run id, in the r
 LOCAL_STORE = Path("mlruns")
 MODEL = "model"  # the logged model's name (its files' artifact folder when it is logged as files)
 RUN_FILES = (".json", ".jsonl", ".yaml", ".png", ".csv")  # what is logged of the run directory's top level
-FLUSH_EVERY_S = 5.0  # metrics are sent in batches, at most this often, and at the end
+SEND_EVERY_S = 5.0  # metrics are sent in batches, in a thread of their own, at most this often, and at the end
 PARAM_LIMIT = 6000  # MLflow's longest parameter value
 CUT = " ... (cut; config.yaml holds it whole)"
 # MLflow's client retries a failed request 7 times over about 2 minutes: an unreachable server should cost seconds
@@ -114,7 +115,9 @@ class MlflowTracker(Tracker):
         self.uri, self.run_dir, self.say = uri, run_dir, say
         self.client = MlflowClient(uri)
         self.pending: list[Any] = []
-        self.flushed = time.monotonic()
+        self.sent_at = time.monotonic()
+        self.sending: threading.Thread | None = None
+        self.send_error: Exception | None = None
         self.failed = False
         self.step = 0  # the last step metrics were recorded at
         self.run_id = self._reopen() or self._create(recipe)
@@ -167,12 +170,34 @@ class MlflowTracker(Tracker):
         now, self.step = int(time.time() * 1000), max(self.step, step)
         self.pending += [Metric(metric_key(split, key), float(value), now, step) for key, value in values.items()
                          if isinstance(value, int | float)]
-        if time.monotonic() - self.flushed >= FLUSH_EVERY_S:
-            self._safely(self._flush)
+        if time.monotonic() - self.sent_at >= SEND_EVERY_S and not (self.sending and self.sending.is_alive()):
+            self._safely(self._send)
+
+    def _send(self) -> None:
+        """The pending metrics to MLflow in a thread, so that training does not wait for the server (a batch of
+        hundreds takes a tenth of a second); the previous batch's error, if any, is raised here."""
+        self._raise_send_error()
+        batch, self.pending, self.sent_at = self.pending, [], time.monotonic()
+        self.sending = threading.Thread(target=self._log_batch, args=(batch,), daemon=True)
+        self.sending.start()
+
+    def _log_batch(self, batch: list[Any]) -> None:
+        try:
+            self.client.log_batch(self.run_id, metrics=batch)
+        except Exception as e:  # (reported on the training thread)
+            self.send_error = e
+
+    def _raise_send_error(self) -> None:
+        if self.send_error is not None:
+            raise self.send_error
 
     def _flush(self) -> None:
+        """Every metric sent, now."""
+        if self.sending:
+            self.sending.join()
+        self._raise_send_error()
         self.client.log_batch(self.run_id, metrics=self.pending)
-        self.pending, self.flushed = [], time.monotonic()
+        self.pending = []
 
     def model(self, tracked: Callable[[], TrackedModel | None], model_dir: Path) -> None:
         self._safely(lambda: self._log_model(tracked(), model_dir))
