@@ -283,6 +283,8 @@ def export(run_dir: Path, format_: str, output: Path | None) -> None:
     output = output or run_dir / f"model.{format_}"
     if output.exists():
         raise UserError(f"{output} already exists; remove it or name another file with -o")
+    if not output.parent.is_dir():
+        raise UserError(f"the folder of {output} does not exist; create it or name another file with -o")
     export_onnx = _run_hook(run_dir, "export_onnx", f"the trainer of {run_dir} cannot export to ONNX (its "
                             "TrainerHooks has no export_onnx; see docs/writing-a-trainer.md)")
     if not (run_dir / MODEL_DIR).is_dir():

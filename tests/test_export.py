@@ -40,12 +40,14 @@ def test_an_unknown_format_is_a_usage_error(tmp_path):
     assert not (tmp_path / "m.tflite").exists()
 
 
-def test_an_output_that_exists_is_kept_and_refused(tmp_path):
+def test_an_output_that_exists_or_has_no_folder_is_refused(tmp_path):
     run = run_without_model(tmp_path, "churn_tabm")
     taken = tmp_path / "model.onnx"
     taken.write_text("the user's own file")
     assert_refused(ddl("export", str(run), "-o", str(taken)), f"{taken} already exists", "another file with -o")
     assert taken.read_text() == "the user's own file"
+    assert_refused(ddl("export", str(run), "-o", str(tmp_path / "nowhere" / "model.onnx")), "does not exist")
+    assert not (tmp_path / "nowhere").exists()
 
 
 def test_a_directory_that_is_no_run_and_a_trainer_without_export_are_named(tmp_path):
