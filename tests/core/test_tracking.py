@@ -9,14 +9,16 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import yaml
 from mlflow import MlflowClient
 
 from ddl_apps.core import tracking
 from ddl_apps.core.metrics import read_metrics
 from ddl_apps.core.redact import REDACTED
+from ddl_apps.recipe import load_recipe
 from tests.engine_runs import PROBE, REPO, ddl, summary, train
-from tests.mlflow_server import free_port, logged_model, tracked_run
+from tests.mlflow_server import free_port, logged_model, mlflow_server, tracked_run
 from tests.test_safety import HF_TOKEN
 from tests.trainers.nlp.test_nlp import SLICE as NLP_SLICE
 from tests.trainers.nlp.test_nlp import TINY_MODEL
@@ -138,3 +140,21 @@ def test_the_text_recipe_logs_a_transformers_pipeline_that_predicts_as_the_run_d
     recorded = {r["text"]: r for r in map(json.loads, (run / "test_predictions.jsonl").read_text().splitlines())}
     assert len(texts) == 5 and predicted["label"].tolist() == [recorded[text]["predicted"] for text in texts]
     np.testing.assert_allclose(predicted["score"], [recorded[text]["probability"] for text in texts], atol=1e-5)
+
+
+def test_a_server_lost_mid_run_is_one_warning_and_tracking_stops_there(tmp_path):
+    """The tracker as rank 0's run log drives it, against a server that stops between two log lines."""
+    said: list[str] = []
+    (tmp_path / "server").mkdir()
+    with pytest.MonkeyPatch.context() as environment:
+        for name, value in tracking.CLIENT_DEFAULTS.items():
+            environment.setenv(name, value)
+        with mlflow_server(tmp_path / "server") as uri:
+            environment.setenv("MLFLOW_TRACKING_URI", uri)
+            tracker = tracking.start(load_recipe(PROBE), tmp_path, said.append)
+            tracker.metrics("train", 10, {"loss": 1.0})
+        tracker.metrics("train", 20, {"loss": 0.5})
+        tracker.close({"model (valid)": {"accuracy": 0.9}}, run_ended=True)
+        tracker.close({"model (valid)": {"accuracy": 0.9}}, run_ended=True)  # (stopped: nothing more is tried)
+    assert said == [f"warning: MLflow tracking at {uri} failed ([Errno 111] Connection refused); the run goes on "
+                    f"untracked, and {tmp_path} holds everything it records"]
