@@ -29,7 +29,8 @@ class ScoringGraph(nn.Module):
         self.model = model
         self.medians, self.means, self.scales = (nn.Buffer(torch.tensor(v, dtype=torch.float64))
                                                  for v in (pre.medians, pre.means, pre.scales))
-        self.indicators = nn.Buffer(torch.tensor([pre.numeric.index(c) for c in pre.indicator_columns]))
+        self.indicators = nn.Buffer(torch.tensor([pre.numeric.index(c) for c in pre.indicator_columns],
+                                                 dtype=torch.long))
         counts = [np.log1p(np.concatenate([[0], pre.counts[c]])) / np.log1p(pre.train_rows) for c in pre.vocabularies]
         self.log_counts = nn.ParameterList(nn.Parameter(torch.from_numpy(c), requires_grad=False) for c in counts)
 
@@ -70,7 +71,8 @@ def look_up_categories(path: Path, vocabularies: list[list[str]]) -> None:
             helper.make_node("Unsqueeze", [f"{index}_flat", f"{index}_axes"], [index]),
         ]
     lookups.append(helper.make_node("Concat", [f"category_{j}_index" for j in range(len(vocabularies))],
-                                    ["category_index"], axis=1))
+                                    ["category_index"], axis=1) if vocabularies else
+                   helper.make_node("Cast", ["categories"], ["category_index"], to=TensorProto.INT64))  # ([batch, 0])
     nodes = [*lookups, *graph.node]
     del graph.node[:]
     graph.node.extend(nodes)
@@ -115,4 +117,4 @@ def export(model: TabularModel, pre: Preprocessor, columns: dict, output: Path) 
     example = {"numeric": rows["numeric"], "categories": category_indices(rows["categories"], pre)}
     return onnx_export.write_torch_onnx(output, ScoringGraph(model, pre), example, ["score"],
                                         {"numeric": BATCH, "categories": BATCH, "score": BATCH}, metadata,
-                                        edit=strings_in_front if pre.vocabularies else None)
+                                        edit=strings_in_front)

@@ -13,7 +13,8 @@ import pytest
 from ddl_apps.core.rundir import load_run_recipe
 from ddl_apps.errors import DataError
 from ddl_apps.recipe import load_recipe
-from ddl_apps.trainers.tabular import data
+from ddl_apps.trainers.tabular import data, onnx_graph
+from ddl_apps.trainers.tabular.model import TabularModel
 from ddl_apps.trainers.tabular.trainer import baseline_scores, binary_metrics, captured
 from tests.engine_runs import ddl, summary, train
 from tests.trainers.onnx_checks import exported, largest_difference, table_inputs
@@ -207,6 +208,22 @@ def test_every_baseline_fits_a_table_with_numbers_alone_or_categories_alone(name
     pre = SimpleNamespace(num_features=numeric, cardinalities=cardinalities)
     scores = baseline_scores(name, rows(200), [rows(20), rows(30)], pre, seed=0)  # (the test rows in batches)
     assert scores.shape == (50,) and np.all((scores >= 0) & (scores <= 1))
+
+
+@pytest.mark.parametrize("pre", [
+    data.Preprocessor(["a", "b"], [0.0, 1.0], ["a"], [0.0, 1.0], [1.0, 2.0], {}, {}, 100),
+    data.Preprocessor([], [], [], [], [], {"c": ["x", "y"]}, {"c": [60, 30]}, 100)], ids=["numbers", "categories"])
+def test_a_table_of_numbers_alone_or_categories_alone_exports_to_onnx(pre, tmp_path):
+    """Issue 38: the graph keeps both inputs (one of them with no columns), categories as text."""
+    import onnxruntime
+
+    model = TabularModel(pre.num_features, pre.cardinalities, [8], 4, 0.0)
+    difference = onnx_graph.export(model, pre, {"id": None, "score": "score"}, tmp_path / "m.onnx")
+    assert difference < 1e-6
+    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"))
+    assert [i.type for i in session.get_inputs()] == ["tensor(double)", "tensor(string)"]
+    rows = {"numeric": np.ones((3, len(pre.numeric))), "categories": np.full((3, len(pre.vocabularies)), "y", object)}
+    assert session.run(None, rows)[0].shape == (3,)
 
 
 def test_a_recipe_naming_the_old_fraud_trainer_still_loads(tmp_path):
