@@ -17,8 +17,11 @@ import io
 import json
 import os
 import re
+import socket
 import threading
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,7 +37,7 @@ RUN_FILES = (".json", ".jsonl", ".yaml", ".png", ".csv")  # what is logged of th
 SEND_EVERY_S = 5.0  # metrics are sent in batches, in a thread of their own, at most this often, and at the end
 PARAM_LIMIT = 6000  # MLflow's longest parameter value
 CUT = " ... (cut; config.yaml holds it whole)"
-# MLflow's client retries a failed request 7 times over about 2 minutes: an unreachable server should cost seconds
+# MLflow's client retries a failed request 7 times over about 2 minutes: a server that fails should cost seconds
 # (2 retries, 2 s). Its own log (database set-up, pip requirements...) stays out of the run's. The environment wins.
 CLIENT_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_LOGGING_LEVEL": "ERROR",
@@ -43,6 +46,8 @@ CLIENT_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_
 # What a transformers pipeline needs: MLflow's default requirements also name torchvision, whose version it reads
 # by importing it (here a failure: torchvision is not installed)
 TRANSFORMERS_NEEDS = ("transformers", "torch")
+
+CONNECT_S = 5  # how long a tracking server's port may take to answer, before the client is made
 
 Say = Callable[[str], None]
 
@@ -76,6 +81,8 @@ def why(error: Exception) -> str:
     """The cause of a failed MLflow call in a few words: the OS error of a failed connection, else the message's
     first line."""
     text = str(error).strip()
+    if isinstance(error, OSError) and error.errno:
+        return text
     refused = re.search(r"Max retries exceeded.*?(\[Errno [^\]]+\][^'\")]*)", text)
     return refused.group(1) if refused else f"{type(error).__name__}: {text.splitlines()[0][:300] if text else ''}"
 
@@ -97,10 +104,23 @@ def start(recipe: Recipe, run_dir: Path, say: Say) -> Tracker:
     for name, value in CLIENT_DEFAULTS.items():
         os.environ.setdefault(name, value)
     try:
+        check_reachable(uri)
         return MlflowTracker(uri, recipe, run_dir, say)
     except Exception as e:  # anything the client raises: tracking never stops training
         say(off_warning(uri, run_dir, e, "cannot be reached"))
         return Tracker()
+
+
+def check_reachable(uri: str) -> None:
+    """An HTTP(S) server's port answers within CONNECT_S, or OSError: a host that drops packets would cost MLflow's
+    timeout at every retry. (Not through a proxy: the proxy is what answers there.)"""
+    url = urllib.parse.urlsplit(uri)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        return
+    if urllib.request.getproxies().get(url.scheme) and not urllib.request.proxy_bypass(url.hostname):
+        return
+    port = url.port or (443 if url.scheme == "https" else 80)
+    socket.create_connection((url.hostname, port), timeout=CONNECT_S).close()
 
 
 def off_warning(uri: str, run_dir: Path, error: Exception, what: str) -> str:
