@@ -72,6 +72,7 @@ class SilentLog:
     def message(self, text: str) -> None: ...
     def model(self, tracked: Callable[[], TrackedModel | None], model_dir: Path) -> None: ...
     def close(self, summary: dict[str, dict[str, float]] | None = None, run_ended: bool = True) -> None: ...
+    def failed(self) -> None: ...
 
 
 class RunLog(SilentLog):
@@ -150,6 +151,10 @@ class RunLog(SilentLog):
         self._tracker.close(summary, run_ended)
         if summary:
             self.console.print(summary_table(summary))
+
+    def failed(self) -> None:
+        """The run stops on an error (its message follows): the tracker says so."""
+        self._tracker.failed()
 
 
 NO_TENSORFLOW = "tensorboard.compat.notf"

@@ -93,6 +93,7 @@ class Tracker:
     def metrics(self, split: str, step: int, values: dict[str, float]) -> None: ...
     def model(self, tracked: Callable[[], TrackedModel | None], model_dir: Path) -> None: ...
     def close(self, results: dict[str, dict[str, float]] | None, run_ended: bool) -> None: ...
+    def failed(self) -> None: ...
 
 
 def start(recipe: Recipe, run_dir: Path, say: Say) -> Tracker:
@@ -138,7 +139,7 @@ class MlflowTracker(Tracker):
         self.sent_at = time.monotonic()
         self.sending: threading.Thread | None = None
         self.send_error: Exception | None = None
-        self.failed = False
+        self.stopped = False  # after its one warning, tracking tries nothing more
         self.step = 0  # the last step metrics were recorded at
         self.run_id = self._reopen() or self._create(recipe)
         self._log_params(params(rundir.resolved_config(recipe, run_dir)))
@@ -174,18 +175,18 @@ class MlflowTracker(Tracker):
         self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in new.items() if k not in logged])
 
     def _safely(self, action: Callable[[], None]) -> None:
-        if self.failed:
+        if self.stopped:
             return
         try:
             action()
         except Exception as e:  # tracking never stops training
-            self.failed = True
+            self.stopped = True
             self.say(off_warning(self.uri, self.run_dir, e, "failed"))
 
     def metrics(self, split: str, step: int, values: dict[str, float]) -> None:
         from mlflow.entities import Metric
 
-        if self.failed:
+        if self.stopped:
             return
         now, self.step = int(time.time() * 1000), max(self.step, step)
         self.pending += [Metric(metric_key(split, key), float(value), now, step) for key, value in values.items()
@@ -250,6 +251,11 @@ class MlflowTracker(Tracker):
         self._safely(self._flush)
         if run_ended:
             self._safely(self._finish_run if results else lambda: self._end_run("KILLED"))
+
+    def failed(self) -> None:
+        """The run stopped on an error: what it logged, and the status FAILED (--resume reopens it)."""
+        self._safely(self._flush)
+        self._safely(lambda: self._end_run("FAILED"))
 
     def _finish_run(self) -> None:
         for path in sorted(self.run_dir.iterdir()):

@@ -72,6 +72,7 @@ def run_training(recipe: Recipe, resume: bool, trainer: Trainer) -> Path:
         with memory_named(recipe, topology.rank):
             train_and_finish()
     except Exception as e:
+        engine.log.failed()
         if dist.lost_contact(e):
             raise lost_workers(run_dir, hosts, topology.rank) from None
         raise

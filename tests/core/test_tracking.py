@@ -79,6 +79,18 @@ def test_a_resumed_run_is_one_mlflow_run_with_its_params_metrics_results_and_fil
     assert HF_TOKEN not in open(downloaded).read()
 
 
+def test_a_run_stopped_by_an_error_is_failed_with_what_it_logged(mlflow_uri, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
+    run = tmp_path / "run"
+    result = ddl("train", PROBE, f"run.dir={run}", "optim.batch_size=32", "data.nan_examples=[700]")
+    assert result.returncode == 2 and "the loss became NaN" in result.stderr, result.stderr
+    client, tracked = MlflowClient(mlflow_uri), tracked_run(mlflow_uri, run)
+    assert tracked.info.status == "FAILED"
+    expected = metric_points(run)
+    assert expected and {(key, m.step, m.value) for key in {key for key, _, _ in expected}
+                         for m in client.get_metric_history(tracked.info.run_id, key)} == expected
+
+
 def test_an_unreachable_server_is_one_warning_and_the_run_completes(tmp_path, monkeypatch):
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
