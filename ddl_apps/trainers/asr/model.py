@@ -44,9 +44,27 @@ class ConformerCTC(nn.Module):
         x = self.subsample(features.unsqueeze(1))  # (batch, channels, frames/4, mels/4)
         x = self.project(x.permute(0, 2, 1, 3).flatten(2))
         lengths = subsampled(lengths).clamp(max=x.shape[1])
-        self._real_frames = (torch.arange(x.shape[1], device=x.device) < lengths[:, None]).unsqueeze(1).to(x.dtype)
-        x, lengths = self.encoder(x, lengths)
-        return self.head(x).log_softmax(-1), lengths
+        real = torch.arange(x.shape[1], device=x.device) < lengths[:, None]  # (batch, frames)
+        self._real_frames = real.unsqueeze(1).to(x.dtype)
+        # torchaudio's Conformer.forward, with the padding mask from the count of frames: its own reads the longest
+        # length as a Python number, which torch.export cannot follow into a graph of any length
+        x = x.transpose(0, 1)
+        for layer in self.encoder.conformer_layers:
+            x = layer(x, ~real)
+        return self.head(x.transpose(0, 1)).log_softmax(-1), lengths
+
+
+class FeatureTranscriber(nn.Module):
+    """The model on utterances of one length, as MLflow's pytorch flavour serves a model of one input: log-mel
+    features (data.LogMel's) [batch, frames, mels] -> CTC log-probabilities [batch, frames / 4, vocab]."""
+
+    def __init__(self, model: ConformerCTC):
+        super().__init__()
+        self.model = model
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        frames = features.shape[1] + torch.zeros(features.shape[0], dtype=torch.long)
+        return self.model(features, frames)[0]
 
 
 def greedy_decode(log_probs: torch.Tensor, lengths: torch.Tensor, blank: int = 0) -> list[list[int]]:
