@@ -84,12 +84,15 @@ class BaseTask(Protocol):
 class TrackedModel:
     """A model as MLflow logs it (core/tracking.py): `model` in MLflow's `flavour`, `example` the model's inputs for
     a few examples as the flavour's predict takes them (the input example, which the signature is inferred from),
-    and for the transformers flavour its pipeline `task` (e.g. "text-classification")."""
+    for the transformers flavour its pipeline `task` (e.g. "text-classification"), and for the pytorch flavour the
+    `variable_axes` besides the batch whose size may differ from the example's, in the input and the output alike
+    (an audio length)."""
 
     flavour: Literal["pytorch", "keras", "transformers"]
     model: Any
     example: Any
     task: str | None = None
+    variable_axes: tuple[int, ...] = ()
 
 
 class TorchTask(BaseTask, Protocol):

@@ -24,7 +24,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from ddl_apps.core import rundir
 from ddl_apps.core.contract import TrackedModel
@@ -239,8 +239,9 @@ class MlflowTracker(Tracker):
                 importlib.import_module("mlflow.transformers").log_model(
                     tracked.model, name=MODEL, task=tracked.task, input_example=tracked.example,
                     pip_requirements=pinned(TRANSFORMERS_NEEDS))
-            else:  # (torch.export's graph: MLflow's pt2 format, no pickle)
+            else:  # (torch.export's graph: MLflow's pt2 format, no pickle; the signature's -1 axes stay dynamic)
                 importlib.import_module("mlflow.pytorch").log_model(tracked.model, name=MODEL,
+                                                                    signature=torch_signature(tracked),
                                                                     input_example=tracked.example)
 
     def close(self, results: dict[str, dict[str, float]] | None, run_ended: bool) -> None:
@@ -282,6 +283,26 @@ class KerasFolderFirst:
 
         os.makedirs(path)
         mlflow.keras.save_model(path=path, **options)
+
+
+def torch_signature(tracked: TrackedModel) -> Any:
+    """The signature of what the module makes of its example, with its variable axes (and the batch's) as -1."""
+    import torch
+    from mlflow.models import infer_signature
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    with torch.no_grad():
+        outputs = tracked.model(torch.from_numpy(tracked.example)).numpy()
+    inferred = infer_signature(tracked.example, outputs)
+
+    def variable(schema: Schema) -> Schema:
+        specs = cast(list[TensorSpec], schema.inputs)  # (numpy in and out: tensors)
+        return Schema([TensorSpec(spec.type, tuple(-1 if axis in tracked.variable_axes else size
+                                                   for axis, size in enumerate(spec.shape)), spec.name)
+                       for spec in specs])
+
+    return ModelSignature(variable(inferred.inputs), variable(inferred.outputs))
 
 
 def log_keras(tracked: TrackedModel) -> None:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torchaudio
 
-from ddl_apps.core.contract import Preparer, TorchTask, TrainerHooks
+from ddl_apps.core.contract import Preparer, TorchTask, TrackedModel, TrainerHooks
 from ddl_apps.core.dist import Topology
 from ddl_apps.core.rundir import MODEL_DIR, reading_export
 from ddl_apps.core.torch_engine import Batch, load_weights, save_weights
@@ -23,7 +23,7 @@ from ddl_apps.recipe import Recipe
 from ddl_apps.trainers import file_inputs
 from ddl_apps.trainers.asr import data, onnx_graph, prepared
 from ddl_apps.trainers.asr.audio import load_audio
-from ddl_apps.trainers.asr.model import ConformerCTC, greedy_decode
+from ddl_apps.trainers.asr.model import ConformerCTC, FeatureTranscriber, greedy_decode
 
 ARCHITECTURE, TRANSCRIPTS = "model.json", "test_transcripts.jsonl"
 MAX_CHARS = 512  # hypotheses travel between ranks as fixed-width token arrays
@@ -113,6 +113,10 @@ class AsrTask(TorchTask):
     def export(self, model: ConformerCTC, model_dir: Path) -> None:
         save_weights(model, model_dir)
         (model_dir / ARCHITECTURE).write_text(json.dumps(self.architecture()))
+
+    def tracked_model(self, model: ConformerCTC, batch: Batch) -> TrackedModel:
+        """The first test utterances' log-mel features (padded to the longest) in, any number of frames."""
+        return TrackedModel("pytorch", FeatureTranscriber(model).eval(), batch["features"].numpy(), variable_axes=(1,))
 
     def report(self) -> dict[str, dict[str, float]]:
         return {}

@@ -15,6 +15,7 @@ from ddl_apps.trainers.asr.audio import load_audio
 from ddl_apps.trainers.asr.model import ConformerCTC
 from ddl_apps.trainers.asr.trainer import edit_distance, error_counts, error_rates, load_exported
 from tests.engine_runs import ddl, summary, train
+from tests.mlflow_server import logged_model
 from tests.trainers.onnx_checks import exported, largest_difference
 
 RECIPE = "asr_conformer"
@@ -76,9 +77,17 @@ def test_bucketed_order_is_a_permutation_with_similar_lengths_per_step():
 
 
 @pytest.fixture(scope="module")
-def smoke_run(small_corpus, tmp_path_factory):
-    return train(tmp_path_factory.mktemp("smoke") / "run", f"data.source={small_corpus}", *SMALL_MODEL,
-                 "optim.epochs=1", recipe=RECIPE)
+def smoke_run(small_corpus, tmp_path_factory, mlflow_uri):
+    with pytest.MonkeyPatch.context() as environment:
+        environment.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
+        return train(tmp_path_factory.mktemp("smoke") / "run", f"data.source={small_corpus}", *SMALL_MODEL,
+                     "optim.epochs=1", recipe=RECIPE)
+
+
+def held_out_clips(run: Path) -> list[np.ndarray]:
+    """The run's test utterances, each its own length."""
+    return [load_audio(Path(json.loads(line)["audio_filepath"]))
+            for line in (run / "test_transcripts.jsonl").read_text().splitlines()]
 
 
 def test_single_process_smoke_run_writes_transcripts(smoke_run):
@@ -102,8 +111,7 @@ def test_onnx_export_from_audio_gives_the_frameworks_log_probabilities(smoke_run
             x = torch.stack([features(torch.from_numpy(a)) for a in audio])
             return model(x, torch.full((len(audio),), x.shape[1]))[0].numpy()
 
-    clips = [load_audio(Path(json.loads(line)["audio_filepath"]))
-             for line in (smoke_run / "test_transcripts.jsonl").read_text().splitlines()]
+    clips = held_out_clips(smoke_run)
     worst = 0.0
     for audio in clips:
         log_probs, lengths = session.run(None, {"audio": audio[None], "audio_lengths": np.array([len(audio)])})
@@ -114,6 +122,21 @@ def test_onnx_export_from_audio_gives_the_frameworks_log_probabilities(smoke_run
     log_probs, _ = session.run(None, {"audio": batch, "audio_lengths": np.full(5, shortest)})
     worst = max(worst, largest_difference(log_probs, framework(batch)))
     assert worst < 1e-4  # measured: 8.1e-06 (the graph's STFT as matrix products against torch's FFT)
+
+
+def test_the_tracked_model_takes_features_of_any_length(smoke_run, mlflow_uri):
+    """MLflow's pytorch flavour (torch.export's graph, its frames axis left dynamic): test utterances of lengths
+    other than its input example's give the framework's log-probabilities."""
+    logged, inputs = logged_model(mlflow_uri, smoke_run)
+    model, n_mels = load_exported(smoke_run / "model")
+    assert inputs.is_tensor_spec() and inputs.inputs[0].shape == (-1, -1, n_mels)
+    features = [data.LogMel(n_mels)(torch.from_numpy(audio))[None] for audio in held_out_clips(smoke_run)]
+    others = [x for x in features if x.shape[1] != logged.input_example.shape[1]][:3]
+    assert len({x.shape[1] for x in others}) == 3
+    for x in others:
+        with torch.no_grad():
+            expected = model(x, torch.tensor([x.shape[1]]))[0].numpy()
+        np.testing.assert_allclose(logged.predict(x.numpy()), expected, atol=1e-5)
 
 
 # Slow because it must: 30 epochs at np=2 are what gets CTC past emitting only blanks on a slice.
