@@ -1,6 +1,7 @@
 """Issue 38: MLflow tracking on rank 0, read back from a real `mlflow server` (SQLite backend store) through MLflow's
 client: parameters, metric histories, final results, files, one MLflow run across --resume, the local store of
-run.mlflow, and an unreachable server. The trainers' tests check each flavour's logged model on runs they train."""
+run.mlflow, and an unreachable server. The trainers' tests check each flavour's logged model on the runs they train
+(tracked by the session's server)."""
 
 import json
 import os
@@ -8,7 +9,6 @@ import re
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import yaml
 from mlflow import MlflowClient
@@ -18,10 +18,8 @@ from ddl_apps.core.metrics import read_metrics
 from ddl_apps.core.redact import REDACTED
 from ddl_apps.recipe import load_recipe
 from tests.engine_runs import PROBE, REPO, ddl, summary, train
-from tests.mlflow_server import free_port, logged_model, mlflow_server, tracked_run
+from tests.mlflow_server import free_port, mlflow_server, tracked_run
 from tests.test_safety import HF_TOKEN
-from tests.trainers.nlp.test_nlp import SLICE as NLP_SLICE
-from tests.trainers.nlp.test_nlp import TINY_MODEL
 
 
 def test_params_are_the_config_flattened_with_long_values_cut():
@@ -118,40 +116,6 @@ def test_run_mlflow_tracks_into_a_local_store_under_the_working_directory(tmp_pa
     assert (store / tracked.info.experiment_id / tracked.info.run_id / "artifacts" / "summary.json").read_text() == (
         run / "summary.json").read_text()
     assert json.loads((run / tracking.RUN_FILE).read_text())["tracking_uri"] == f"sqlite:///{store / 'mlflow.db'}"
-
-
-def test_a_pytorch_recipe_logs_its_model_in_the_pytorch_flavour_without_importing_tensorflow(mlflow_uri, tmp_path,
-                                                                                            monkeypatch):
-    """The churn recipe, briefly: its charts among the files, and the logged model (torch.export's graph, no pickle)
-    scores its input example, the first test rows, as the run's own evaluation did."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
-    monkeypatch.setenv("PYTHONPROFILEIMPORTTIME", "1")  # the process prints each module it imports
-    run = tmp_path / "run"
-    result = ddl("train", "churn_tabm", f"run.dir={run}", "optim.epochs=1", "model.baselines=[]")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert [line for line in result.stderr.splitlines() if line.endswith(("| tensorflow", "| keras"))] == []
-
-    client, run_id = MlflowClient(mlflow_uri), tracked_run(mlflow_uri, run).info.run_id
-    assert {"gains.png", "calibration.png", "curves.png", "summary.json"} <= {a.path for a in client.list_artifacts(
-        run_id)}
-    model, inputs = logged_model(mlflow_uri, run)
-    example = model.input_example
-    assert inputs.is_tensor_spec() and inputs.inputs[0].shape == (-1, example.shape[1])
-    scores = np.load(run / "test_outputs.npz")["score"]
-    np.testing.assert_allclose(model.predict(example), scores[: len(example)], atol=1e-6)
-
-
-def test_the_text_recipe_logs_a_transformers_pipeline_that_predicts_as_the_run_did(mlflow_uri, tmp_path, monkeypatch):
-    """A tiny classifier on the text recipe: the logged text-classification pipeline (model and tokenizer) labels
-    its input example, test texts, as the run's own predictions did."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
-    run = train(tmp_path / "run", *NLP_SLICE, *TINY_MODEL, recipe="nlp_minilm")
-    model, _ = logged_model(mlflow_uri, run)
-    texts = model.input_example
-    predicted = model.predict(texts)  # (a DataFrame: label, score)
-    recorded = {r["text"]: r for r in map(json.loads, (run / "test_predictions.jsonl").read_text().splitlines())}
-    assert len(texts) == 5 and predicted["label"].tolist() == [recorded[text]["predicted"] for text in texts]
-    np.testing.assert_allclose(predicted["score"], [recorded[text]["probability"] for text in texts], atol=1e-5)
 
 
 def test_a_server_lost_mid_run_is_one_warning_and_tracking_stops_there(tmp_path):

@@ -13,6 +13,7 @@ from ddl_apps.trainers import splits
 from ddl_apps.trainers.nlp import data, model
 from ddl_apps.trainers.nlp.trainer import build_task, classification_metrics
 from tests.engine_runs import ddl, summary, train
+from tests.mlflow_server import logged_model
 from tests.trainers.onnx_checks import exported, largest_difference
 
 RECIPE = "nlp_minilm"
@@ -186,9 +187,12 @@ def test_metrics_on_known_predictions():
 
 # ---- a training run and its export ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """The shipped recipe on a 120-snippet slice, with a 1-layer randomly initialised model, in one process."""
-    return train(tmp_path_factory.mktemp("nlp") / "run", *SLICE, *TINY_MODEL, recipe=RECIPE)
+def tiny_run(tmp_path_factory, mlflow_uri):
+    """The shipped recipe on a 120-snippet slice, with a 1-layer randomly initialised model, in one process, tracked
+    in MLflow."""
+    with pytest.MonkeyPatch.context() as environment:
+        environment.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
+        return train(tmp_path_factory.mktemp("nlp") / "run", *SLICE, *TINY_MODEL, recipe=RECIPE)
 
 
 def read_jsonl(path) -> list[dict]:
@@ -245,6 +249,17 @@ def test_onnx_export_with_its_tokenizer_gives_the_recorded_test_probabilities(ti
     [probabilities] = session.run(None, inputs)
     expected = np.array([[r["probabilities"][name] for name in metadata["labels"]] for r in recorded])
     assert largest_difference(probabilities, expected) < 1e-5  # measured: 0 (3e-08 on another batch)
+
+
+def test_the_tracked_transformers_pipeline_predicts_as_the_run_did(tiny_run, mlflow_uri):
+    """Issue 38: the text-classification pipeline (model and tokenizer) logged in MLflow labels its input example,
+    test texts, as the run's own predictions did."""
+    logged, _ = logged_model(mlflow_uri, tiny_run)
+    texts = logged.input_example
+    predicted = logged.predict(texts)  # (a DataFrame: label, score)
+    recorded = {r["text"]: r for r in read_jsonl(tiny_run / "test_predictions.jsonl")}
+    assert len(texts) == 5 and predicted["label"].tolist() == [recorded[text]["predicted"] for text in texts]
+    np.testing.assert_allclose(predicted["score"], [recorded[text]["probability"] for text in texts], atol=1e-5)
 
 
 def test_predict_refuses_empty_texts_and_missing_models(tiny_run, tmp_path):

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
+from mlflow import MlflowClient
 
 from ddl_apps.core.rundir import load_run_recipe
 from ddl_apps.errors import DataError
@@ -17,6 +18,7 @@ from ddl_apps.trainers.tabular import data, onnx_graph
 from ddl_apps.trainers.tabular.model import TabularModel
 from ddl_apps.trainers.tabular.trainer import baseline_scores, binary_metrics, captured
 from tests.engine_runs import ddl, summary, train
+from tests.mlflow_server import logged_model, tracked_run
 from tests.trainers.onnx_checks import exported, largest_difference, table_inputs
 
 CHURN = "churn_tabm"
@@ -30,8 +32,34 @@ def churn_table():
 
 
 @pytest.fixture(scope="module")
-def churn_run(tmp_path_factory):
-    return train(tmp_path_factory.mktemp("churn") / "run", "optim.epochs=3", recipe=CHURN)
+def churn_run(tmp_path_factory, mlflow_uri):
+    """Tracked in MLflow; the process prints each module it imports into imports.txt beside the run."""
+    run = tmp_path_factory.mktemp("churn") / "run"
+    with pytest.MonkeyPatch.context() as environment:
+        environment.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
+        environment.setenv("PYTHONPROFILEIMPORTTIME", "1")
+        result = ddl("train", CHURN, f"run.dir={run}", "optim.epochs=3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run.parent / "imports.txt").write_text(result.stderr)
+    return run
+
+
+def test_the_tracked_model_scores_as_the_run_did_without_importing_tensorflow(churn_run, mlflow_uri):
+    """Issue 38: the charts among the MLflow run's files, and the model in MLflow's pytorch flavour (torch.export's
+    graph, no pickle) scores its input example, the first test rows, as the run's own evaluation did; neither the
+    run nor its tracking imported TensorFlow or Keras."""
+    imported = {line.rsplit("|", 1)[-1].strip() for line in (churn_run.parent / "imports.txt").read_text().splitlines()
+                if line.startswith("import time:")}
+    assert any(name.startswith("mlflow.pytorch") for name in imported)  # (the profile covers the logging)
+    assert not imported & {"tensorflow", "keras"}
+    client, run_id = MlflowClient(mlflow_uri), tracked_run(mlflow_uri, churn_run).info.run_id
+    assert {"gains.png", "calibration.png", "curves.png", "summary.json"} <= {a.path for a in client.list_artifacts(
+        run_id)}
+    model, inputs = logged_model(mlflow_uri, churn_run)
+    example = model.input_example
+    assert inputs.is_tensor_spec() and inputs.inputs[0].shape == (-1, example.shape[1])
+    scores = np.load(churn_run / "test_outputs.npz")["score"]
+    np.testing.assert_allclose(model.predict(example), scores[: len(example)], atol=1e-6)
 
 
 def held_out_rows(run) -> pd.DataFrame:
