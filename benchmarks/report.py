@@ -444,9 +444,10 @@ def export_section(result: dict) -> tuple[list[str], list[tuple]]:
              "framework).", "",
              "| recipe | one call | framework ms | onnxruntime ms | framework / onnxruntime | ONNX MiB | "
              "example difference |", "|---|---|---|---|---|---|---|"]
+    asides = {"model_alone_ms": "the model alone", "eager_ms": "called eagerly"}
     for row in result["rows"]:
-        alone = f" (the model alone: {row['model_alone_ms']:.3f} ms)" if "model_alone_ms" in row else ""
-        lines.append(f"| {row['recipe']} | {row['call']} | {row['framework_ms']:.3f}{alone} | "
+        aside = "".join(f" ({label}: {row[key]:.3f} ms)" for key, label in asides.items() if key in row)
+        lines.append(f"| {row['recipe']} | {row['call']} | {row['framework_ms']:.3f}{aside} | "
                      f"{row['onnxruntime_ms']:.3f} | {row['ratio']:.2f} | {row['onnx_mib']} | "
                      f"{row['example_difference']:.1e} |")
     return lines + [""], []
