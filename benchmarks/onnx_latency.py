@@ -77,7 +77,7 @@ def tabular(run_dir: Path) -> dict[str, Callable]:
     import torch
 
     from ddl_apps.core.rundir import load_run_recipe
-    from ddl_apps.trainers.tabular import data, onnx_graph
+    from ddl_apps.trainers.tabular import data
     from ddl_apps.trainers.tabular.trainer import load_exported
 
     model, pre, _ = load_exported(run_dir / "model")
@@ -88,7 +88,8 @@ def tabular(run_dir: Path) -> dict[str, Callable]:
     strings = [data.category_strings(row[c]).fillna("").to_numpy(object) for c in pre.vocabularies]
     numeric = [data.column_numbers(row[c], c, "the row", refuse_text=False)[0] for c in pre.numeric]
     inputs = {"numeric": np.column_stack(numeric), "categories": np.column_stack(strings)}
-    assert np.array_equal(onnx_graph.category_indices(inputs["categories"], pre), pre.transform(row)[1])
+    as_fed = pd.DataFrame(inputs["categories"], columns=list(pre.vocabularies))  # (the graph's lookup of them)
+    assert np.array_equal(pre.category_indices(as_fed), pre.transform(row)[1])
 
     numbers, categories = (torch.from_numpy(a) for a in pre.transform(row))
 

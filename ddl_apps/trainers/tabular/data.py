@@ -576,15 +576,25 @@ class Preprocessor:
         filled = np.where(missing, np.asarray(self.medians), raw)
         scaled = (filled - np.asarray(self.means)) / np.asarray(self.scales)
         indicators = missing[:, [self.numeric.index(c) for c in self.indicator_columns]].astype(np.float64)
+        categories = self.category_indices(frame)
+        log_counts = [table[categories[:, j]] for j, table in enumerate(self.log_count_tables())]
+        features = np.column_stack([scaled, indicators, *log_counts])
+        # row-major: a batch is a gather of rows, which column-major storage makes several times slower
+        return np.nan_to_num(features, posinf=0.0, neginf=0.0).astype(np.float32, order="C"), categories
+
+    def category_indices(self, frame: pd.DataFrame) -> np.ndarray:
+        """Each categorical column's values -> their index in its vocabulary, from 1 (0: unknown, rare or missing):
+        int64 [n, columns]."""
         categories = np.zeros((len(frame), len(self.vocabularies)), dtype=np.int64)
         for j, (column, vocabulary) in enumerate(self.vocabularies.items()):
             index = pd.Series(np.arange(1, len(vocabulary) + 1), index=pd.Index(vocabulary, dtype=object))
             categories[:, j] = category_strings(frame[column]).map(index).fillna(0).to_numpy(np.int64)
-        log_counts = [np.log1p(np.concatenate([[0], self.counts[c]]))[categories[:, j]] / np.log1p(self.train_rows)
-                      for j, c in enumerate(self.vocabularies)]
-        features = np.column_stack([scaled, indicators, *log_counts])
-        # row-major: a batch is a gather of rows, which column-major storage makes several times slower
-        return np.nan_to_num(features, posinf=0.0, neginf=0.0).astype(np.float32, order="C"), categories
+        return categories
+
+    def log_count_tables(self) -> list[np.ndarray]:
+        """For each categorical column, category index -> the value's training count, log-scaled to [0, 1] (0 for
+        index 0)."""
+        return [np.log1p(np.concatenate([[0], self.counts[c]])) / np.log1p(self.train_rows) for c in self.vocabularies]
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(self.__dict__))

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
@@ -31,8 +32,8 @@ class ScoringGraph(nn.Module):
                                                  for v in (pre.medians, pre.means, pre.scales))
         self.indicators = nn.Buffer(torch.tensor([pre.numeric.index(c) for c in pre.indicator_columns],
                                                  dtype=torch.long))
-        counts = [np.log1p(np.concatenate([[0], pre.counts[c]])) / np.log1p(pre.train_rows) for c in pre.vocabularies]
-        self.log_counts = nn.ParameterList(nn.Parameter(torch.from_numpy(c), requires_grad=False) for c in counts)
+        self.log_counts = nn.ParameterList(nn.Parameter(torch.from_numpy(table), requires_grad=False)
+                                           for table in pre.log_count_tables())
 
     def forward(self, numeric: torch.Tensor, categories: torch.Tensor) -> torch.Tensor:
         raw = torch.sign(numeric) * torch.log1p(numeric.abs())
@@ -80,15 +81,6 @@ def look_up_categories(path: Path, vocabularies: list[list[str]]) -> None:
     onnx.save(model, str(path))
 
 
-def category_indices(strings: np.ndarray, pre: Preprocessor) -> np.ndarray:
-    """What the graph's lookup gives for category strings: 1-based vocabulary indices, 0 for unknown values."""
-    indices = np.zeros(strings.shape, dtype=np.int64)
-    for j, vocabulary in enumerate(pre.vocabularies.values()):
-        position = {value: i + 1 for i, value in enumerate(vocabulary)}
-        indices[:, j] = [position.get(value, 0) for value in strings[:, j]]
-    return indices
-
-
 def example_rows(pre: Preprocessor, rows: int = 8, seed: int = 0) -> dict[str, np.ndarray]:
     """Raw rows around the training distribution (the first with every number missing and unknown categories)."""
     rng = np.random.default_rng(seed)
@@ -114,7 +106,8 @@ def export(model: TabularModel, pre: Preprocessor, columns: dict, output: Path) 
 
     metadata = {"numeric_columns": pre.numeric, "categorical_columns": list(pre.vocabularies),
                 "score_column": columns["score"], "id_column": columns["id"] or ""}
-    example = {"numeric": rows["numeric"], "categories": category_indices(rows["categories"], pre)}
+    indices = pre.category_indices(pd.DataFrame(rows["categories"], columns=list(pre.vocabularies)))
+    example = {"numeric": rows["numeric"], "categories": indices}
     return onnx_export.write_torch_onnx(output, ScoringGraph(model, pre), example, ["score"],
                                         {"numeric": BATCH, "categories": BATCH, "score": BATCH}, metadata,
                                         edit=strings_in_front)
