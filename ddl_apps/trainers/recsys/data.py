@@ -153,6 +153,12 @@ class SeenItems:
         return cls(np.unique(users * num_items + items), num_items,
                    np.bincount(users, minlength=int(users.max()) + 1 if len(users) else 0))
 
+    def by_user(self, num_users: int) -> list[list[int]]:
+        """Each user's items, in order of the users (the keys are sorted by user, then item)."""
+        bounds = np.searchsorted(self.keys, np.arange(num_users + 1) * self.num_items)
+        items = (self.keys % self.num_items).tolist()
+        return [items[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
     def contains(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
         keys = users * self.num_items + items
         at = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)

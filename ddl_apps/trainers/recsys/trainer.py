@@ -152,9 +152,7 @@ def predict_cli(run_dir: Path, inputs: list[str], output: Path | None) -> None:
 
 
 def export_onnx(model_dir: Path, output: Path) -> float:
-    model, catalogue, _ = load_exported(model_dir)
-    with reading_export(model_dir), np.load(model_dir / data.HISTORY, allow_pickle=False) as history:
-        return onnx_graph.export(model, catalogue, dict(history), output)
+    return onnx_graph.export(*load_exported(model_dir), output)
 
 
 HOOKS = TrainerHooks(build_task=build_task, predict=predict_cli, recommend=recommend_cli, prepare=PREPARER,
