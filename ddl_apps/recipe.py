@@ -73,12 +73,23 @@ class DistConfig(Section):
         return self.timeout_s or (ELASTIC_TIMEOUT_S if elastic else TIMEOUT_S)
 
 
+class EarlyStoppingConfig(Section):
+    metric: str = Field(description="the validation metric to watch (a key of the run's 'valid' metrics, e.g. "
+                        "pr_auc or accuracy)")
+    mode: Literal["max", "min"] = Field("max", description="max: higher is better; min: lower is better (a loss)")
+    patience: int = Field(3, ge=1, description="stop after this many evaluations in a row without an improvement")
+    min_delta: float = Field(0.0, ge=0, description="an improvement must beat the best by more than this")
+
+
 class RunConfig(Section):
     dir: str | None = Field(None, description="run directory; default runs/<recipe>-<time>")
     seed: int = 0
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     log_every: int = Field(10, ge=1)
     eval_every_epoch: bool = True
+    early_stopping: EarlyStoppingConfig | None = Field(
+        None, description="evaluate after every epoch, stop when the metric has stopped improving, and export the "
+        "best state (docs/recipes.md); none: train every epoch and export the last state")
     checkpoint_every: int | None = Field(None, ge=1, description="steps between checkpoints; default each epoch")
     keep_checkpoints: int = Field(3, ge=1)
     max_steps: int | None = Field(None, ge=1, description="stop (with a checkpoint) after this many steps")

@@ -19,6 +19,10 @@ WORKERS = REPO / "tests" / "workers"  # scripts run under horovodrun
 PROBE = "tests/probe/digits.yaml"
 PROBES = {"torch": PROBE, "keras": "tests/probe_keras/digits.yaml"}  # the same data and model in each engine
 KILLABLE = ("optim.batch_size=32", "optim.epochs=6", "run.checkpoint_every=7")  # 144 steps, a checkpoint every 7
+# Up to 30 epochs of 24 steps, stopped 2 evaluations after the best; a constant learning rate (but the warm-up), so
+# a run of fewer epochs trains what the first ones of a longer run do. The last two: early stopping.
+EARLY_STOPPING = ("optim.batch_size=32", "optim.epochs=30", "optim.schedule=constant",
+                  "run.early_stopping.metric=accuracy", "run.early_stopping.patience=2")
 
 
 def ddl(*args: str, timeout: float = 600, python_path: tuple[Path, ...] = ()) -> subprocess.CompletedProcess:

@@ -13,6 +13,7 @@ import numpy as np
 
 from ddl_apps.core import checkpoint as ckpt
 from ddl_apps.core import dist
+from ddl_apps.core import early_stopping as stopping
 from ddl_apps.core.state import TrainState
 from ddl_apps.errors import CheckpointError, RecipeError
 from ddl_apps.recipe import OptimConfig, Recipe
@@ -34,6 +35,8 @@ class Checkpointable(Protocol):
     topo: dist.Topology
     state: TrainState
     writes_shards: bool  # every rank writes its own shards of the state (write_shards)
+    early_stopping: stopping.EarlyStopping | None
+    tensor_files: ckpt.TensorFiles
 
     def rng_state(self) -> np.ndarray: ...
     def set_rng_state(self, state: np.ndarray) -> None: ...
@@ -125,6 +128,8 @@ class Checkpointer:
         def write(folder: Path) -> None:
             engine.write_state(folder, gathered)
             ckpt.save_state(folder, "rng", {"by_rank": rng})
+            if engine.early_stopping is not None:
+                stopping.save(engine.early_stopping, folder, engine.tensor_files)
             progress = {**engine.state.state_dict(), "size": engine.topo.size, **self.batch}
             (folder / PROGRESS_FILE).write_text(json.dumps(progress))
 
@@ -140,9 +145,13 @@ class Checkpointer:
             if found is None:  # (ranks other than 0)
                 return
             engine.load_checkpoint(found.path)
+            if engine.early_stopping is not None:
+                engine.early_stopping.load_state_dict(stopping.read(found.path, engine.tensor_files))
         else:
             assert found is not None, "every rank has the checkpoint rank 0 found"
             engine.restore_state(found.path if engine.topo.is_root else None)
             if found.saved["size"] == engine.topo.size and len(found.saved["rng"]):
                 engine.set_rng_state(np.asarray(found.saved["rng"][engine.topo.rank]))
+            if engine.early_stopping is not None:
+                engine.early_stopping.load_state_dict(dist.on_root(stopping.read, found.path, engine.tensor_files))
         engine.state.load_state_dict(found.saved)

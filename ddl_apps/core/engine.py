@@ -22,9 +22,11 @@ from typing import Any
 
 import numpy as np
 
+from ddl_apps.core import checkpoint as ckpt
 from ddl_apps.core import dist, rundir
 from ddl_apps.core.checkpointer import Checkpointer, Found, batch_settings
 from ddl_apps.core.contract import BatchSource, Task
+from ddl_apps.core.early_stopping import EarlyStopping
 from ddl_apps.core.evaluator import Evaluator, Outputs
 from ddl_apps.core.feed import Feed, train_examples
 from ddl_apps.core.metrics import LossWindow, RunLog, SilentLog, Throughput
@@ -38,6 +40,7 @@ class Engine(ABC):
     init: Any  # staticmethod: start Horovod for this framework, return the Topology
     elastic: str  # the Horovod module whose elastic.run trains this engine under `ddl train --elastic`
     model: Any
+    tensor_files = ckpt.NUMPY  # how this framework's tensors go into a checkpoint's safetensors files
 
     def __init__(self, recipe: Recipe, task: Task, topology: dist.Topology, run_dir: Path, training: bool = True):
         """With training=False: only the model (for evaluating an exported one), no optimizer, nothing written."""
@@ -51,6 +54,8 @@ class Engine(ABC):
         self.base_lr = scaled_lr(optim, self.batch_workers, recipe.dist.scale_lr)
         self.total_steps = self.steps_per_epoch * optim.epochs
         self.state = TrainState()
+        stopping = recipe.run.early_stopping
+        self.early_stopping = EarlyStopping(stopping) if stopping and training else None
         self.throughput = Throughput()
         self.skipped_steps: list[int] = []  # steps left out for non-finite gradients (optim.nonfinite=skip)
         self.checkpointer = Checkpointer(run_dir / rundir.CHECKPOINTS, recipe.run.keep_checkpoints,
@@ -98,6 +103,14 @@ class Engine(ABC):
     def weights_arrays(self) -> Iterator[np.ndarray]:
         """Collective (consume it whole): the whole model's weights one array at a time (sharded parts gathered),
         identical on every rank."""
+
+    @abstractmethod
+    def snapshot_weights(self) -> dict[str, Any]:
+        """Collective: a copy of the whole model's weights (sharded parts gathered), to load back later."""
+
+    @abstractmethod
+    def load_snapshot(self, weights: dict[str, Any]) -> None:
+        """Load what snapshot_weights copied (each rank keeps its own rows of sharded parts)."""
 
     @abstractmethod
     def parameter_bytes(self) -> dict[str, int]:
@@ -150,11 +163,16 @@ class Engine(ABC):
 
     def state_dict(self) -> dict[str, Any]:
         """Everything training needs to go on, in memory: where it stands and the framework's state."""
-        return {"train_state": self.state.state_dict(), "modules": self.modules_state_dict()}
+        state = {"train_state": self.state.state_dict(), "modules": self.modules_state_dict()}
+        if self.early_stopping is not None:
+            state["early_stopping"] = self.early_stopping.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.load_modules_state_dict(state["modules"])
         self.state.load_state_dict(state["train_state"])
+        if self.early_stopping is not None:
+            self.early_stopping.load_state_dict(state.get("early_stopping"))
 
     def resized(self, topology: dist.Topology) -> None:
         """After workers left or joined: the new rank and size; a rank that became rank 0 starts writing the log, one
@@ -197,7 +215,7 @@ class Engine(ABC):
         if stopped:
             self.log.message(f"run.max_steps={run.max_steps} is reached at step {self.state.step}: nothing to "
                              "train; raise run.max_steps (or leave it out) to go on")
-        while self.state.epoch < optim.epochs and not stopped:
+        while self.state.epoch < optim.epochs and not stopped and not self._stopped_early():
             while self.state.step_in_epoch < self.steps_per_epoch:
                 count = self._next_event()
                 started = time.perf_counter()
@@ -224,11 +242,34 @@ class Engine(ABC):
                 commit()
             if not stopped:
                 self.state.next_epoch()
-                if run.eval_every_epoch:
-                    self.log.record("valid", self.state.step, self.evaluate(self.task.valid)[0])
+                self._validate()
             self.checkpointer.save(self)
             commit()
+            if self.early_stopping is not None and self.early_stopping.stopped:
+                self.log.message(self.early_stopping.stop_message(self.state.epoch, optim.epochs))
+        if not stopped:
+            self._load_best()
         return not stopped
+
+    def _validate(self) -> None:
+        """Collective: evaluate the validation split after an epoch (if the recipe asks), and early stopping takes
+        the metrics."""
+        if not (self.recipe.run.eval_every_epoch or self.early_stopping):
+            return
+        metrics = self.evaluate(self.task.valid)[0]
+        self.log.record("valid", self.state.step, metrics)
+        if self.early_stopping is not None:
+            self.early_stopping.update(metrics, self.state.epoch, self.state.step, self.snapshot_weights)
+
+    def _stopped_early(self) -> bool:
+        return self.early_stopping is not None and self.early_stopping.stopped
+
+    def _load_best(self) -> None:
+        """At the end of training with early stopping: the best state is the model from here on (what is evaluated
+        and exported)."""
+        if self.early_stopping is not None and self.early_stopping.weights is not None:
+            self.load_snapshot(self.early_stopping.weights)
+            self.log.message(self.early_stopping.restored_message())
 
     def _max_steps_reached(self) -> bool:
         max_steps = self.recipe.run.max_steps

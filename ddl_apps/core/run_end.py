@@ -88,6 +88,8 @@ def finish(engine: Engine, complete: bool) -> Results:
             summary = {"results": results, "warnings": warnings, "steps": engine.state.step, "workers": topo.size,
                        "hosts_by_rank": hosts, "training": done, "weights_sha256_by_rank": digests,
                        "parameter_bytes_by_rank": memory_by_rank}
+            if engine.early_stopping is not None:
+                summary["early_stopping"] = engine.early_stopping.summary()
             (engine.run_dir / rundir.SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
     log.close(results)
     return results

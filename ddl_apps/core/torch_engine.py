@@ -85,6 +85,7 @@ def unpack_rng_state(state: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | No
 class TorchEngine(Engine):
     init = staticmethod(dist.init_torch)
     elastic = "horovod.torch.elastic"
+    tensor_files = TORCH_FILES
     optimizer: Any  # Horovod's DistributedOptimizer, or with dist.zero a ZeroOptimizer: the same calls
 
     def __init__(self, recipe: Recipe, task, topology: dist.Topology, run_dir: Path, training: bool = True):
@@ -136,6 +137,10 @@ class TorchEngine(Engine):
     def check_recipe(recipe: Recipe, task, size: int) -> None:
         if recipe.dist.zero and dist.is_elastic():
             raise RecipeError(ZERO_UNDER_ELASTIC)
+        if recipe.dist.zero and recipe.run.early_stopping:
+            raise RecipeError("run.early_stopping keeps a copy of the whole model on every worker, which dist.zero "
+                              "shards: train with dist.zero=0, or without run.early_stopping (each epoch's "
+                              "checkpoint keeps its state; run.keep_checkpoints sets how many)")
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -231,6 +236,13 @@ class TorchEngine(Engine):
                     yield p.detach().clone().numpy()
         for value in self._unsharded_state().values():
             yield value.cpu().numpy()
+
+    @torch.no_grad()
+    def snapshot_weights(self) -> dict[str, torch.Tensor]:
+        return {key: value.detach().clone() for key, value in parallel.replicated_state(self.model).items()}
+
+    def load_snapshot(self, weights: dict[str, torch.Tensor]) -> None:
+        parallel.load_replicated_state(self.model, weights)
 
     def parameter_bytes(self) -> dict[str, int]:
         def size(params) -> int:

@@ -243,3 +243,41 @@ def test_a_streamed_training_split_trains_as_the_indexed_one(runs, reference):
     assert list_checkpoints(runs / "streamed-stopped" / "checkpoints")[-1].name == "step-00000037"
     assert summary(streamed)["steps"] == summary(reference)["steps"] == 48
     assert_close(final_weights(streamed), final_weights(reference), rtol=1e-5)
+
+
+def stop_epoch(accuracies: list[float], patience: int) -> int:
+    """The epoch after which early stopping must stop, from the evaluations after each epoch: the first with
+    `patience` evaluations in a row that did not beat the best before them."""
+    best, stale = -np.inf, 0
+    for epoch, accuracy in enumerate(accuracies, 1):
+        best, stale = (accuracy, 0) if accuracy > best else (best, stale + 1)
+        if stale == patience:
+            return epoch
+    return len(accuracies)
+
+
+def test_early_stopping_stops_after_its_patience_and_exports_the_best_state(runs):
+    """Up to 30 epochs, patience 2: the run stops after the second evaluation in a row that did not beat the best,
+    and exports (and is judged on) the best state, which equals a run of as many epochs (bit for bit)."""
+    early = runs / "early"
+    *after_epochs, exported = [row["accuracy"] for row in read_metrics(early) if row["split"] == "valid"]
+    best_epoch = int(np.argmax(after_epochs)) + 1  # (the first of equal values: a tie is no improvement)
+    done = summary(early)
+    assert len(after_epochs) == stop_epoch(after_epochs, patience=2) < 30
+    assert done["steps"] == 24 * len(after_epochs) and best_epoch < len(after_epochs)
+    assert done["early_stopping"] == {"metric": "accuracy", "mode": "max", "patience": 2,
+                                      "best": after_epochs[best_epoch - 1], "best_epoch": best_epoch,
+                                      "best_step": 24 * best_epoch, "stopped_early": True}
+    assert exported == after_epochs[best_epoch - 1] == done["results"]["model (valid)"]["accuracy"]
+    np.testing.assert_array_equal(final_weights(early), final_weights(runs / "early-plain"))
+
+
+def test_early_stopping_resumes_exactly(runs):
+    """Stopped 5 steps after its best evaluation, resumed: the best state and the count of evaluations without an
+    improvement come back from the checkpoint; it stops and exports as the uninterrupted run did."""
+    stopped, uninterrupted = runs / "early-resumed-stopped", summary(runs / "early")
+    newest = list_checkpoints(stopped / "checkpoints")[-1]
+    assert newest.name == f"step-{uninterrupted['early_stopping']['best_step'] + 5:08d}"
+    assert not (stopped / "model").exists()
+    assert summary(runs / "early-resumed")["early_stopping"] == uninterrupted["early_stopping"]
+    np.testing.assert_array_equal(final_weights(runs / "early-resumed"), final_weights(runs / "early"))

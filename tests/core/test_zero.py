@@ -146,6 +146,16 @@ def test_the_keras_engine_refuses_zero():
         KerasEngine.check_recipe(load_recipe(PROBES["keras"], ["dist.zero=2"]), None, 2)
 
 
+def test_early_stopping_is_refused_with_zero():
+    from ddl_apps.core.torch_engine import TorchEngine
+    from ddl_apps.errors import RecipeError
+    from ddl_apps.recipe import load_recipe
+
+    recipe = load_recipe(PROBE, ["dist.zero=1", "run.early_stopping.metric=accuracy"])
+    with pytest.raises(RecipeError, match="keeps a copy of the whole model on every worker, which dist.zero shards"):
+        TorchEngine.check_recipe(recipe, None, 2)
+
+
 def test_stage3_units_are_modules_and_leave_shared_and_frozen_parameters_whole():
     """Units bottom-up by size; a tied weight stays whole (several modules read it), a frozen one is no unit's."""
     import torch

@@ -32,7 +32,9 @@ from tests.trainers.image.test_image import SLICE as IMAGE_SLICE
 from tests.trainers.nlp.test_nlp import TINY_MODEL as NLP_TINY_MODEL
 from tests.trainers.tabular.test_fraud import SLICE as FRAUD_SLICE
 
-LONG = ("optim.epochs=20",)  # 480 steps of the probe: a few seconds, long enough to kill a worker mid-run
+# Up to 480 steps of the probe: a few seconds, long enough to kill a worker mid-run. With early stopping, whose best
+# state and count of evaluations since must survive the kills (the PyTorch probe stops at step 432, Keras at 480).
+LONG = ("optim.epochs=20", "run.early_stopping.metric=accuracy", "run.early_stopping.patience=6")
 
 
 def test_hostfile_forms_and_errors():
@@ -120,13 +122,16 @@ KILLS = {"host-of-rank-1": (TWO_HOSTS, (1,)), "host-of-rank-0": (TWO_HOSTS, (0,)
 KILL_CASES = [("keras", case) for case in KILLS] + [("torch", "rank-1-then-rank-0")]
 
 
-# Slow because it must: a kill test (480 steps, so the kill lands mid-run, then recovery and the rest).
+# Slow because it must: a kill test (up to 480 steps, so the kill lands mid-run, then recovery and the rest).
 @pytest.mark.distributed
 @pytest.mark.parametrize("engine,case", KILL_CASES, ids=[f"{case}-{engine}" for engine, case in KILL_CASES])
 def test_a_killed_worker_loses_no_committed_step(tmp_path, undisturbed, engine, case):
     """Whichever worker dies, the newest commit goes on: on one machine rank 0's replacement takes rank 0 and holds
-    nothing, and the survivor, now rank 1, hands its commit to it."""
+    nothing, and the survivor, now rank 1, hands its commit to it. Early stopping stops where it did undisturbed,
+    and the best state exported is the undisturbed run's (not its last)."""
     hosts, victims = KILLS[case]
+    expected = summary(undisturbed(engine))
+    assert expected["early_stopping"]["best_step"] < expected["steps"], expected
     first_kill = random.Random().randrange(60, 200, 10)
     kills = tuple(zip(victims, (first_kill, first_kill + 120), strict=False))
     result, last_logged = train_and_kill(tmp_path / "run", kills, *LONG, *hosts, recipe=PROBES[engine])
@@ -137,10 +142,11 @@ def test_a_killed_worker_loses_no_committed_step(tmp_path, undisturbed, engine, 
     changes = handovers(result.stdout)
     assert [(workers, rank) for workers, _, rank in changes] == [(workers_after, h) for h in holders], note
     for (_, from_step, _), logged in zip(changes, last_logged, strict=True):  # commits come with each log line
-        assert logged - 10 <= from_step <= logged + 10 and logged < 480, note
+        assert logged - 10 <= from_step <= logged + 10 and logged < expected["steps"], note
     assert_steps_continue(tmp_path / "run", note)
     done = summary(tmp_path / "run")
-    assert done["steps"] == 480 and done["workers"] == workers_after, note
+    assert done["steps"] == expected["steps"] and done["workers"] == workers_after, note
+    assert done["early_stopping"] == expected["early_stopping"], note
     np.testing.assert_allclose(final_weights(tmp_path / "run"), final_weights(undisturbed(engine)), rtol=0, atol=1e-6)
 
 
