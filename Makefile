@@ -18,10 +18,10 @@ test: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -d $${TMPDIR:-/tmp}/ddl_apps_site
-	$(VENV)/bin/pytest -q --durations=25
+	$(VENV)/bin/pytest -q -n 2 --durations=25
 
 test-fast: setup
-	$(VENV)/bin/pytest -q -m "not distributed and not slow"
+	$(VENV)/bin/pytest -q -n 2 -m "not distributed and not slow"
 
 # The benchmarks (13 minutes on a 2-core Intel Xeon, about 25 on a slower 2-core machine, and about 35 more for the
 # `data` part, which writes and deletes a 32 GiB table: 40 GB of free disk, 4 for `hosts`, which needs root, and 4
