@@ -24,8 +24,8 @@ test-fast: setup
 	$(VENV)/bin/pytest -q -n 2 -m "not distributed and not slow"
 
 # The benchmarks (13 minutes on a 2-core Intel Xeon, about 25 on a slower 2-core machine, and about 35 more for the
-# `data` part, which writes and deletes a 32 GiB table: 40 GB of free disk, 4 for `hosts`, which needs root, and 4
-# for `zero`, whose workers need about 3 GiB each):
+# `data` part, which writes and deletes a 32 GiB table: 40 GB of free disk, 4 for `hosts`, which needs root, 4 for
+# `zero`, whose workers need about 3 GiB each, and about 35 for `tabular`, the tabular recipes' quality on 6 tables):
 # results in benchmarks/results/, tables and charts in BENCHMARKS.md.
 bench: setup
 	$(VENV)/bin/ddl bench

@@ -453,9 +453,49 @@ def export_section(result: dict) -> tuple[list[str], list[tuple]]:
     return lines + [""], []
 
 
+def tabular_section(result: dict) -> tuple[list[str], list[tuple]]:
+    """Issue 37: the network against both baselines, in the same runs, on tables of every size."""
+    lines = ["## 9. Tabular quality: the network against gradient boosting and logistic regression",
+             machine_line(result),
+             "Each table trained at np=2 with a shipped recipe's defaults (for a public table only the data section a "
+             "new user writes: the label, categorical, time and id columns), once per seed; the same run fits both "
+             "baselines on the same split and features and scores the same test rows. Test figures: the mean over "
+             "the seeds, each seed's in brackets. Seconds: the network's training, the baselines' fit (means).", "",
+             "| table | recipe | PR-AUC: network | gradient boosting | logistic | ROC-AUC: network | gradient boosting "
+             "| logistic | seconds: network / gradient boosting / logistic |", "|---|---|---|---|---|---|---|---|---|"]
+    models = ("network", "gradient_boosting", "logistic")
+    means: dict[str, dict[str, dict[str, float]]] = {}
+    for name, table in result["tables"].items():
+        runs = table["runs"]
+        means[name] = {model: {key: sum(r[model][key] for r in runs) / len(runs) for key in ("pr_auc", "roc_auc",
+                                                                                                "seconds")}
+                       for model in models}
+        cells = [f"{means[name][model][metric]:.4f} ({' / '.join(f'{r[model][metric]:.4f}' for r in runs)})"
+                 for metric in ("pr_auc", "roc_auc") for model in models]
+        seconds = " / ".join(f"{means[name][model]['seconds']:.0f}" for model in models)
+        lines.append(f"| {name}: {table['described']} | {table['recipe']} | {' | '.join(cells)} | {seconds} |")
+    summaries = []
+    if "ieee-cis" in means:
+        m = means["ieee-cis"]
+        ratio = m["network"]["pr_auc"] / m["gradient_boosting"]["pr_auc"]
+        summaries.append(("tabular: IEEE-CIS PR-AUC, network / gradient boosting", ">= 1.0", f"{ratio:.3f}",
+                          verdict(ratio, 1.0)))
+    if "telco-churn" in means:
+        m = means["telco-churn"]
+        ratio = m["network"]["roc_auc"] / max(m["gradient_boosting"]["roc_auc"], m["logistic"]["roc_auc"])
+        summaries.append(("tabular: churn ROC-AUC, network / the better baseline", ">= 1.0", f"{ratio:.4f}",
+                          verdict(ratio, 1.0)))
+    above = [name for name, m in means.items()
+             if all(m["network"][metric] > m["logistic"][metric] for metric in ("pr_auc", "roc_auc"))]
+    below = ", ".join(sorted(set(means) - set(above))) or "none"
+    summaries.append(("tabular: network above logistic regression (PR-AUC and ROC-AUC)", "every table",
+                      f"{len(above)} of {len(means)} (not: {below})", verdict(len(above), len(means))))
+    return lines + [""], summaries
+
+
 SECTIONS = {"allreduce": allreduce_section, "scaling": scaling_section, "overhead": overhead_section,
             "peer": peer_section, "data": data_section, "hosts": hosts_section, "zero": zero_section,
-            "export": export_section}
+            "export": export_section, "tabular": tabular_section}
 
 
 def build() -> Path:

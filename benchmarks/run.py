@@ -1,8 +1,9 @@
 """`make bench` / `ddl bench [PART ...]`: run the benchmarks (all by default, 13-25 minutes on 2 cores, about
 35 more for `data`, which needs 40 GB of free disk, 4 for `hosts`, which needs root, 4 for `zero`, and about 5 for
-`export`), then rebuild BENCHMARKS.md and its charts from benchmarks/results/.
+`export`, and about 35 for `tabular`), then rebuild BENCHMARKS.md and its charts from benchmarks/results/.
 
-    .venv/bin/python benchmarks/run.py [allreduce] [scaling] [overhead] [peer] [data] [hosts] [zero] [export] [report]
+    .venv/bin/python benchmarks/run.py [allreduce] [scaling] [overhead] [peer] [data] [hosts] [zero] [export]
+                                       [tabular] [report]
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ PARTS = {
     "hosts": ["hosts.py"],
     "zero": ["zero.py"],
     "export": ["onnx_latency.py"],
+    "tabular": ["tabular_quality.py"],
 }
 
 

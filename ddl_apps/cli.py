@@ -223,7 +223,7 @@ INPUTS = click.argument("inputs", nargs=-1, required=True)
 OUTPUT = click.option("-o", "--output", type=click.Path(path_type=Path), help="also write the results to this file")
 
 
-BENCHMARK_PARTS = ("allreduce", "scaling", "overhead", "peer", "data", "hosts", "zero", "export",
+BENCHMARK_PARTS = ("allreduce", "scaling", "overhead", "peer", "data", "hosts", "zero", "export", "tabular",
                    "report")  # benchmarks/run.py's
 
 

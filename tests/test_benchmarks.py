@@ -215,6 +215,33 @@ def test_report_gives_onnx_latencies(results):
     assert "| nlp_minilm | one review | 9.000 | 3.000 | 3.00 | 87.0 | 0.0e+00 |" in text
 
 
+def tabular_run(seed: int, network: tuple[float, float], boosting: tuple[float, float],
+                logistic: tuple[float, float]) -> dict:
+    def model(figures: tuple[float, float]) -> dict:
+        return {"pr_auc": figures[0], "roc_auc": figures[1], "seconds": 10.0}
+
+    return {"seed": seed, "network": {**model(network), "best_epoch": 3}, "gradient_boosting": model(boosting),
+            "logistic": model(logistic)}
+
+
+def test_report_judges_tabular_quality(results):
+    """Issue 37's section: each table's means over seeds, and the three targets judged on them."""
+    write(results, "tabular", {"tables": {
+        "ieee-cis": {"recipe": "fraud_mlp", "described": "590,540 rows", "runs": [
+            tabular_run(0, (0.46, 0.86), (0.48, 0.88), (0.37, 0.87)),
+            tabular_run(1, (0.48, 0.86), (0.48, 0.88), (0.37, 0.85))]},
+        "telco-churn": {"recipe": "churn_tabm", "described": "7,043 rows", "runs": [
+            tabular_run(0, (0.67, 0.85), (0.65, 0.84), (0.66, 0.84))]}}})
+    text = report.build().read_text()
+    assert ("| ieee-cis: 590,540 rows | fraud_mlp | 0.4700 (0.4600 / 0.4800) | 0.4800 (0.4800 / 0.4800) | "
+            "0.3700 (0.3700 / 0.3700) | 0.8600 (0.8600 / 0.8600) | 0.8800 (0.8800 / 0.8800) | "
+            "0.8600 (0.8700 / 0.8500) | 10 / 10 / 10 |") in text
+    assert "| tabular: IEEE-CIS PR-AUC, network / gradient boosting | >= 1.0 | 0.979 | **missed** |" in text
+    assert "| tabular: churn ROC-AUC, network / the better baseline | >= 1.0 | 1.0119 | met |" in text
+    assert ("| tabular: network above logistic regression (PR-AUC and ROC-AUC) | every table | 1 of 2 (not: "
+            "ieee-cis) | **missed** |") in text
+
+
 def test_report_names_what_was_not_measured(results):
     text = report.build().read_text()
     assert "Not measured yet: run `ddl bench scaling`." in text
@@ -244,12 +271,13 @@ def test_ddl_bench_refuses_an_unknown_part():
 def test_every_benchmark_part_overrides_its_recipe_with_settings_it_has():
     """A renamed setting stopped `ddl bench data` at its first fraud run (`model.baseline`, which became
     `model.baselines`): every override the data and media parts pass validates against its recipe."""
-    from benchmarks import data, hosts, media, onnx_latency
+    from benchmarks import data, hosts, media, onnx_latency, tabular_quality
     from ddl_apps.recipe import load_recipe
 
     runs = [(data.RECIPE, data.TRAIN), (hosts.RECIPE, hosts.TRAIN),
             *((recipe, overrides) for recipe, (overrides, _) in data.STEP_RUNS.items()),
-            ("image_resnet", media.IMAGE_RUN), ("asr_conformer", media.SPEECH_RUN), *onnx_latency.RUNS.items()]
+            ("image_resnet", media.IMAGE_RUN), ("asr_conformer", media.SPEECH_RUN), *onnx_latency.RUNS.items(),
+            *((table.recipe, table.data) for table in tabular_quality.TABLES.values())]
     for recipe, overrides in runs:
         load_recipe(recipe, list(overrides))  # (a RecipeError names the unknown setting)
 

