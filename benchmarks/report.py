@@ -472,7 +472,7 @@ def tabular_section(result: dict) -> tuple[list[str], list[tuple]]:
                        for model in models}
         cells = [f"{means[name][model][metric]:.4f} ({' / '.join(f'{r[model][metric]:.4f}' for r in runs)})"
                  for metric in ("pr_auc", "roc_auc") for model in models]
-        seconds = " / ".join(f"{means[name][model]['seconds']:.0f}" for model in models)
+        seconds = " / ".join(f"{means[name][model]['seconds']:.1f}" for model in models)
         lines.append(f"| {name}: {table['described']} | {table['recipe']} | {' | '.join(cells)} | {seconds} |")
     summaries = []
     if "ieee-cis" in means:

@@ -235,7 +235,7 @@ def test_report_judges_tabular_quality(results):
     text = report.build().read_text()
     assert ("| ieee-cis: 590,540 rows | fraud_mlp | 0.4700 (0.4600 / 0.4800) | 0.4800 (0.4800 / 0.4800) | "
             "0.3700 (0.3700 / 0.3700) | 0.8600 (0.8600 / 0.8600) | 0.8800 (0.8800 / 0.8800) | "
-            "0.8600 (0.8700 / 0.8500) | 10 / 10 / 10 |") in text
+            "0.8600 (0.8700 / 0.8500) | 10.0 / 10.0 / 10.0 |") in text
     assert "| tabular: IEEE-CIS PR-AUC, network / gradient boosting | >= 1.0 | 0.979 | **missed** |" in text
     assert "| tabular: churn ROC-AUC, network / the better baseline | >= 1.0 | 1.0119 | met |" in text
     assert ("| tabular: network above logistic regression (PR-AUC and ROC-AUC) | every table | 1 of 2 (not: "
