@@ -19,7 +19,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from benchmarks.common import VENV_BIN, run, write_result  # noqa: E402
-from ddl_apps.trainers.tabular.data import ShippedTable  # noqa: E402
+from ddl_apps.trainers.tabular.data import ShippedTable, cached_table  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -70,8 +70,6 @@ def overrides(name: str) -> list[str]:
     table = TABLES[name]
     if table.wheel is None:
         return []
-    from ddl_apps.trainers.tabular.data import cached_table
-
     return [f"data.source={cached_table(name, table.wheel)}", *table.data]
 
 

@@ -89,7 +89,7 @@ class RunConfig(Section):
     eval_every_epoch: bool = True
     early_stopping: EarlyStoppingConfig | None = Field(
         None, description="evaluate after every epoch, stop when the metric has stopped improving, and export the "
-        "best state (docs/recipes.md); none: train every epoch and export the last state")
+        "best state (docs/launching.md#early-stopping); none: train every epoch and export the last state")
     checkpoint_every: int | None = Field(None, ge=1, description="steps between checkpoints; default each epoch")
     keep_checkpoints: int = Field(3, ge=1)
     max_steps: int | None = Field(None, ge=1, description="stop (with a checkpoint) after this many steps")

@@ -3,6 +3,7 @@ restores it; on --resume it keeps the global batch the checkpoints were trained 
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import sys
@@ -145,13 +146,13 @@ class Checkpointer:
             if found is None:  # (ranks other than 0)
                 return
             engine.load_checkpoint(found.path)
-            if engine.early_stopping is not None:
-                engine.early_stopping.load_state_dict(stopping.read(found.path, engine.tensor_files))
+            read_stopping = stopping.read  # (rank 0 alone: a worker joining later must meet no collective)
         else:
             assert found is not None, "every rank has the checkpoint rank 0 found"
             engine.restore_state(found.path if engine.topo.is_root else None)
             if found.saved["size"] == engine.topo.size and len(found.saved["rng"]):
                 engine.set_rng_state(np.asarray(found.saved["rng"][engine.topo.rank]))
-            if engine.early_stopping is not None:
-                engine.early_stopping.load_state_dict(dist.on_root(stopping.read, found.path, engine.tensor_files))
+            read_stopping = functools.partial(dist.on_root, stopping.read)  # (rank 0 reads, every rank gets it)
+        if engine.early_stopping is not None:
+            engine.early_stopping.load_state_dict(read_stopping(found.path, engine.tensor_files))
         engine.state.load_state_dict(found.saved)

@@ -23,7 +23,7 @@ class EarlyStopping:
         self.best: float | None = None  # the best value of the metric so far
         self.best_epoch = self.best_step = 0  # when it was reached (epochs counted from 1)
         self.stale = 0  # evaluations since then
-        self.weights: dict[str, Any] | None = None  # the engine's snapshot_weights() at the best evaluation
+        self.weights: Any = None  # the engine's snapshot_weights() at the best evaluation (None before one)
 
     @property
     def stopped(self) -> bool:
@@ -37,7 +37,7 @@ class EarlyStopping:
         gain = value - self.best if self.config.mode == "max" else self.best - value
         return gain > self.config.min_delta
 
-    def update(self, metrics: dict[str, float], epoch: int, step: int, snapshot: Callable[[], dict[str, Any]]) -> None:
+    def update(self, metrics: dict[str, float], epoch: int, step: int, snapshot: Callable[[], Any]) -> None:
         """Collective (snapshot is): take an evaluation's metrics, at the end of `epoch` (from 1), after `step`."""
         value = self.watched(metrics)
         if self.improves(value):

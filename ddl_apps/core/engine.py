@@ -105,11 +105,11 @@ class Engine(ABC):
         identical on every rank."""
 
     @abstractmethod
-    def snapshot_weights(self) -> dict[str, Any]:
+    def snapshot_weights(self) -> Any:
         """Collective: a copy of the whole model's weights (sharded parts gathered), to load back later."""
 
     @abstractmethod
-    def load_snapshot(self, weights: dict[str, Any]) -> None:
+    def load_snapshot(self, weights: Any) -> None:
         """Load what snapshot_weights copied (each rank keeps its own rows of sharded parts)."""
 
     @abstractmethod

@@ -314,12 +314,12 @@ class KerasEngine(Engine):
         for variable in self.model.weights:
             yield np.asarray(variable)
 
-    def snapshot_weights(self) -> dict[str, np.ndarray]:
-        return {f"{i:05d}": np.array(variable) for i, variable in enumerate(self.model.weights)}
+    def snapshot_weights(self) -> list[np.ndarray]:
+        return [np.array(variable) for variable in self.model.weights]
 
-    def load_snapshot(self, weights: dict[str, np.ndarray]) -> None:
-        for variable, key in zip(self.model.weights, sorted(weights), strict=True):
-            variable.assign(weights[key])
+    def load_snapshot(self, weights: list[np.ndarray]) -> None:
+        for variable, value in zip(self.model.weights, weights, strict=True):
+            variable.assign(value)
 
     def parameter_bytes(self) -> dict[str, int]:
         return {"parameters": sum(np.asarray(v).nbytes for v in self.model.weights), "sharded": 0}
