@@ -132,7 +132,7 @@ def test_a_killed_worker_loses_no_committed_step(tmp_path, undisturbed, engine, 
     hosts, victims = KILLS[case]
     expected = summary(undisturbed(engine))
     assert expected["early_stopping"]["best_step"] < expected["steps"], expected
-    # both kills well before early stopping ends the run (the Keras probe's ends near step 290)
+    # both kills before early stopping ends the run (the undisturbed run shows where: the Keras probe near step 290)
     first_kill = random.Random().randrange(60, min(200, expected["steps"] - 150), 10)
     kills = tuple(zip(victims, (first_kill, first_kill + 120), strict=False))
     result, last_logged = train_and_kill(tmp_path / "run", kills, *LONG, *hosts, recipe=PROBES[engine])
